@@ -1,0 +1,25 @@
+"""Device mesh and logical-axis sharding: the single source of truth for how arrays are laid out."""
+
+from musicdiff.parallel.mesh import MESH_AXES, make_mesh, mesh_shape_from_config
+from musicdiff.parallel.sharding import (
+    batch_sharding,
+    logical_specs,
+    logical_to_mesh_spec,
+    param_shardings,
+    per_device_bytes,
+    shard_batch,
+    tree_logical_to_mesh,
+)
+
+__all__ = [
+    "MESH_AXES",
+    "make_mesh",
+    "mesh_shape_from_config",
+    "batch_sharding",
+    "logical_specs",
+    "logical_to_mesh_spec",
+    "param_shardings",
+    "per_device_bytes",
+    "shard_batch",
+    "tree_logical_to_mesh",
+]
