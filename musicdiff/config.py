@@ -93,6 +93,8 @@ def set_value(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> 
 
 
 def _parse_like(current: Any, text: str, key: str) -> Any:
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{key}: is a group of keys; override its members as --config.{key}.NAME=VALUE")
     try:
         if isinstance(current, bool):
             lowered = text.strip().lower()
@@ -112,8 +114,6 @@ def _parse_like(current: Any, text: str, key: str) -> Any:
             if not isinstance(value, (tuple, list)):
                 value = (value,)
             return type(current)(value)
-        if isinstance(current, ml_collections.ConfigDict):
-            raise ConfigError(f"config.{key}: is a group of keys; override its members as --config.{key}.NAME=VALUE")
     except (ValueError, SyntaxError):
         raise ConfigError(
             f"config.{key}={text!r}: expected a {type(current).__name__} like the default {current!r}"

@@ -1,0 +1,60 @@
+"""Log-mel spectrograms as arrays and as PNG images (for the demo, TensorBoard and generated clips)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import librosa
+import numpy as np
+
+
+def log_mel(audio: np.ndarray, sample_rate: int, n_mels: int = 128, n_fft: int = 2048, hop: int = 512) -> np.ndarray:
+    """Log-mel power in dB (ref = max) of the channel mean of `audio` [channels, samples] or [samples]."""
+    mono = np.asarray(audio, dtype=np.float32)
+    if mono.ndim == 2:
+        mono = mono.mean(axis=0)
+    mel = librosa.feature.melspectrogram(y=mono, sr=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels)
+    return librosa.power_to_db(mel, ref=max(float(mel.max()), 1e-10), top_db=80.0)
+
+
+def spectrogram_image(audio: np.ndarray, sample_rate: int, hop: int = 512) -> np.ndarray:
+    """An RGB uint8 image [H, W, 3] of the log-mel spectrogram (low frequencies at the bottom)."""
+    from matplotlib import colormaps
+
+    db = log_mel(audio, sample_rate, hop=hop)
+    normalized = (db - db.min()) / max(float(np.ptp(db)), 1e-6)
+    rgb = colormaps["magma"](normalized[::-1])[..., :3]
+    return (rgb * 255).astype(np.uint8)
+
+
+def save_spectrogram_png(audio: np.ndarray, sample_rate: int, path: str | os.PathLike, title: str = "") -> Path:
+    """Writes a labelled spectrogram figure (time in seconds, mel frequency in Hz) atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import librosa.display
+    import matplotlib.pyplot as plt
+
+    hop = 512
+    db = log_mel(audio, sample_rate, hop=hop)
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    image = librosa.display.specshow(db, sr=sample_rate, hop_length=hop, x_axis="time", y_axis="mel", ax=ax,
+                                     cmap="magma")
+    fig.colorbar(image, ax=ax, format="%+2.0f dB")
+    if title:
+        ax.set_title(title if len(title) <= 90 else title[:87] + "...", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,107 @@
+"""Config loading, typed overrides and validation: one clear line naming the key and the fix."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from musicdiff.config import load_config, validate
+from musicdiff.errors import ConfigError
+
+CONFIG = textwrap.dedent(
+    """
+    import ml_collections
+    from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+
+    def get_config(arg=None):
+        c = ml_collections.ConfigDict()
+        c.seed = 0
+        c.batch_size = 8
+        c.mesh = mesh_config()
+        c.sharding_rules = DEFAULT_SHARDING_RULES
+        c.data = ml_collections.ConfigDict(dict(sample_rate=44100, sample_size=4096, root=""))
+        c.autoencoder = ml_collections.ConfigDict(dict(name="none", strides=(2, 4, 4, 8), sample_rate=44100))
+        c.flag = False
+        c.lr = 1e-4
+        c.betas = (0.9, 0.999)
+        c.note = arg or "default"
+        return c
+    """
+)
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "sample_config.py"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def test_overrides_are_typed_after_defaults(config_file):
+    config = load_config(
+        f"{config_file}:preset",
+        ["mesh.fsdp=2", "flag=true", "lr=3e-4", "betas=(0.8, 0.99)", "data.root=/tmp/x", "seed=7"],
+    )
+    assert config.note == "preset"
+    assert config.mesh.fsdp == 2 and config.flag is True and config.lr == pytest.approx(3e-4)
+    assert config.betas == (0.8, 0.99) and config.data.root == "/tmp/x" and config.seed == 7
+
+
+def test_config_is_locked(config_file):
+    config = load_config(config_file)
+    with pytest.raises(AttributeError):
+        config.new_key = 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mesh.dta=2", r"config\.mesh\.dta: unknown key 'dta'; did you mean config\.mesh\.data\?"),
+        ("bogus=1", r"config\.bogus: unknown key 'bogus'"),
+        ("seed=abc", r"config\.seed='abc': expected a int"),
+        ("flag=maybe", r"config\.flag='maybe': expected a bool"),
+        ("mesh=3", r"config\.mesh: is a group of keys"),
+        ("seed", r"needs a value"),
+    ],
+)
+def test_bad_overrides_name_the_key(config_file, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file, [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("configs/does_not_exist.py:tiny")
+
+
+@pytest.mark.parametrize(
+    "overrides, devices, message",
+    [
+        (["mesh.data=3"], 8, r"config\.mesh: .*3 devices but 8 are available"),
+        (["batch_size=6", "mesh.data=4", "mesh.fsdp=2"], 8, r"config\.batch_size=6: .*divisible by the data-parallel "
+                                                            r"size 8 .*--config\.batch_size=8"),
+        (["data.sample_size=5000"], 8, r"config\.data\.sample_size=5000: .*multiple of .* 256; "
+                                       r"use --config\.data\.sample_size=5120"),
+        (["data.sample_rate=48000"], 8, r"config\.data\.sample_rate=48000: the model runs at 44100"),
+    ],
+)
+def test_validation_errors(config_file, overrides, devices, message):
+    config = load_config(config_file, overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(config, devices)
+
+
+def test_valid_config_passes(config_file):
+    validate(load_config(config_file, ["mesh.data=2", "mesh.fsdp=4"]), 8)
+
+
+def test_cli_prints_one_error_line(config_file, tmp_path, repo_root):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.describe", f"--config={config_file}", "--config.mesh.tensr=2",
+         f"--workdir={tmp_path / 'out'}"],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: config.mesh.tensr: unknown key 'tensr'; did you mean config.mesh.tensor?"]
