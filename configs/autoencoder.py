@@ -1,0 +1,115 @@
+"""Oobleck autoencoder configs: `--config=configs/autoencoder.py:PRESET`, PRESET in sao, tiny, vq_tiny.
+
+- sao: Stable Audio Open 1.0's VAE (spec §1.1): channels 128, c_mults [1,2,4,8,16], strides [2,4,4,8,8] (2048×),
+  latent_dim 64, VAE bottleneck; 156,112,514 parameters. Training recipe of spec §1.9 (65,536-sample stereo crops).
+- tiny: channels 16, c_mults [1,2,4,4], strides [2,4,4,8] (256×, 172 latent frames/s at 44.1 kHz), latent_dim 64
+  (the io_channels of configs/diffusion.py:tiny), VAE; 506,098 parameters, small enough to train for a few
+  hundred steps on 2 CPU cores on 16,384-sample (0.37 s) crops.
+- vq_tiny: tiny with a 4-stage residual VQ (256 codes of dimension 8 each) instead of the VAE.
+
+    python -m launch.describe --config=configs/autoencoder.py:sao --workdir=/tmp/describe_ae
+"""
+
+import ml_collections
+
+from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+
+SAO_STFT_FFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # hops are fft / 4, windows = fft (spec §1.9)
+SAO_DISCRIMINATOR_FFT_SIZES = (2048, 1024, 512, 256, 128)
+
+PRESETS = {
+    "sao": dict(
+        model=dict(channels=128, c_mults=(1, 2, 4, 8, 16), strides=(2, 4, 4, 8, 8), latent_dim=64,
+                   bottleneck=dict(type="vae"), remat=True),
+        sample_size=65536, batch_size=32, discriminator_filters=64, gen_lr=1.5e-4, disc_lr=3e-4,
+        num_steps=1_000_000,
+    ),
+    "tiny": dict(
+        model=dict(channels=16, c_mults=(1, 2, 4, 4), strides=(2, 4, 4, 8), latent_dim=64,
+                   bottleneck=dict(type="vae"), remat=False),
+        sample_size=16384, batch_size=8, discriminator_filters=8, gen_lr=5e-4, disc_lr=1e-3, num_steps=300,
+    ),
+    "vq_tiny": dict(
+        model=dict(channels=16, c_mults=(1, 2, 4, 4), strides=(2, 4, 4, 8), latent_dim=32,
+                   bottleneck=dict(type="rvq", codebook_size=256, num_quantizers=4, codebook_dim=8), remat=False),
+        sample_size=16384, batch_size=8, discriminator_filters=8, gen_lr=5e-4, disc_lr=1e-3, num_steps=300,
+    ),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[arg]
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = preset["batch_size"]
+    c.mesh = mesh_config()
+    c.sharding_rules = DEFAULT_SHARDING_RULES
+
+    bottleneck = dict(type="vae", codebook_size=1024, num_quantizers=1, codebook_dim=0, commitment_weight=0.25,
+                      codebook_weight=1.0)
+    bottleneck.update(preset["model"]["bottleneck"])
+    c.autoencoder = ml_collections.ConfigDict(dict(
+        name="oobleck",
+        sample_rate=44100,
+        in_channels=2,
+        out_channels=2,
+        channels=preset["model"]["channels"],
+        c_mults=preset["model"]["c_mults"],
+        strides=preset["model"]["strides"],
+        latent_dim=preset["model"]["latent_dim"],
+        use_snake=True,
+        antialias=False,
+        final_tanh=False,
+        dtype="float32",  # the reference keeps the VAE in float32 (spec §9.5.8)
+        remat=preset["model"]["remat"],
+        bottleneck=ml_collections.ConfigDict(bottleneck),
+    ))
+
+    # EnCodec-style multi-scale STFT discriminator (spec §1.9), built by the training loop; not counted by describe.
+    c.discriminator = ml_collections.ConfigDict(dict(
+        name="encodec_discriminator",
+        filters=preset["discriminator_filters"],
+        audio_channels=2,
+        n_ffts=SAO_DISCRIMINATOR_FFT_SIZES,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        root="",  # directory of audio files
+        sample_rate=44100,
+        sample_size=preset["sample_size"],  # crop length in samples; a multiple of the downsampling ratio
+        random_crop=True,
+    ))
+
+    c.training = ml_collections.ConfigDict(dict(
+        num_steps=preset["num_steps"],
+        # Odd global steps update the discriminator, even steps the generator (spec §1.9).
+        generator=ml_collections.ConfigDict(dict(
+            optimizer="adamw", learning_rate=preset["gen_lr"], b1=0.8, b2=0.99, weight_decay=1e-3)),
+        discriminator=ml_collections.ConfigDict(dict(
+            optimizer="adamw", learning_rate=preset["disc_lr"], b1=0.8, b2=0.99, weight_decay=1e-3)),
+        lr_schedule="inverse",  # InverseLR, stepped every optimisation step
+        lr_inv_gamma=200000.0,
+        lr_power=0.5,
+        lr_warmup=0.999,
+        loss_weights=ml_collections.ConfigDict(dict(
+            mrstft=1.0,  # mid/side MR-STFT + 0.5 · (left + right) MR-STFT
+            l1=0.0,  # time-domain L1, off in the recipe
+            adversarial=0.1,
+            feature_matching=5.0,
+            kl=1e-4,
+            quantizer=1.0,  # vq / rvq bottlenecks only
+        )),
+        stft_fft_sizes=SAO_STFT_FFT_SIZES,
+        stft_perceptual_weighting=True,  # A-weighting FIR pre-filter
+        warmup_steps=0,  # generator steps without adversarial / feature-matching terms
+        encoder_freeze_on_warmup=False,
+        ema_decay=0.9999,
+        ema_power=0.75,
+        grad_clip_norm=0.0,  # 0 = off
+        log_every=100 if arg == "sao" else 10,
+        checkpoint_every=10_000 if arg == "sao" else 100,
+        demo_every=2_000 if arg == "sao" else 100,
+    ))
+    return c

@@ -1,0 +1,64 @@
+"""Text encoders. `:t5_base` is the frozen SAO text encoder (spec §5.2: t5-base, 128 tokens, 768-d); `:embedded`
+is the small encoder trained with the denoiser over a tokenizer built from the dataset captions (no download).
+
+    python -m launch.describe --config=configs/text_encoder.py:t5_base --workdir=/tmp/describe_t5
+"""
+
+import ml_collections
+
+from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+
+
+def t5_base() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="t5",
+        path="t5-base",  # a local Hugging Face directory, or a hub name fetched when online
+        max_length=128,
+        dtype="float32",  # compute dtype; the reference runs T5 in float16, bfloat16 is the TPU/GPU choice here
+        param_dtype="float32",
+        vocab_size=32128,
+        d_model=768,
+        d_kv=64,
+        d_ff=3072,
+        num_layers=12,
+        num_heads=12,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="relu",
+        layer_norm_epsilon=1e-6,
+    ))
+
+
+def embedded() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="embedded",
+        tokenizer_path="",  # directory written by text_encoder.build_caption_tokenizer
+        max_length=64,
+        dtype="float32",
+        param_dtype="float32",
+        vocab_size=4096,  # the tokenizer's size must not exceed this
+        d_model=256,
+        d_kv=64,
+        d_ff=1024,
+        num_layers=4,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.1,  # active only when the training step passes dropout rngs
+    ))
+
+
+PRESETS = {"t5_base": t5_base, "embedded": embedded}
+
+
+def get_config(arg: str = "t5_base") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.mesh = mesh_config()
+    config.sharding_rules = DEFAULT_SHARDING_RULES
+    config.text_encoder = PRESETS[arg]()
+    return config

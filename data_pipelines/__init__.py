@@ -1,0 +1,1 @@
+"""Data pipelines: audio folders, Grain loading and the procedurally rendered synthetic dataset."""

@@ -1,0 +1,218 @@
+"""Grain pipelines from clip records to fixed-size training examples (and to covering windows for precompute).
+
+A source is any random-access sequence of *clip records*: dicts with
+`audio` (a file path, or the bytes of an encoded file), `caption` (str), `frames` and `sample_rate` (of the source
+file), `peak_db` and `rms_db` (whole-file levels, for normalisation) and `index` (the record's position).
+`AudioFolderSource` makes them from a scan; data_pipelines.tfds_audio_folder makes them from a TFDS ArrayRecord build.
+
+Each example is a dict:
+- audio: float32 [channels, sample_size], resampled to the model rate (soxr HQ), channel policy applied, zero-padded
+- padding_mask: float32 [sample_size], 1.0 on real samples
+- seconds_start: float32, floor of the window's offset in seconds; seconds_total: float32, ceil of the clip's duration
+  (as stable-audio-tools' timing conditioning)
+- caption: str (batches into a NumPy unicode array); index: int64 record index; offset: int64 window start in samples
+
+Only the source frames a window needs are decoded (musicdiff.audio.io.load_audio), so long files cost about a window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from data_pipelines.audio_folder import AudioItem
+from musicdiff.audio.io import NORMALIZE_MODES, load_audio, normalization_gain, resampled_length
+from musicdiff.errors import ConfigError, DataError
+
+_DECODE_ERRORS = (RuntimeError, OSError, ValueError, EOFError)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What every example looks like: rate, length, channels, normalisation, crop policy."""
+
+    sample_rate: int
+    sample_size: int
+    channels: int = 2
+    normalize: str = "none"
+    random_crop: bool = True
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZE_MODES:
+            raise ConfigError(f"config.data.normalize={self.normalize!r}: choose one of {', '.join(NORMALIZE_MODES)}")
+        if self.channels not in (1, 2):
+            raise ConfigError(f"config.data.channels={self.channels}: must be 1 (mono) or 2 (stereo)")
+        if self.sample_size <= 0:
+            raise ConfigError(f"config.data.sample_size={self.sample_size}: must be positive")
+
+    @classmethod
+    def from_config(cls, data: ml_collections.ConfigDict) -> ClipSpec:
+        return cls(int(data.sample_rate), int(data.sample_size), int(data.channels), str(data.normalize),
+                   bool(data.random_crop))
+
+
+class AudioFolderSource:
+    """Grain RandomAccessDataSource over the usable items of an audio-folder scan (picklable for worker processes)."""
+
+    def __init__(self, items: Sequence[AudioItem]):
+        self._items = tuple(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._items[index]
+        return dict(audio=item.path, caption=item.caption, frames=item.frames, sample_rate=item.sample_rate,
+                    peak_db=item.peak_db, rms_db=item.rms_db, index=int(index))
+
+    def __repr__(self) -> str:
+        return f"AudioFolderSource(len={len(self)})"
+
+    def clip_lengths(self) -> list[tuple[int, int]]:
+        """(frames, sample_rate) of every record, without decoding."""
+        return [(item.frames, item.sample_rate) for item in self._items]
+
+
+def make_example(record: dict[str, Any], offset: int, spec: ClipSpec) -> dict[str, Any]:
+    """The example for the window starting `offset` samples (at the model rate) into the record's clip."""
+    try:
+        audio = load_audio(record["audio"], spec.sample_rate, spec.channels, offset, spec.sample_size)
+    except _DECODE_ERRORS as err:
+        where = record["audio"] if isinstance(record["audio"], str) else f"record {record['index']}"
+        raise DataError(f"{where}: could not be decoded ({err}); it passed the scan, so it has changed since: "
+                        "re-run launch.inspect_data") from None
+    real = audio.shape[1]
+    padded = np.zeros((spec.channels, spec.sample_size), np.float32)
+    padded[:, :real] = audio
+    gain = normalization_gain(spec.normalize, float(record["peak_db"]), float(record["rms_db"]))
+    if gain != 1.0:
+        padded *= np.float32(gain)
+    mask = np.zeros(spec.sample_size, np.float32)
+    mask[:real] = 1.0
+    return {
+        "audio": padded,
+        "padding_mask": mask,
+        "seconds_start": np.float32(math.floor(offset / spec.sample_rate)),
+        "seconds_total": np.float32(math.ceil(record["frames"] / record["sample_rate"])),
+        "caption": str(record["caption"]),
+        "index": np.int64(record["index"]),
+        "offset": np.int64(offset),
+    }
+
+
+def crop_offset(record: dict[str, Any], spec: ClipSpec, rng: np.random.Generator | None) -> int:
+    """Window start: uniform over every full window of the clip (0 when the clip is shorter or rng is None)."""
+    total = resampled_length(int(record["frames"]), int(record["sample_rate"]), spec.sample_rate)
+    slack = max(0, total - spec.sample_size)
+    return int(rng.integers(0, slack + 1)) if rng is not None and slack else 0
+
+
+class DecodeCrop(grain.transforms.RandomMap):
+    """Record to example: a random window (per-record seed from Grain) or, with random_crop off, the first one."""
+
+    def __init__(self, spec: ClipSpec):
+        self.spec = spec
+
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        offset = crop_offset(record, self.spec, rng if self.spec.random_crop else None)
+        return make_example(record, offset, self.spec)
+
+
+class DecodeWindow(grain.transforms.Map):
+    """(record index, offset) to the example of that window."""
+
+    def __init__(self, source: Sequence[dict[str, Any]], spec: ClipSpec):
+        self.source = source
+        self.spec = spec
+
+    def map(self, window: tuple[int, int]) -> dict[str, Any]:
+        index, offset = window
+        return make_example(self.source[int(index)], int(offset), self.spec)
+
+
+def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def _shard(ds: grain.MapDataset, process_index: int, process_count: int, finite: bool) -> grain.MapDataset:
+    """Every process takes every process_count-th element; finite datasets are first cut to a multiple of
+    process_count so all processes yield the same number of batches (multi-host steps stay in lockstep)."""
+    if process_count == 1:
+        return ds
+    if finite:
+        ds = ds[: len(ds) // process_count * process_count]
+    return ds[process_index::process_count]
+
+
+def training_dataset(
+    source: Sequence[dict[str, Any]],
+    data: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+) -> grain.IterDataset:
+    """Shuffled, repeated (`num_epochs` None: forever), process-sharded batches of `data.batch_size` examples.
+
+    Order follows `data.shuffle_seed` (reshuffled each epoch), crops follow `seed`; the same seeds give the same
+    batches for any worker count. Checkpoint with `iterator.get_state()` / `iterator.set_state(state)`.
+    """
+    if len(source) == 0:
+        raise DataError("the data source is empty: no usable clips (run launch.inspect_data to see why)")
+    process_index, process_count = _process_slice(process_index, process_count)
+    spec = ClipSpec.from_config(data)
+    ds = grain.MapDataset.source(source).shuffle(seed=int(data.shuffle_seed)).repeat(num_epochs)
+    ds = _shard(ds, process_index, process_count, finite=num_epochs is not None)
+    ds = ds.random_map(DecodeCrop(spec), seed=int(seed))
+    return _batched(ds, data)
+
+
+def window_dataset(
+    source: AudioFolderSource,
+    data: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """Unbatched examples of consecutive `sample_size` windows covering every clip in order, no randomness.
+
+    `source` needs `clip_lengths()` (AudioFolderSource, tfds_audio_folder.TfdsAudioSource) to lay out the windows.
+
+    Sharded like training data but without cutting: every window is on exactly one process. Batch with
+    `.batch(n)` (keeping the last partial batch) to cover everything.
+    """
+    process_index, process_count = _process_slice(process_index, process_count)
+    spec = ClipSpec.from_config(data)
+    windows = []
+    for index, (frames, rate) in enumerate(source.clip_lengths()):
+        total = resampled_length(frames, rate, spec.sample_rate)
+        windows.extend((index, start) for start in range(0, max(total, 1), spec.sample_size))
+    ds = grain.MapDataset.source(windows)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    return ds.map(DecodeWindow(source, spec))
+
+
+def _batched(ds: grain.MapDataset, data: ml_collections.ConfigDict) -> grain.IterDataset:
+    threads = int(data.get("read_threads", 0))
+    # Decoding happens in the read threads (libsndfile and soxr release the GIL) or in worker processes.
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1))
+    it = ds.to_iter_dataset(read_options).batch(int(data.batch_size), drop_remainder=True)
+    workers = int(data.num_workers)
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    return it

@@ -1,0 +1,273 @@
+"""Conditioners and their routing into the denoiser, as stable-audio-tools' MultiConditioner (spec §5, §2.5).
+
+The `conditioning` structure is the one in a stable-audio-tools `model_config.json`:
+`{"configs": [{"id", "type", "config"}], "cond_dim", "default_keys"?}` with types
+- "number": NumberConditioner (seconds_start / seconds_total);
+- "t5": text from a frozen T5. Its encoder is not part of this module's state (as in SAO, where T5 is absent from the
+  checkpoint): pass precomputed `{"embeddings", "mask"}` (see text_encoder.encode_captions) or token ids together
+  with `encoders={id: t5}` at call time; gradients never flow into it;
+- "embedded": text from the small trainable T5-style encoder owned by this module (its `config` holds the sizes).
+Routing (`cross_attention_cond_ids`, `global_cond_ids`) builds the cross-attention tokens [B, S, cond_dim] (sequence
+concatenation; SAO: 128 text + 1 + 1 timing tokens), their mask, and the global embedding (feature concatenation;
+SAO: [B, 1536], seconds_start first).
+
+Classifier-free guidance, as the reference DiT: per sample with probability p (SAO 0.1) the cross-attention tokens
+are replaced by zeros. The null condition keeps the mask unchanged (the reference zeroes only the tokens, and its DiT
+ignores the mask, so zeroed pads still take softmax mass) and never touches the global embedding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from musicdiff.errors import ConfigError, DataError
+from musicdiff.models.registry import register
+from musicdiff.models.text_encoder import T5Encoder, T5EncoderConfig
+
+# Output widths of the T5 models the reference's T5Conditioner accepts.
+T5_DIMS = {
+    "t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024,
+    "google/t5-v1_1-xl": 2048, "google/t5-v1_1-xxl": 4096,
+    "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
+    "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096,
+}
+
+
+class ConditioningInputs(NamedTuple):
+    """What the denoiser receives: cross-attention tokens [B, S, D], their mask [B, S] bool, global embedding [B, G]
+    (None when no global conditions are routed)."""
+
+    cross_tokens: jax.Array
+    cross_mask: jax.Array
+    global_embed: jax.Array | None
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _symmetric_uniform(key: jax.Array, shape: tuple[int, ...], bound: float) -> jax.Array:
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)  # one compiled program per shape
+
+
+def _torch_linear_init(rngs: nnx.Rngs, fan_in: int, shape: Sequence[int]) -> jax.Array:
+    # PyTorch's nn.Linear default (weight and bias): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    return _symmetric_uniform(rngs.params(), tuple(shape), 1.0 / math.sqrt(fan_in))
+
+
+class NumberConditioner(nnx.Module):
+    """A float in [min_val, max_val] -> one token [B, 1, output_dim] (reference NumberEmbedder).
+
+    u = (clip(v, min, max) - min) / (max - min); features [u, sin(2π u w), cos(2π u w)] with w [fourier_dim/2] learned
+    frequencies ~ N(0, 1); then Linear(fourier_dim + 1 -> output_dim) with bias.
+    """
+
+    def __init__(self, output_dim: int, min_val: float = 0.0, max_val: float = 1.0, *, rngs: nnx.Rngs,
+                 fourier_dim: int = 256, dtype: Any = jnp.float32):
+        if max_val <= min_val:
+            raise ConfigError(f"number conditioner: max_val={max_val} must exceed min_val={min_val}")
+        self.min_val, self.max_val = float(min_val), float(max_val)
+        self.frequencies = nnx.Param(jax.random.normal(rngs.params(), (fourier_dim // 2,)), out_sharding=(None,))
+        self.kernel = nnx.Param(_torch_linear_init(rngs, fourier_dim + 1, (fourier_dim + 1, output_dim)),
+                                out_sharding=(None, "cond_embed"))
+        self.bias = nnx.Param(_torch_linear_init(rngs, fourier_dim + 1, (output_dim,)), out_sharding=("cond_embed",))
+        self.dtype = dtype
+
+    def normalise(self, values: jax.Array) -> jax.Array:
+        values = jnp.clip(jnp.asarray(values, jnp.float32), self.min_val, self.max_val)
+        return (values - self.min_val) / (self.max_val - self.min_val)
+
+    def features(self, values: jax.Array) -> jax.Array:
+        """[B] -> [B, fourier_dim + 1] in float32: the normalised value first, then sin, then cos (reference order)."""
+        u = self.normalise(values)[:, None]
+        angles = 2 * jnp.pi * u * self.frequencies[...][None, :]
+        return jnp.concatenate([u, jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+    def __call__(self, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        feats = self.features(values).astype(self.dtype)
+        tokens = feats @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        return tokens[:, None, :], jnp.ones((tokens.shape[0], 1), bool)
+
+
+class TextConditioner(nnx.Module):
+    """Text tokens [B, T, dim] -> [B, T, output_dim], padded positions zero.
+
+    A Linear(dim -> output_dim, bias) runs when the widths differ or `project_out` is set (reference Conditioner);
+    the mask is applied after it, as the reference does, so pads stay exactly zero. `encoder` is owned (trainable,
+    "embedded"); a frozen T5 is passed at call time instead.
+    """
+
+    def __init__(self, dim: int, output_dim: int, *, rngs: nnx.Rngs, project_out: bool = False,
+                 encoder: nnx.Module | None = None, dtype: Any = jnp.float32):
+        self.encoder = encoder
+        self.project = project_out or dim != output_dim
+        if self.project:
+            self.kernel = nnx.Param(_torch_linear_init(rngs, dim, (dim, output_dim)),
+                                    out_sharding=("embed", "cond_embed"))
+            self.bias = nnx.Param(_torch_linear_init(rngs, dim, (output_dim,)), out_sharding=("cond_embed",))
+        self.dim, self.output_dim, self.dtype = dim, output_dim, dtype
+
+    def __call__(self, inputs: Mapping[str, jax.Array], frozen_encoder: nnx.Module | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        if "embeddings" in inputs:
+            embeddings, mask = inputs["embeddings"], jnp.asarray(inputs["mask"]).astype(bool)
+        elif self.encoder is not None:
+            embeddings, mask = self.encoder(inputs["input_ids"], inputs["attention_mask"])
+        elif frozen_encoder is not None:
+            embeddings, mask = frozen_encoder(inputs["input_ids"], inputs["attention_mask"])
+            embeddings = jax.lax.stop_gradient(embeddings)
+        else:
+            raise DataError("text condition: pass precomputed {'embeddings', 'mask'} or token ids with "
+                            "encoders={id: text_encoder}")
+        if embeddings.shape[-1] != self.dim:
+            raise DataError(f"text condition: embeddings have width {embeddings.shape[-1]}, the conditioner expects "
+                            f"{self.dim}")
+        x = embeddings.astype(self.dtype)
+        if self.project:
+            x = x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        return x * mask[..., None].astype(x.dtype), mask
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDicts (and lists of them) to plain dicts and lists."""
+    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_conditioner(entry: Mapping[str, Any], cond_dim: int, rngs: nnx.Rngs, dtype: Any = jnp.float32
+                      ) -> nnx.Module:
+    """One `{"id", "type", "config"}` entry of a stable-audio-tools conditioning config."""
+    kind, config = entry["type"], dict(entry.get("config", {}))
+    output_dim = config.get("output_dim", cond_dim)
+    if kind == "number":
+        return NumberConditioner(output_dim, config.get("min_val", 0.0), config.get("max_val", 1.0), rngs=rngs,
+                                 dtype=dtype)
+    if kind == "t5":
+        name = config.get("t5_model_name", "t5-base")
+        dim = config.get("dim", T5_DIMS.get(name))
+        if dim is None:
+            raise ConfigError(f"conditioning '{entry['id']}': unknown t5_model_name {name!r}; set config.dim to its "
+                              f"width or use one of {', '.join(T5_DIMS)}")
+        return TextConditioner(dim, output_dim, rngs=rngs, project_out=config.get("project_out", False), dtype=dtype)
+    if kind == "embedded":
+        encoder_config = T5EncoderConfig.from_mapping(config)
+        encoder = T5Encoder(encoder_config, rngs=rngs, dtype=dtype)
+        return TextConditioner(encoder_config.d_model, output_dim, rngs=rngs,
+                               project_out=config.get("project_out", False), encoder=encoder, dtype=dtype)
+    raise ConfigError(f"conditioning '{entry['id']}': type {kind!r} is not supported; use number, t5 or embedded")
+
+
+def cfg_drop_masks(key: jax.Array, batch_size: int, prob: float | Mapping[str, float], ids: Sequence[str]
+                   ) -> dict[str, jax.Array]:
+    """Which samples drop which cross-attention condition ([B] bool per id); a pure function of the key.
+
+    A float drops all `ids` together with one draw per sample (the reference: the whole context is nulled). A
+    mapping {id: p} drops each id independently (ids it does not name are kept)."""
+    if isinstance(prob, Mapping):
+        keys = jax.random.split(key, len(ids))
+        return {i: jax.random.bernoulli(k, prob.get(i, 0.0), (batch_size,)) for i, k in zip(ids, keys)}
+    dropped = jax.random.bernoulli(key, prob, (batch_size,))
+    return {i: dropped for i in ids}
+
+
+def null_condition(cond: ConditioningInputs) -> ConditioningInputs:
+    """The unconditional input for CFG: zero tokens, mask and global embedding kept (reference behaviour)."""
+    return ConditioningInputs(jnp.zeros_like(cond.cross_tokens), cond.cross_mask, cond.global_embed)
+
+
+class MultiConditioner(nnx.Module):
+    """Runs every conditioner of a stable-audio-tools `conditioning` config and routes the outputs."""
+
+    def __init__(self, conditioning: Mapping[str, Any], *, rngs: nnx.Rngs,
+                 cross_attention_cond_ids: Sequence[str] = (), global_cond_ids: Sequence[str] = (),
+                 dtype: Any = jnp.float32):
+        conditioning = _plain(conditioning)
+        self.cond_dim = int(conditioning["cond_dim"])
+        self.default_keys = dict(conditioning.get("default_keys", {}))
+        entries = conditioning["configs"]
+        self.conditioners = nnx.Dict({e["id"]: build_conditioner(e, self.cond_dim, rngs, dtype) for e in entries})
+        for kind, ids in (("cross_attention_cond_ids", cross_attention_cond_ids), ("global_cond_ids", global_cond_ids)):
+            unknown = [i for i in ids if i not in self.conditioners]
+            if unknown:
+                raise ConfigError(f"{kind}: {unknown} name no conditioner; configured ids: {list(self.conditioners)}")
+        self.cross_attention_cond_ids = tuple(cross_attention_cond_ids)
+        self.global_cond_ids = tuple(global_cond_ids)
+
+    def _input(self, inputs: Mapping[str, Any], cond_id: str) -> Any:
+        if cond_id in inputs:
+            return inputs[cond_id]
+        fallback = self.default_keys.get(cond_id)
+        if fallback is not None and fallback in inputs:
+            return inputs[fallback]
+        raise DataError(f"conditioning input '{cond_id}' is missing (inputs: {sorted(inputs)}); provide it or add a "
+                        f"default_keys entry")
+
+    def __call__(self, inputs: Mapping[str, Any], *, encoders: Mapping[str, nnx.Module] | None = None
+                 ) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """{id: (tokens [B, S, D], mask [B, S])}. Number inputs are [B] floats; text inputs are mappings with
+        'embeddings'/'mask' (cached) or 'input_ids'/'attention_mask'."""
+        encoders = encoders or {}
+        outputs = {}
+        for cond_id, conditioner in self.conditioners.items():
+            value = self._input(inputs, cond_id)
+            if isinstance(conditioner, TextConditioner):
+                outputs[cond_id] = conditioner(value, encoders.get(cond_id))
+            else:
+                outputs[cond_id] = conditioner(value)
+        return outputs
+
+    def route(self, outputs: Mapping[str, tuple[jax.Array, jax.Array]],
+              dropped: Mapping[str, jax.Array] | None = None) -> ConditioningInputs:
+        """Concatenates cross-attention conditions along the sequence (zeroing dropped samples' tokens) and global
+        conditions along features."""
+        tokens, masks = [], []
+        for cond_id in self.cross_attention_cond_ids:
+            t, m = outputs[cond_id]
+            if t.ndim == 2:  # a pooled [B, D] condition is one token
+                t, m = t[:, None], m.reshape(t.shape[0], 1)
+            if dropped is not None and cond_id in dropped:
+                t = jnp.where(dropped[cond_id][:, None, None], jnp.zeros_like(t), t)
+            tokens.append(t)
+            masks.append(m.astype(bool))
+        if not tokens:
+            raise ConfigError("cross_attention_cond_ids is empty; route at least one condition into cross-attention")
+        globals_ = []
+        for cond_id in self.global_cond_ids:
+            t = outputs[cond_id][0]
+            if t.ndim == 3:
+                if t.shape[1] != 1:
+                    raise ConfigError(f"global_cond_ids: '{cond_id}' gives {t.shape[1]} tokens; a global condition "
+                                      f"must be a single vector")
+                t = t[:, 0]
+            globals_.append(t)
+        global_embed = jnp.concatenate(globals_, axis=-1) if globals_ else None
+        return ConditioningInputs(jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1), global_embed)
+
+    def condition(self, inputs: Mapping[str, Any], *, key: jax.Array | None = None,
+                  cfg_dropout_prob: float | Mapping[str, float] = 0.0,
+                  encoders: Mapping[str, nnx.Module] | None = None) -> ConditioningInputs:
+        """Conditioner outputs, CFG dropout driven by `key` (training; none without a key), then routing."""
+        outputs = self(inputs, encoders=encoders)
+        dropped = None
+        no_dropout = not cfg_dropout_prob if not isinstance(cfg_dropout_prob, Mapping) else not any(
+            cfg_dropout_prob.values())
+        if key is not None and not no_dropout:
+            batch = outputs[self.cross_attention_cond_ids[0]][0].shape[0]
+            dropped = cfg_drop_masks(key, batch, cfg_dropout_prob, self.cross_attention_cond_ids)
+        return self.route(outputs, dropped)
+
+
+@register("multi_conditioner")
+def build_multi_conditioner(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiConditioner:
+    """From a section with `conditioning`, `cross_attention_cond_ids`, `global_cond_ids` (as SAO's model_config)."""
+    return MultiConditioner(model_config.conditioning, rngs=rngs,
+                            cross_attention_cond_ids=tuple(model_config.get("cross_attention_cond_ids", ())),
+                            global_cond_ids=tuple(model_config.get("global_cond_ids", ())))

@@ -1,0 +1,240 @@
+"""The Stable Audio Open diffusion transformer (spec §2), registered as model "dit".
+
+    model(x [B, C, L], t [B] in [0, 1], cross_tokens [B, T, cond_token_dim], cross_mask [B, T] bool,
+          global_embed [B, global_cond_dim] or None) -> [B, C, L]
+
+Forward (spec §2.3): ctx = to_cond_embed(cross_tokens); cond = to_timestep_embed(fourier(t)) + to_global_embed(g);
+x += preprocess_conv(x); transformer (cond prepended as one token for "sao" blocks, or modulating "adaln_zero"
+blocks); out += postprocess_conv(out). Classifier-free guidance stays outside: samplers batch [cond; uncond] and
+`drop_cross_conditioning` gives the training-time null condition (cross tokens dropped, global embedding kept).
+
+Parameter tree and the SAO checkpoint keys it maps to (prefix `model.model.`, spec §9.2; kernels are the transposed
+PyTorch weights, split heads reshaped head-major):
+    timestep_features.weight [128]                  timestep_features.weight [128, 1]
+    to_{timestep,cond,global}_embed.in_proj/out_proj   to_*_embed.0 / to_*_embed.2 (.weight, .bias)
+    preprocess_conv.kernel, postprocess_conv.kernel  *_conv.weight [C, C, 1]
+    transformer.project_in / project_out.kernel      transformer.project_in / project_out.weight
+    transformer.layers.N.{pre_norm,cross_attend_norm,ff_norm}.scale     ....gamma (beta: zero buffer, dropped)
+    transformer.layers.N.self_attn.to_qkv.kernel [E, 3, H, D]           ....self_attn.to_qkv.weight [3E, E]
+    transformer.layers.N.{self_attn,cross_attn}.to_out.kernel [H, D, E] ....to_out.weight [E, E]
+    transformer.layers.N.cross_attn.to_q.kernel [E, H, D]; to_kv.kernel [Dc, 2, Dc/D, D]
+    transformer.layers.N.ff.proj.kernel [E, 2, 4E] / .bias [2, 4E]      ....ff.ff.0.proj.weight / .bias
+    transformer.layers.N.ff.out.kernel [4E, E] / .bias                  ....ff.ff.2.weight / .bias
+The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from musicdiff.errors import ConfigError
+from musicdiff.models.attention import Linear, rotary_dim
+from musicdiff.models.registry import register
+from musicdiff.models.transformer import BLOCK_TYPES, REMAT_POLICIES, ContinuousTransformer
+
+ATTENTION_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    io_channels: int = 64
+    embed_dim: int = 1536
+    depth: int = 24
+    num_heads: int = 24
+    cond_token_dim: int = 768
+    global_cond_dim: int = 1536
+    project_cond_tokens: bool = False  # False: the context keeps cond_token_dim width (SAO); True: embed_dim
+    block_type: str = "sao"  # "sao" | "adaln_zero"
+    timestep_features_dim: int = 256
+    ff_mult: int = 4
+    rotary_min_dim: int = 32
+    rotary_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    use_cross_attn_mask: bool = True  # the reference ignores the mask; False reproduces it exactly
+    attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (self-attention)
+    remat: str = "none"  # "none" | "full" | "dots"
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"
+    transformer_type: str = "continuous_transformer"
+
+    def __post_init__(self):
+        if self.block_type not in BLOCK_TYPES:
+            raise ConfigError(f"config.model.block_type='{self.block_type}': expected one of {', '.join(BLOCK_TYPES)}")
+        if self.remat not in ("none", *REMAT_POLICIES):
+            raise ConfigError(f"config.model.remat='{self.remat}': expected none, {', '.join(REMAT_POLICIES)}")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"config.model.attention_implementation='{self.attention_implementation}': expected "
+                              f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if self.transformer_type != "continuous_transformer":
+            raise ConfigError(f"config.model.transformer_type='{self.transformer_type}': only "
+                              f"continuous_transformer is implemented")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"config.model.embed_dim={self.embed_dim}: must be divisible by num_heads "
+                              f"{self.num_heads}")
+        for key in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, key))
+            except TypeError:
+                raise ConfigError(f"config.model.{key}='{getattr(self, key)}': not a dtype; use e.g. bfloat16") from None
+
+    @classmethod
+    def from_config(cls, model_config: ml_collections.ConfigDict | dict) -> DiTConfig:
+        values = dict(model_config)
+        values.pop("name", None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(f"config.model.{unknown[0]}: not a DiT option; options are {', '.join(sorted(fields))}")
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def context_dim(self) -> int:
+        return self.embed_dim if self.project_cond_tokens else self.cond_token_dim
+
+    @property
+    def prepend_length(self) -> int:
+        return 1 if self.block_type == "sao" else 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return rotary_dim(self.head_dim, self.rotary_min_dim)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def attention_impl(self) -> str | None:
+        return ATTENTION_IMPLEMENTATIONS[self.attention_implementation]
+
+
+class FourierFeatures(nnx.Module):
+    """t [B] -> [cos 2πtw, sin 2πtw] [B, dim] with learned frequencies w ~ N(0, 1) (cos first, as the reference)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32):
+        if dim % 2:
+            raise ConfigError(f"config.model.timestep_features_dim={dim}: must be even")
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (dim // 2,), param_dtype), out_sharding=(None,))
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        f = 2 * math.pi * t.astype(jnp.float32)[:, None] * self.weight[...].astype(jnp.float32)[None, :]
+        return jnp.concatenate([jnp.cos(f), jnp.sin(f)], axis=-1)
+
+
+class ConditionMLP(nnx.Module):
+    """Linear -> SiLU -> Linear (the reference's Sequential indices 0 and 2).
+
+    Both kernels carry "embed" on their output so FSDP shards them; the hidden is "mlp" for tensor parallelism.
+    """
+
+    def __init__(self, in_dim: int, dim: int, in_name: str | None, *, use_bias: bool, rngs: nnx.Rngs, dtype,
+                 param_dtype):
+        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = Linear((in_dim,), (dim,), (in_name, "embed"), **kw)
+        self.out_proj = Linear((dim,), (dim,), ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out_proj(jax.nn.silu(self.in_proj(x)))
+
+
+class DiT(nnx.Module):
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        E, C = config.embed_dim, config.io_channels
+        kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
+        self.timestep_features = FourierFeatures(config.timestep_features_dim, rngs=rngs,
+                                                 param_dtype=config.weight_dtype)
+        self.to_timestep_embed = ConditionMLP(config.timestep_features_dim, E, None, use_bias=True, **kw)
+        self.to_cond_embed = (ConditionMLP(config.cond_token_dim, config.context_dim, "cond_embed", use_bias=False,
+                                           **kw) if config.cond_token_dim else None)
+        self.to_global_embed = (ConditionMLP(config.global_cond_dim, E, "cond_embed", use_bias=False, **kw)
+                                if config.global_cond_dim else None)
+        # 1x1 convs over channels, zero-initialised and used residually, so they start as the identity.
+        self.preprocess_conv = Linear((C,), (C,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
+        self.postprocess_conv = Linear((C,), (C,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
+        self.transformer = ContinuousTransformer(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, cross_tokens: jax.Array | None = None,
+                 cross_mask: jax.Array | None = None, global_embed: jax.Array | None = None) -> jax.Array:
+        config = self.config
+        if x.ndim != 3 or x.shape[1] != config.io_channels:
+            raise ValueError(f"DiT expects latents [batch, {config.io_channels}, length], got {x.shape}")
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+        cond = self.to_timestep_embed(self.timestep_features(t))
+        if global_embed is not None:
+            if self.to_global_embed is None:
+                raise ValueError("global_embed was given but config.model.global_cond_dim is 0")
+            cond = cond + self.to_global_embed(global_embed)
+        context = None
+        if cross_tokens is not None and self.to_cond_embed is not None:
+            context = self.to_cond_embed(cross_tokens)
+        h = jnp.swapaxes(x, 1, 2)  # [B, L, C]
+        h = h + self.preprocess_conv(h)
+        out = self.transformer(h, cond, context, cross_mask)
+        out = out + self.postprocess_conv(out)
+        return jnp.swapaxes(out, 1, 2).astype(x.dtype)
+
+
+@register("dit")
+def build_dit(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
+    return DiT(DiTConfig.from_config(model_config), rngs=rngs)
+
+
+def drop_cross_conditioning(key: jax.Array, cross_tokens: jax.Array, cross_mask: jax.Array,
+                            prob: float) -> tuple[jax.Array, jax.Array]:
+    """Training-time CFG dropout (spec §2.5): per sample with probability `prob`, zero every cross token and mask them
+    all out, which is the null condition samplers use for the unconditional branch. The global embedding is kept."""
+    keep = jax.random.bernoulli(key, 1.0 - prob, (cross_tokens.shape[0],))
+    tokens = jnp.where(keep[:, None, None], cross_tokens, jnp.zeros_like(cross_tokens))
+    return tokens, jnp.logical_and(cross_mask.astype(bool), keep[:, None])
+
+
+def _as_dit_config(model_config: DiTConfig | ml_collections.ConfigDict | dict) -> DiTConfig:
+    return model_config if isinstance(model_config, DiTConfig) else DiTConfig.from_config(model_config)
+
+
+def dit_forward_flops(model_config: DiTConfig | ml_collections.ConfigDict | dict, batch: int, length: int,
+                      cond_tokens: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one forward pass; softmax, norms and elementwise ops are not counted.
+
+    `length` latent frames, `cond_tokens` cross-attention tokens. Attention counts both q·k and p·v over the full
+    (bidirectional) sequence including the prepended token. Cross-attention k/v project the context at its own width
+    (2·T·Dc·2Dc), which is half of jax_anchors §6.2's "4·L·768·d" term.
+    """
+    c = _as_dit_config(model_config)
+    E, C, Dc, F = c.embed_dim, c.io_channels, c.context_dim, c.ff_mult * c.embed_dim
+    N, T = length + c.prepend_length, cond_tokens
+    outside = (
+        2 * (c.timestep_features_dim * E + E * E)
+        + (2 * (c.global_cond_dim * E + E * E) if c.global_cond_dim else 0)
+        + (2 * T * (c.cond_token_dim * Dc + Dc * Dc) if c.cond_token_dim else 0)
+        + 2 * 2 * length * C * C  # pre/post 1x1 convs
+        + 2 * length * C * E + 2 * N * E * C  # project_in (before the prepend), project_out (after)
+    )
+    self_attn = 2 * N * E * 3 * E + 2 * N * E * E + 4 * N * N * E
+    cross_attn = (2 * N * E * E + 2 * T * Dc * 2 * Dc + 4 * N * T * E + 2 * N * E * E) if c.cond_token_dim else 0
+    ff = 2 * N * E * 2 * F + 2 * N * F * E
+    modulation = 2 * E * 6 * E if c.block_type == "adaln_zero" else 0
+    return batch * (outside + c.depth * (self_attn + cross_attn + ff + modulation))
+
+
+def dit_train_flops(model_config: DiTConfig | ml_collections.ConfigDict | dict, batch: int, length: int,
+                    cond_tokens: int) -> int:
+    """FLOPs of one training step for MFU: 3 x forward (the backward pass is two matmuls per forward matmul: the
+    gradients with respect to activations and to weights). Remat recomputation is not counted (that would be HFU)."""
+    return 3 * dit_forward_flops(model_config, batch, length, cond_tokens)

@@ -1,0 +1,250 @@
+"""Building blocks of the Oobleck autoencoder (stable_audio_tools_spec.md §1.2-§1.4), NWC layout throughout.
+
+Module and parameter names mirror the PyTorch checkpoint so a converter maps keys one to one
+(spec §9.4): `encoder.layers.{i}.layers.{j}.layers.{k}.{weight_g, weight_v, bias, alpha, beta}`. Layouts differ:
+- Conv1d: torch weight_v `[out, in, k]` is stored here as `[k, in, out]` (lax "WIO"); weight_g `[out, 1, 1]` as `[out]`.
+- ConvTranspose1d: torch weight_v `[in, out, k]` is stored as `[k, in, out]`; weight_g `[in, 1, 1]` as `[in]`
+  (torch's weight_norm with dim=0 normalises a transposed-conv weight per INPUT channel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from musicdiff.parallel.sharding import constrain
+
+SNAKE_EPS = 1e-9  # the reference's 1 / (beta + 1e-9)
+RESIDUAL_DILATIONS = (1, 3, 9)
+ACTIVATION_AXES = ("activation_batch", None, None)  # [batch, time, channels]; time and channels stay whole
+
+
+def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
+    # Drawn in power-of-two sized buckets: eager initialisation then compiles a few RNG programs, not one per shape.
+    size = math.prod(shape)
+    bucket = 1 << max(size - 1, 0).bit_length()
+    return jax.random.uniform(rngs.params(), (bucket,), jnp.float32, -bound, bound)[:size].reshape(shape)
+
+
+def _l2_norm(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis))
+
+
+class Snake(nnx.Module):
+    """SnakeBeta with log-scale parameters: y = x + 1 / (exp(beta) + 1e-9) · sin²(exp(alpha) · x), per channel."""
+
+    def __init__(self, channels: int, *, dtype: Any = jnp.float32):
+        # exp(0) = 1: the reference starts from alpha = beta = 1.
+        self.alpha = nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("norm",))
+        self.beta = nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("norm",))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        frequency = jnp.exp(self.alpha[...]).astype(self.dtype)
+        inverse_magnitude = (1.0 / (jnp.exp(self.beta[...]) + SNAKE_EPS)).astype(self.dtype)
+        return x + inverse_magnitude * jnp.square(jnp.sin(frequency * x))
+
+
+class ELU(nnx.Module):
+    """The `use_snake=False` activation; holds no parameters (keeps the layer indices of the Snake variant)."""
+
+    def __init__(self, *, dtype: Any = jnp.float32):
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.elu(x.astype(self.dtype))
+
+
+def activation(channels: int, use_snake: bool, dtype: Any) -> Snake | ELU:
+    return Snake(channels, dtype=dtype) if use_snake else ELU(dtype=dtype)
+
+
+class WNConv1d(nnx.Module):
+    """Weight-normalised Conv1d: w = g · v / ||v||, the norm over (kernel, in) per output channel; symmetric padding.
+
+    Initialised like PyTorch's Conv1d (uniform ±1/sqrt(in·k) for v and bias) with g = ||v||, as weight_norm does,
+    so the initial effective weight equals v.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs, stride: int = 1,
+                 dilation: int = 1, padding: int | None = None, use_bias: bool = True, dtype: Any = jnp.float32):
+        bound = 1.0 / math.sqrt(in_channels * kernel_size)
+        direction = _uniform(rngs, (kernel_size, in_channels, out_channels), bound)
+        self.weight_v = nnx.Param(direction, out_sharding=("kernel", "conv_in", "conv_out"))
+        self.weight_g = nnx.Param(_l2_norm(direction, (0, 1)), out_sharding=("conv_out",))
+        self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound), out_sharding=("conv_out",)) if use_bias else None
+        self.stride, self.dilation = stride, dilation
+        self.padding = (kernel_size - 1) * dilation // 2 if padding is None else padding
+        self.dtype = dtype
+
+    def kernel(self) -> jax.Array:
+        """The effective weight g · v / ||v||, `[k, in, out]`, computed in float32 (bf16-safe norm)."""
+        direction = self.weight_v[...].astype(jnp.float32)
+        return direction * (self.weight_g[...].astype(jnp.float32) / _l2_norm(direction, (0, 1)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel().astype(self.dtype), window_strides=(self.stride,),
+            padding=((self.padding, self.padding),), rhs_dilation=(self.dilation,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class WNConvTranspose1d(nnx.Module):
+    """Weight-normalised ConvTranspose1d with PyTorch semantics (stride s, padding p, output_padding 0).
+
+    y[n, o] = Σ_{l, j : n = l·s − p + j} x[l, i] · w[j, i, o]; output length (L − 1)·s − 2p + k. Computed as a
+    stride-1 convolution of the s-dilated input with the kernel flipped along time and padded k − 1 − p each side.
+    Weight norm is per input channel (torch dim=0 of `[in, out, k]`). PyTorch initialises a transposed conv from
+    fan-in = out·k (its weight's dim 1), which is kept here.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int, padding: int,
+                 rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        bound = 1.0 / math.sqrt(out_channels * kernel_size)
+        direction = _uniform(rngs, (kernel_size, in_channels, out_channels), bound)
+        self.weight_v = nnx.Param(direction, out_sharding=("kernel", "conv_in", "conv_out"))
+        self.weight_g = nnx.Param(_l2_norm(direction, (0, 2)), out_sharding=("conv_in",))
+        self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound), out_sharding=("conv_out",))
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dtype = dtype
+
+    def kernel(self) -> jax.Array:
+        """The effective weight g · v / ||v||, `[k, in, out]`, norm over (kernel, out) per input channel."""
+        direction = self.weight_v[...].astype(jnp.float32)
+        scale = self.weight_g[...].astype(jnp.float32) / _l2_norm(direction, (0, 2))
+        return direction * scale[None, :, None]
+
+    def output_length(self, length: int) -> int:
+        return (length - 1) * self.stride - 2 * self.padding + self.kernel_size
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        edge = self.kernel_size - 1 - self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel()[::-1].astype(self.dtype), window_strides=(1,),
+            padding=((edge, edge),), lhs_dilation=(self.stride,), dimension_numbers=("NWC", "WIO", "NWC"),
+        )
+        return y + self.bias[...].astype(self.dtype)
+
+
+class ResidualUnit(nnx.Module):
+    """y = x + Conv1x1(Act(Conv7_dilated(Act(x)))); `layers` = [Act, WNConv k7 dilation d, Act, WNConv k1]."""
+
+    def __init__(self, channels: int, dilation: int, *, use_snake: bool, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 remat: bool = False):
+        self.layers = nnx.List([
+            activation(channels, use_snake, dtype),
+            WNConv1d(channels, channels, 7, dilation=dilation, rngs=rngs, dtype=dtype),
+            activation(channels, use_snake, dtype),
+            WNConv1d(channels, channels, 1, rngs=rngs, dtype=dtype),
+        ])
+        self.remat = remat
+
+    def residual(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # The reference checkpoints this inner stack during training: recompute it in the backward pass.
+        branch = nnx.remat(ResidualUnit.residual)(self, x) if self.remat else self.residual(x)
+        return x.astype(branch.dtype) + branch
+
+
+def _residual_units(channels: int, use_snake: bool, rngs: nnx.Rngs, dtype: Any, remat: bool) -> list[ResidualUnit]:
+    return [ResidualUnit(channels, d, use_snake=use_snake, rngs=rngs, dtype=dtype, remat=remat)
+            for d in RESIDUAL_DILATIONS]
+
+
+class EncoderBlock(nnx.Module):
+    """RU(d=1) → RU(3) → RU(9) → Act → WNConv1d(kernel 2s, stride s, padding ceil(s/2)): length L → L / s."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, use_snake: bool, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32, remat: bool = False):
+        self.layers = nnx.List(_residual_units(in_channels, use_snake, rngs, dtype, remat) + [
+            activation(in_channels, use_snake, dtype),
+            WNConv1d(in_channels, out_channels, 2 * stride, stride=stride, padding=math.ceil(stride / 2), rngs=rngs,
+                     dtype=dtype),
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class DecoderBlock(nnx.Module):
+    """Act → WNConvTranspose1d(kernel 2s, stride s, padding ceil(s/2)) → RU(1) → RU(3) → RU(9): L → s·L, even s."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, use_snake: bool, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32, remat: bool = False):
+        self.layers = nnx.List([
+            activation(in_channels, use_snake, dtype),
+            WNConvTranspose1d(in_channels, out_channels, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
+                              rngs=rngs, dtype=dtype),
+        ] + _residual_units(out_channels, use_snake, rngs, dtype, remat))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def channel_ladder(channels: int, c_mults: tuple[int, ...]) -> list[int]:
+    """Widths between blocks: `[1] + c_mults` times `channels` (the reference prepends the 1)."""
+    return [channels * m for m in (1, *c_mults)]
+
+
+class OobleckEncoder(nnx.Module):
+    """audio `[B, T, in_channels]` → `[B, T / prod(strides), out_channels]` (NWC).
+
+    `layers` = [WNConv k7, EncoderBlock × len(strides), Act, WNConv k3], as the reference's `encoder.layers`.
+    """
+
+    def __init__(self, in_channels: int, channels: int, c_mults: tuple[int, ...], strides: tuple[int, ...],
+                 out_channels: int, *, use_snake: bool, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 remat: bool = False):
+        widths = channel_ladder(channels, c_mults)
+        layers: list[nnx.Module] = [WNConv1d(in_channels, widths[0], 7, rngs=rngs, dtype=dtype)]
+        layers += [EncoderBlock(widths[i], widths[i + 1], stride, use_snake=use_snake, rngs=rngs, dtype=dtype,
+                                remat=remat) for i, stride in enumerate(strides)]
+        layers += [activation(widths[-1], use_snake, dtype), WNConv1d(widths[-1], out_channels, 3, rngs=rngs,
+                                                                      dtype=dtype)]
+        self.layers = nnx.List(layers)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = constrain(layer(x), ACTIVATION_AXES)
+        return x
+
+
+class OobleckDecoder(nnx.Module):
+    """latents `[B, F, latent_dim]` → audio `[B, F · prod(strides), out_channels]` (NWC).
+
+    `layers` = [WNConv k7, DecoderBlock × len(strides) (widest first), Act, WNConv k7 without bias]; the reference's
+    trailing Identity/Tanh (index 8) holds no parameters and is the `final_tanh` flag here.
+    """
+
+    def __init__(self, latent_dim: int, channels: int, c_mults: tuple[int, ...], strides: tuple[int, ...],
+                 out_channels: int, *, use_snake: bool, final_tanh: bool, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 remat: bool = False):
+        widths = channel_ladder(channels, c_mults)
+        layers: list[nnx.Module] = [WNConv1d(latent_dim, widths[-1], 7, rngs=rngs, dtype=dtype)]
+        layers += [DecoderBlock(widths[i + 1], widths[i], strides[i], use_snake=use_snake, rngs=rngs, dtype=dtype,
+                                remat=remat) for i in reversed(range(len(strides)))]
+        layers += [activation(widths[0], use_snake, dtype),
+                   WNConv1d(widths[0], out_channels, 7, use_bias=False, rngs=rngs, dtype=dtype)]
+        self.layers = nnx.List(layers)
+        self.final_tanh = final_tanh
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = constrain(layer(x), ACTIVATION_AXES)
+        return jnp.tanh(x) if self.final_tanh else x
+

@@ -1,0 +1,209 @@
+"""The SAO DiT: parameter counts against the checkpoint shapes, init closed forms, masking, rotary, precision, FLOPs."""
+
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from musicdiff.config import load_config
+from musicdiff.describe import abstract_params, count
+from musicdiff.models import registry
+from musicdiff.models.attention import apply_rotary, rotary_angles
+from musicdiff.models.dit import dit_forward_flops, dit_train_flops, drop_cross_conditioning
+
+SPEC_SHAPES = "/work/shared/spec/sao_1_0_state_dict_shapes.json"
+
+
+def spec_dit_shapes() -> dict[str, tuple[int, ...]]:
+    """The DiT's parameters in the SAO checkpoint: `model.model.*` without buffers (norm beta, rotary inv_freq)."""
+    with open(SPEC_SHAPES) as f:
+        shapes = json.load(f)
+    return {key: tuple(shape) for key, shape in shapes.items() if key.startswith("model.model.")
+            and not key.endswith("inv_freq") and not (key.endswith(".beta") and "norm" in key)}
+
+
+def model_config(preset="tiny", **overrides):
+    config = load_config(f"configs/diffusion.py:{preset}")
+    with config.unlocked():
+        config.model.update(overrides)
+    return config.model
+
+
+# Whole forward passes are jitted: op-by-op dispatch of a DiT costs far more CPU time than one compile.
+forward = nnx.jit(lambda model, *args: model(*args))
+
+
+def normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def randomize(model, seed=1, scale=0.1):
+    """Perturbs every parameter, so the zero-initialised branches carry signal."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)
+    noisy = [jnp.asarray(np.asarray(leaf) + scale * rng.normal(size=leaf.shape), leaf.dtype) for leaf in leaves]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+def inputs(batch=2, channels=64, length=16, tokens=8, cond_dim=32, global_dim=32):
+    x = normal(10, (batch, channels, length))
+    t = jnp.asarray(np.random.default_rng(11).uniform(size=batch), jnp.float32)
+    cross = normal(12, (batch, tokens, cond_dim))
+    mask = jnp.asarray(np.arange(tokens)[None, :] < np.array([[5], [tokens]])[:batch])
+    glob = normal(13, (batch, global_dim))
+    return x, t, cross, mask, glob
+
+
+def test_sao_param_count_equals_checkpoint_shapes():
+    golden = sum(math.prod(shape) for shape in spec_dit_shapes().values())
+    assert golden == 1_056_828_544  # spec §2.7
+    assert count(abstract_params(model_config("sao"))) == golden
+    assert count(abstract_params(model_config("sao_small"))) == 340_863_104  # spec §2.7 / §8.2
+
+
+def test_param_tree_maps_onto_checkpoint_keys():
+    """Every DiT parameter has exactly one checkpoint key of the same size (the converter's renaming, spec §9.2)."""
+
+    def checkpoint_key(path):
+        key = ".".join(str(p) for p in path)
+        key = key.replace("in_proj", "0").replace("out_proj", "2")
+        key = key.replace(".ff.proj.", ".ff.ff.0.proj.").replace(".ff.out.", ".ff.ff.2.")
+        return "model.model." + re.sub(r"\.scale$", ".gamma", re.sub(r"\.kernel$", ".weight", key))
+
+    ours = {checkpoint_key(path): math.prod(var.get_value().shape)
+            for path, var in nnx.to_flat_state(abstract_params(model_config("sao")))}
+    assert ours == {key: math.prod(shape) for key, shape in spec_dit_shapes().items()}
+
+
+@pytest.mark.parametrize("block_type", ["sao", "adaln_zero"])
+def test_output_shape_and_optional_conditions(block_type):
+    model = randomize(registry.build(model_config(block_type=block_type), nnx.Rngs(0)))
+    x, t, cross, mask, glob = inputs()
+    assert forward(model, x, t, cross, mask, glob).shape == x.shape
+    out = forward(model, x, t, None, None, None)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_sao_init_is_project_out_of_project_in():
+    """Zero-initialised convs and branch outputs (spec §2.6): at init out = project_out(project_in(x)) per frame."""
+    model = registry.build(model_config(), nnx.Rngs(0))
+    x, t, cross, mask, glob = inputs()
+    w_in = model.transformer.project_in.kernel[...]
+    w_out = model.transformer.project_out.kernel[...]
+    expected = jnp.einsum("bcl,ce,ed->bdl", x, w_in, w_out)
+    np.testing.assert_allclose(forward(model, x, t, cross, mask, glob), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adaln_zero_blocks_start_as_identity():
+    model = registry.build(model_config(block_type="adaln_zero"), nnx.Rngs(0))
+    block = model.transformer.layers[0]
+    # The branches themselves are live: only the zero gates silence them.
+    assert float(jnp.abs(block.ff.out.kernel[...]).max()) > 0
+    assert float(jnp.abs(block.self_attn.to_out.kernel[...]).max()) > 0
+    h, cond, context = normal(3, (2, 16, 64)), normal(4, (2, 64)), normal(5, (2, 8, 32))
+    cos, sin = rotary_angles(16, 8)
+    args = (h, cond, context, jnp.ones((2, 8), bool), cos, sin)
+    np.testing.assert_array_equal(forward(block, *args), h)
+    assert block.modulation.kernel[...].shape == (64, 6, 64)
+    assert not np.allclose(forward(randomize(block), *args), h)  # non-zero gates: the branches come through
+
+
+def test_padded_cross_tokens_do_not_change_the_output():
+    x, t, cross, mask, glob = inputs()
+    changed = jnp.where(mask[:, :, None], cross, 100.0 * jnp.ones_like(cross))
+    masked = randomize(registry.build(model_config(), nnx.Rngs(0)))
+    np.testing.assert_allclose(forward(masked, x, t, cross, mask, glob), forward(masked, x, t, changed, mask, glob),
+                               atol=1e-5)
+    unmasked = randomize(registry.build(model_config(use_cross_attn_mask=False), nnx.Rngs(0)))
+    assert not np.allclose(forward(unmasked, x, t, cross, mask, glob), forward(unmasked, x, t, changed, mask, glob),
+                           atol=1e-3)
+    # A fully masked context is the null condition: the same as no cross-attention at all.
+    none = jnp.zeros_like(mask)
+    np.testing.assert_allclose(forward(masked, x, t, cross, none, glob), forward(masked, x, t, None, None, glob),
+                               atol=1e-5)
+
+
+def test_cfg_dropout_zeroes_tokens_and_mask():
+    _, _, cross, mask, _ = inputs()
+    tokens, dropped = drop_cross_conditioning(jax.random.key(0), cross, mask, 1.0)
+    assert not bool(jnp.any(tokens)) and not bool(jnp.any(dropped))
+    tokens, kept = drop_cross_conditioning(jax.random.key(0), cross, mask, 0.0)
+    np.testing.assert_array_equal(tokens, cross)
+    np.testing.assert_array_equal(kept, mask)
+
+
+def test_rotary_is_the_closed_form_rotation():
+    head_dim, dim, length, base = 64, 32, 7, 10000.0
+    x = np.random.default_rng(0).normal(size=(1, length, 1, head_dim))
+    cos, sin = rotary_angles(length, dim, base)
+    got = np.asarray(apply_rotary(jnp.asarray(x, jnp.float32), cos, sin))
+    expected = x.copy()
+    half = dim // 2
+    for n in range(length):
+        for j in range(half):
+            theta = n * base ** (-2.0 * j / dim)
+            a, b = x[0, n, 0, j], x[0, n, 0, j + half]
+            expected[0, n, 0, j] = a * math.cos(theta) - b * math.sin(theta)
+            expected[0, n, 0, j + half] = b * math.cos(theta) + a * math.sin(theta)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[..., dim:], x[..., dim:].astype(np.float32))  # partial: the rest passes
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    length, head_dim = 40, 64
+    cos, sin = rotary_angles(length, 32)
+    q, k = normal(1, (head_dim,)), normal(2, (head_dim,))
+
+    def score(m, n):
+        qs = apply_rotary(jnp.broadcast_to(q, (1, length, 1, head_dim)), cos, sin)[0, m, 0]
+        ks = apply_rotary(jnp.broadcast_to(k, (1, length, 1, head_dim)), cos, sin)[0, n, 0]
+        return float(qs @ ks)
+
+    for m, n, shift in [(3, 1, 10), (0, 5, 30), (12, 12, 7)]:
+        assert score(m, n) == pytest.approx(score(m + shift, n + shift), rel=1e-4, abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+def test_bf16_compute_is_close_to_fp32():
+    x, t, cross, mask, glob = inputs()
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = randomize(registry.build(model_config(dtype=dtype), nnx.Rngs(0)))
+        assert model.transformer.project_in.kernel[...].dtype == jnp.float32  # params stay fp32
+        outs[dtype] = np.asarray(forward(model, x, t, cross, mask, glob), np.float32)
+    error = np.linalg.norm(outs["bfloat16"] - outs["float32"]) / np.linalg.norm(outs["float32"])
+    assert error < 3e-2
+
+
+def test_remat_policies_keep_the_gradients():
+    x, t, cross, mask, glob = inputs()
+    grads = {}
+    for remat in ("none", "full", "dots"):
+        model = randomize(registry.build(model_config(remat=remat, depth=1), nnx.Rngs(0)))
+        grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x, t, cross, mask, glob) ** 2)))
+        grads[remat] = jax.tree.leaves(nnx.state(grad(model), nnx.Param))
+    for remat in ("full", "dots"):
+        for a, b in zip(grads["none"], grads[remat]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_flops_hand_computed_tiny_case():
+    # E=64, C=64, heads 4, context 32 wide (no projection), T=8 cross tokens, L=16 frames -> N=17 with the token.
+    E, C, Dc, G, F, L, N, T = 64, 64, 32, 32, 256, 16, 17, 8
+    outside = (2 * (256 * E + E * E) + 2 * (G * E + E * E) + 2 * T * (32 * Dc + Dc * Dc)
+               + 4 * L * C * C + 2 * L * C * E + 2 * N * E * C)
+    block = (8 * N * E * E + 4 * N * N * E) + (4 * N * E * E + 4 * T * Dc * Dc + 4 * N * T * E) + 6 * N * E * F
+    assert dit_forward_flops(model_config(), 3, L, T) == 3 * (outside + 2 * block)
+    assert dit_train_flops(model_config(), 3, L, T) == 9 * (outside + 2 * block)
+
+
+def test_sao_train_flops_match_the_analytic_estimate():
+    # jax_anchors §6.2: ~6.84 TFLOP per 1024-frame clip with 130 cross tokens (its k/v term is 0.3% larger).
+    assert dit_train_flops(model_config("sao"), 1, 1024, 130) == pytest.approx(6.84e12, rel=0.01)
