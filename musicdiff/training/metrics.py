@@ -83,10 +83,14 @@ class MetricLogger:
 
     def __init__(self, workdir: str | Path, *, total_steps: int | None = None, initial_step: int = 0,
                  log_every: int = 1, nan_guard: NanGuard | None = None, progress: bool = True,
-                 tensorboard: bool = True, progress_key: str = "loss", is_main_process: bool | None = None):
+                 tensorboard: bool = True, progress_key: str = "loss", is_main_process: bool | None = None,
+                 per_step: Mapping[str, float] | None = None):
+        """`per_step` {name: amount per step} adds `name` = amount x steps/s to each logged record (tokens_per_sec
+        from tokens per step; mfu from FLOPs per step / peak FLOP/s), beside `steps_per_sec` and `step_time`."""
         self.workdir = Path(workdir)
         self.log_every = max(1, int(log_every))
         self.nan_guard = nan_guard
+        self.per_step = dict(per_step or {})
         self.progress_key = progress_key
         self.is_main = jax.process_index() == 0 if is_main_process is None else is_main_process
         self._pending: tuple[int, Mapping[str, Any]] | None = None
@@ -133,7 +137,10 @@ class MetricLogger:
             now = time.perf_counter()
             record = dict(host)
             if self._last_written is not None and step > self._last_written[0]:
-                record["steps_per_sec"] = (step - self._last_written[0]) / max(now - self._last_written[1], 1e-9)
+                rate = (step - self._last_written[0]) / max(now - self._last_written[1], 1e-9)
+                record["steps_per_sec"] = rate
+                record["step_time"] = 1.0 / rate
+                record.update({name: amount * rate for name, amount in self.per_step.items()})
             self._last_written = (step, now)
             self.write_scalars(step, record)
         if self.nan_guard is not None:

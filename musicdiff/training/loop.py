@@ -1,0 +1,205 @@
+"""What every trainer shares: sharded state initialisation, the jit'ed step with explicit shardings and donated
+state, and one plain training loop (big_vision style) with checkpoints, metrics, demos and preemption.
+
+A trainer supplies
+- `init_fn(key) -> state`: a pytree whose nnx Variables carry logical axis names (params, optimiser moments, EMA);
+  plain arrays (step, RNG key) are replicated. `init_state` runs it under jit with the shardings the config's rules
+  give, so no parameter is ever materialised unsharded.
+- `step_fn(state, batch) -> (state, metrics)`: pure; `compile_step` jits it with in/out shardings, the state donated.
+- a Grain iterator of host batches (dicts of numpy arrays; strings are dropped before the device).
+`run` then loops: stop on preemption (save, exit cleanly), next batch, step, queue metrics (read one step late),
+checkpoint when due, demos when due. Resume is the same call: `restore_or_init` picks up the latest checkpoint of
+the workdir, restoring the data iterator position with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from musicdiff.config import DEFAULT_SHARDING_RULES
+from musicdiff.parallel import make_mesh, param_shardings
+from musicdiff.parallel.sharding import Rules, batch_sharding, shard_batch
+from musicdiff.training.checkpoint import Checkpointer, abstract_target
+from musicdiff.training.metrics import MetricLogger
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoints"
+
+
+def mesh_and_rules(config: Any, devices: list[jax.Device] | None = None) -> tuple[Mesh, Rules]:
+    rules = tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
+    return make_mesh(config.mesh, devices), rules
+
+
+def init_state(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args: Any) -> tuple[Any, Any]:
+    """(state, shardings): `init_fn(*args)` evaluated under jit straight into its sharded layout."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = param_shardings(abstract, rules, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return state, shardings
+
+
+def state_shardings(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args: Any) -> tuple[Any, Any]:
+    """(abstract state with shardings, shardings) without computing anything: the restore target."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = param_shardings(abstract, rules, mesh)
+    return abstract_target(abstract, shardings), shardings
+
+
+def batch_shardings(batch_spec: Mapping[str, Any], mesh: Mesh, rules: Rules) -> dict[str, NamedSharding]:
+    """Every batch array is split along its leading (batch) dimension by the 'batch' rule."""
+    lead = batch_sharding(mesh, rules)
+    return {name: lead if np.ndim(value) else NamedSharding(mesh, P()) for name, value in batch_spec.items()}
+
+
+def compile_step(step_fn: Callable[[Any, Any], tuple[Any, Any]], shardings: Any, batch_sharding_tree: Any,
+                 mesh: Mesh) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """jit with explicit shardings; the state is donated, metrics come back replicated."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding_tree), out_shardings=(shardings, replicated),
+                   donate_argnums=0)
+
+
+def device_arrays(host_batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The numeric arrays of a host batch (captions and other strings stay on the host)."""
+    out = {}
+    for name, value in host_batch.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "biuf":
+            out[name] = array
+    return out
+
+
+class Preemption:
+    """SIGTERM (and SIGINT when asked) sets a flag; the loop saves at the next step boundary and returns.
+
+    With several processes the flag is combined across all of them every `sync_every` steps, so every process
+    stops at the same step and takes part in the same save.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), sync_every: int = 10):
+        self.flag = False
+        self.sync_every = max(1, sync_every)
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, nothing to restore
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: saving a checkpoint at the next step boundary, then exiting", signum)
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        if step % self.sync_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Steps at which the loop logs, saves and runs demos."""
+
+    num_steps: int
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    demo_every: int = 0  # 0: no demos
+    keep_checkpoints: int = 3
+    keep_period: int | None = None
+
+    @classmethod
+    def from_config(cls, training: Mapping[str, Any]) -> Schedule:
+        return cls(num_steps=int(training["num_steps"]), log_every=int(training.get("log_every", 10)),
+                   checkpoint_every=int(training.get("checkpoint_every", 1000)),
+                   demo_every=int(training.get("demo_every", 0)),
+                   keep_checkpoints=int(training.get("keep_checkpoints", 3)),
+                   keep_period=training.get("keep_period", None) or None)
+
+
+def open_checkpointer(workdir: Path, schedule: Schedule, async_save: bool = True) -> Checkpointer:
+    return Checkpointer(Path(workdir) / CHECKPOINT_DIR, max_to_keep=schedule.keep_checkpoints,
+                        save_interval_steps=schedule.checkpoint_every, keep_period=schedule.keep_period,
+                        async_save=async_save)
+
+
+def restore_or_init(checkpointer: Checkpointer, init_fn: Callable[..., Any], mesh: Mesh, rules: Rules,
+                    init_args: tuple[Any, ...], data_iter: Any = None) -> tuple[Any, Any, int]:
+    """(state, shardings, step): the workdir's latest checkpoint when there is one (data position included), else
+    a fresh state at step 0."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state, shardings = init_state(init_fn, mesh, rules, *init_args)
+        return state, shardings, 0
+    target, shardings = state_shardings(init_fn, mesh, rules, *init_args)
+    restored = checkpointer.restore(target, step=latest, data_iter=data_iter)
+    log.info("resumed from step %d of %s", latest, checkpointer.directory)
+    return restored.state, shardings, latest
+
+
+@dataclasses.dataclass
+class LoopResult:
+    step: int
+    preempted: bool
+    last_metrics: dict[str, float] | None
+
+
+def run(*, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: Iterator[Mapping[str, Any]],
+        start_step: int, schedule: Schedule, checkpointer: Checkpointer, logger: MetricLogger, mesh: Mesh,
+        rules: Rules, config: Any = None, data_iter: Any = None,
+        demo_fn: Callable[[int, Any], None] | None = None, preemption: Preemption | None = None,
+        on_state: Callable[[int, Any], None] | None = None) -> tuple[Any, LoopResult]:
+    """Runs steps start_step+1 .. schedule.num_steps (see the module docstring); returns (state, result).
+
+    `step_fn` is already compiled (`compile_step`). `data_iter` is the object whose position is checkpointed
+    (usually the same Grain iterator as `batches`). `on_state(step, state)` is called after each step (tests).
+    """
+    own_preemption = preemption is None
+    preemption = preemption or Preemption()
+    step = start_step
+    preempted = False
+    last = None
+    try:
+        while step < schedule.num_steps:
+            if preemption.requested(step):
+                preempted = True
+                break
+            host_batch = next(batches)
+            batch = shard_batch(device_arrays(host_batch), mesh, rules)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            last = logger.push(step, metrics) or last
+            checkpointer.save(step, state, data_iter=data_iter, config=config)
+            if demo_fn is not None and schedule.demo_every and step % schedule.demo_every == 0:
+                demo_fn(step, state)
+            if on_state is not None:
+                on_state(step, state)
+        last = logger.flush() or last
+        if step not in checkpointer.all_steps():
+            checkpointer.save(step, state, data_iter=data_iter, config=config, force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        if own_preemption:
+            preemption.close()
+    if preempted:
+        log.warning("stopped for preemption at step %d; the checkpoint is saved, rerun the same command to resume",
+                    step)
+    return state, LoopResult(step=step, preempted=preempted, last_metrics=last)
