@@ -2,7 +2,14 @@
 
 - sao: Stable Audio Open 1.0's DiT (spec §2.1): 1,056,828,544 parameters, v-objective, 1024 latent frames.
 - sao_small: Stable Audio Open Small's DiT (spec §8.2): 340,863,104 parameters, rectified flow, 256 frames.
-- tiny: a 2-block DiT that trains on CPU in seconds (tests, demos).
+- tiny: a 2-block DiT that trains on CPU in seconds (tests, demos), conditioned through the embedded text encoder.
+
+Sections: `model` (the DiT), `conditioner` (a stable-audio-tools `conditioning` block with its routing, built as
+musicdiff.models.conditioning.MultiConditioner), `prompt_encoder` (how prompts become the prompt conditioner's input at
+generation time: "t5" = frozen T5 from a local directory or hub name, "embedded" = the caption tokenizer, whose encoder
+lives inside the conditioner and trains with the DiT), `objective`, `training`, `data`. `autoencoder_checkpoint`
+names the autoencoder whose latents the DiT models ("" = the one recorded in the latents manifest).
+Checkpoints hold params/{model, conditioner} and ema/{model, conditioner}.
 
 The optimiser recipe is SAO's (spec §3.4): AdamW(5e-5, (0.9, 0.999), wd 1e-3) with InverseLR
 lr(step) = lr · (1 - warmup^(step+1)) · (1 + step/inv_gamma)^(-power), EMA 0.9999 with power-3/4 warm-up,
@@ -17,19 +24,50 @@ PRESETS = {
     "sao": dict(
         model=dict(io_channels=64, embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=1536,
                    project_cond_tokens=False, remat="full", dtype="bfloat16"),
-        objective="v", latent_length=1024, cond_tokens=130, batch_size=32,
+        objective="v", latent_length=1024, cond_tokens=130, batch_size=32, cond_dim=768, text="t5",
     ),
     "sao_small": dict(
         model=dict(io_channels=64, embed_dim=1024, depth=16, num_heads=8, cond_token_dim=768, global_cond_dim=768,
                    project_cond_tokens=True, remat="full", dtype="bfloat16"),
-        objective="rectified_flow", latent_length=256, cond_tokens=65, batch_size=64,
+        objective="rectified_flow", latent_length=256, cond_tokens=65, batch_size=64, cond_dim=768, text="t5",
     ),
     "tiny": dict(
-        model=dict(io_channels=64, embed_dim=64, depth=2, num_heads=4, cond_token_dim=32, global_cond_dim=32,
+        model=dict(io_channels=64, embed_dim=64, depth=2, num_heads=4, cond_token_dim=32, global_cond_dim=64,
                    project_cond_tokens=False, remat="none", dtype="float32", rotary_min_dim=8),
-        objective="v", latent_length=32, cond_tokens=8, batch_size=8,
+        objective="v", latent_length=32, cond_tokens=34, batch_size=8, cond_dim=32, text="embedded",
     ),
 }
+
+
+# The small trainable prompt encoder of the embedded default (T5 architecture over the caption tokenizer).
+EMBEDDED_TEXT = dict(vocab_size=1024, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=64,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, max_length=32)
+
+
+def conditioner_config(text: str, cond_dim: int) -> ml_collections.ConfigDict:
+    """SAO's conditioning (spec §8.1): prompt + seconds_start + seconds_total as cross-attention tokens, the two
+    timing values concatenated as the global embedding."""
+    if text == "t5":
+        prompt = dict(id="prompt", type="t5", config=dict(t5_model_name="t5-base", max_length=128))
+    else:
+        prompt = dict(id="prompt", type="embedded", config=dict(EMBEDDED_TEXT))
+    timing = [dict(id=name, type="number", config=dict(min_val=0, max_val=512))
+              for name in ("seconds_start", "seconds_total")]
+    return ml_collections.ConfigDict(dict(
+        name="multi_conditioner",
+        conditioning=dict(configs=[prompt] + timing, cond_dim=cond_dim),
+        cross_attention_cond_ids=("prompt", "seconds_start", "seconds_total"),
+        global_cond_ids=("seconds_start", "seconds_total"),
+    ))
+
+
+def prompt_encoder_config(text: str) -> ml_collections.ConfigDict:
+    if text == "t5":
+        return ml_collections.ConfigDict(dict(name="t5", path="t5-base", max_length=128, dtype="float32",
+                                              param_dtype="float32"))
+    return ml_collections.ConfigDict(dict(name="embedded", tokenizer_path="", max_length=EMBEDDED_TEXT["max_length"],
+                                          vocab_size=EMBEDDED_TEXT["vocab_size"]))
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -56,6 +94,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         param_dtype="float32",
     ))
     c.model.update(preset["model"])
+
+    c.conditioner = conditioner_config(preset["text"], preset["cond_dim"])
+    c.prompt_encoder = prompt_encoder_config(preset["text"])
+    c.autoencoder_checkpoint = ""
 
     c.objective = ml_collections.ConfigDict(dict(
         name=preset["objective"],  # "v" | "rectified_flow" | "ddpm_eps"
