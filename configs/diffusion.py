@@ -45,6 +45,15 @@ EMBEDDED_TEXT = dict(vocab_size=1024, d_model=64, d_kv=16, d_ff=128, num_layers=
                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, max_length=32)
 
 
+DEMO_PROMPTS = {
+    # SAO's training demos (spec §3.4) and captions in the style of the embedded set.
+    "t5": ("Amen break 174 BPM", "A beautiful orchestral symphony, classical music", "Chill hip-hop beat, chillhop",
+           "A pop song about love and loss"),
+    "embedded": ("an upbeat track in A minor at 128 BPM with plucked bass and drums",
+                 "a calm piano piece in C major at 80 BPM"),
+}
+
+
 def conditioner_config(text: str, cond_dim: int) -> ml_collections.ConfigDict:
     """SAO's conditioning (spec §8.1): prompt + seconds_start + seconds_total as cross-attention tokens, the two
     timing values concatenated as the global embedding."""
@@ -141,6 +150,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         demo_every=0,  # generate demo clips (TensorBoard audio + spectrograms) every N steps; 0 = never
         demo_steps=50,
         demo_cfg_scale=6.0,
+        demo_prompts=DEMO_PROMPTS[preset["text"]],
     ))
 
     c.data = ml_collections.ConfigDict(dict(

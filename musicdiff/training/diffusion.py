@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -191,6 +192,53 @@ def _init_params_from(task: DiffusionTask, path: str, mesh, rules: Rules) -> dic
     return out
 
 
+def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir: Path,
+                 logger: MetricLogger) -> Callable[[int, Any], None] | None:
+    """Every `training.demo_every` steps: generate the demo prompts with the EMA weights, decode them, write WAVs to
+    WORKDIR/demos/<step>/ and audio + spectrograms to TensorBoard. None when demos are off or no autoencoder is
+    known (precomputed latents alone cannot be listened to)."""
+    training = config.training
+    if not int(training.get("demo_every", 0)) or not config.autoencoder_checkpoint:
+        return None
+    from musicdiff.audio.io import write_audio
+    from musicdiff.inference.generate import SamplerSettings, make_sampler
+    from musicdiff.inference.loading import find_checkpoint, load_model
+    from musicdiff.inference.prompts import PromptEncoder
+    from musicdiff.models.chunking import chunked_decode
+
+    autoencoder = load_model(find_checkpoint(config.autoencoder_checkpoint), "autoencoder")
+    prompts = list(training.get("demo_prompts", ())) or ["music"]
+    encode = PromptEncoder(config.prompt_encoder)
+    rate, ratio = int(autoencoder.config.sample_rate), int(autoencoder.downsampling_ratio)
+    seconds = int(config.data.latent_length) * ratio / rate
+    inputs = {"prompt": {k: jnp.asarray(v) for k, v in encode(prompts).items()},
+              "seconds_start": jnp.zeros(len(prompts), jnp.float32),
+              "seconds_total": jnp.full(len(prompts), seconds, jnp.float32)}
+    sampler = "ddim" if config.objective.name == "v" else ("pingpong" if config.objective.name == "rf_denoiser"
+                                                         else "rf-euler" if config.objective.name != "ddpm_eps"
+                                                         else "ddpm")
+    settings = SamplerSettings(sampler=sampler, steps=int(training.get("demo_steps", 50)),
+                               cfg_scale=float(training.get("demo_cfg_scale", 6.0)), sigma_max=1.0)
+    shape = (len(prompts), int(config.model.io_channels), int(config.data.latent_length))
+    sample_fn = jax.jit(make_sampler(task.graphdefs, config.objective, settings, shape))
+
+    def demo(step: int, state: Any) -> None:
+        if jax.process_index() != 0:
+            return
+        latents = sample_fn(state["ema"], inputs, jax.random.key(int(config.seed)))
+        audio = np.asarray(chunked_decode(autoencoder, latents))
+        out = workdir / "demos" / str(step)
+        for index, (prompt, clip) in enumerate(zip(prompts, audio)):
+            peak = float(np.max(np.abs(clip))) or 1.0
+            clip = clip / peak  # peak-normalised, as the reference's demos
+            write_audio(out / f"{index}.wav", clip, rate)
+            logger.write_audio(step, f"demo/{index}", clip, rate)
+            logger.write_spectrogram(step, f"demo_spectrogram/{index}", clip, rate)
+            logger.write_text(step, f"demo_prompt/{index}", prompt)
+
+    return demo
+
+
 def train_diffusion(config: ml_collections.ConfigDict, workdir: Path, *,
                     on_state: Callable[[int, Any], None] | None = None) -> loop.LoopResult:
     """The `launch.train_diffusion` stage: resumes from WORKDIR/checkpoints when present."""
@@ -239,7 +287,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: Path, *,
                           nan_guard=guard, per_step=per_step) as logger:
             _, result = loop.run(state=state, step_fn=step_fn, batches=data_iter, start_step=start,
                                  schedule=schedule, checkpointer=checkpointer, logger=logger, mesh=mesh, rules=rules,
-                                 config=config, data_iter=data_iter, on_state=on_state)
+                                 config=config, data_iter=data_iter, on_state=on_state,
+                                 demo_fn=make_demo_fn(task, config, workdir, logger))
     return result
 
 
