@@ -4,9 +4,9 @@ finished output, refusal of another autoencoder, two JAX processes covering ever
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,13 +75,15 @@ def test_windows_timing_and_posterior_match_the_autoencoder(setup):
         assert record["seconds_total"] == math.ceil(samples / RATE)
         np.testing.assert_array_equal(record["latent_mask"], np.arange(32) < math.ceil(real / 256))
     # The stored posterior is the autoencoder's, computed directly on a few windows (first, clip end, last).
-    for record in (records[0], records[5], records[-1]):
+    chosen = (records[0], records[5], records[-1])
+    windows = np.zeros((len(chosen), 2, SAMPLE_SIZE), np.float32)
+    for row, record in enumerate(chosen):
         audio = soundfile.read(setup["root"] / record["path"], dtype="float32", always_2d=True)[0].T
-        window = np.zeros((2, SAMPLE_SIZE), np.float32)
         piece = audio[:, record["offset"]:record["offset"] + SAMPLE_SIZE]
-        window[:, : piece.shape[1]] = piece
-        features = model.encode_features(jnp.asarray(window.T[None]))
-        mean, scale = np.split(np.asarray(features[0]), 2, axis=-1)
+        windows[row, :, : piece.shape[1]] = piece
+    features = np.asarray(nnx.jit(lambda m, x: m.encode_features(x))(model, jnp.asarray(windows.transpose(0, 2, 1))))
+    for record, row_features in zip(chosen, features):
+        mean, scale = np.split(row_features, 2, axis=-1)
         np.testing.assert_allclose(record["latent_mean"], mean.T, atol=2e-5)
         np.testing.assert_allclose(record["latent_std"], np.logaddexp(0, scale.T) + 1e-4, atol=2e-5)
     tokenizer = TextTokenizer(manifest["text_encoder"]["tokenizer_path"], 32)
@@ -118,7 +120,7 @@ def test_finished_output_is_a_noop(setup, capsys):
 
 def test_other_autoencoder_or_settings_are_refused_unless_overwrite(setup):
     workdir = setup["base"] / "replaced"
-    precompute_latents(precompute_config(setup["checkpoint"], setup["root"]), workdir)
+    shutil.copytree(setup["reference"], workdir)
     other = save_autoencoder(setup["base"] / "other_autoencoder", seed=1, step=7)
     with pytest.raises(ConfigError, match="fingerprint"):
         precompute_latents(precompute_config(other, setup["root"]), workdir)
@@ -211,3 +213,27 @@ def test_t5_mode_stores_each_captions_embeddings(setup):
         assert record["prompt_embeddings"].shape == (valid.sum(), 32)
         np.testing.assert_allclose(record["prompt_embeddings"], embeddings[valid], atol=1e-5)
         assert "prompt_input_ids" not in record
+
+
+def test_training_batches_come_from_the_stage_output(setup):
+    from data_pipelines.latent_source import latent_training_dataset
+
+    batch = next(iter(latent_training_dataset(setup["reference"], latent_length=24, batch_size=4, seed=0,
+                                              shuffle_seed=0, process_index=0, process_count=1)))
+    assert batch["latents"].shape == (4, 64, 24) and batch["latents"].dtype == np.float32
+    assert batch["padding_mask"].shape == (4, 24) and batch["seconds_total"].shape == (4,)
+    assert batch["prompt_input_ids"].shape == (4, 32) and batch["prompt_input_ids"].dtype == np.int32
+    assert batch["prompt_attention_mask"].dtype == bool and batch["caption"].dtype.kind == "U"
+    assert set(batch["caption"]) <= {caption for _, caption in CLIPS.values()}
+
+
+def test_tfds_build_gives_the_clips_of_the_folder(setup):
+    from data_pipelines.tfds_audio_folder import build_array_record
+    from musicdiff.inference.precompute import open_dataset
+
+    built = build_array_record(setup["root"], setup["base"] / "tfds", min_seconds=0.5)
+    folder = open_dataset(precompute_config(setup["checkpoint"], setup["root"]))
+    tfds = open_dataset(precompute_config(setup["checkpoint"], built, "data.source=tfds"))
+    by_path = lambda dataset: {clip["path"]: (clip, length) for clip, length in zip(dataset.clips, dataset.lengths)}
+    assert by_path(tfds) == by_path(folder) and len(folder.clips) == len(CLIPS)
+    assert tfds.report["kind"] == "tfds" and tfds.report["usable"] == len(CLIPS)

@@ -9,10 +9,11 @@ Flow (`precompute_latents(config, workdir)`, every JAX process runs it):
    what the workdir already holds: another autoencoder or other settings are refused unless `overwrite`.
 3. Each process encodes its unfinished shards with the autoencoder on a mesh over its own devices (batched, sharded
    along the batch, one jit'ed program: each shard's last batch is padded to the fixed shape) and writes
-   `shard-*.array_record.partial`, renamed to its final name when complete, then a summary `shard-*.json`. Processes
-   never wait for each other while encoding, so a resumed run where some shards are done stays balanced enough and
-   no collective can hang on a finished process.
-4. After a barrier, process 0 writes manifest.json from the shard summaries.
+   `shard-*.array_record.partial`, renamed to its final name when complete, then a summary `shard-*.json`. No
+   computation spans processes (each mesh covers its own devices), so a process with fewer unfinished shards just
+   reaches the final barrier sooner; the barriers use the coordination service, not device collectives.
+4. After a barrier, process 0 writes manifest.json from the shard summaries. With several processes OUT must be
+   a directory every process sees (a shared or network filesystem), as training reads it anyway.
 
 Exactness: the bytes of a shard depend only on its windows and the plan. Batches never straddle shards and always
 start at a shard's first window, text is encoded per shard (each distinct caption of a shard once, in a fixed batch
@@ -27,6 +28,7 @@ N records (mid-shard), as a crash would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -144,13 +146,13 @@ def plan_sha256(plan: dict[str, Any]) -> str:
 def make_plan(config: ml_collections.ConfigDict, ref: CheckpointRef, dataset: Dataset, layout: ShardLayout) -> dict:
     text = to_dict(config.text_encoder)
     text.pop("tokenizer_path", None)  # set by the stage itself
-    data = to_dict(config.data)
+    data, top = to_dict(config.data), to_dict(config)
     return {
         "format": FORMAT, "version": VERSION,
-        "autoencoder": {"checkpoint": str(ref.step_dir), "fingerprint": ref.fingerprint(), "step": ref.step},
+        "autoencoder": {"checkpoint": str(ref.step_dir.resolve()), "fingerprint": ref.fingerprint(), "step": ref.step},
         "inputs_sha256": dataset.inputs_sha256, "num_windows": layout.num_windows, "num_shards": layout.num_shards,
         "settings": {"data": {key: data[key] for key in _DATA_SETTINGS}, "text_encoder": text,
-                     **{key: to_dict(config)[key] for key in _SETTINGS}},
+                     **{key: top[key] for key in _SETTINGS}},
     }
 
 
@@ -173,10 +175,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def output_status(out: Path, plan: dict[str, Any], overwrite: bool) -> str:
     """"complete", "resume", "fresh" or "replace" (only with overwrite); refuses a mismatch otherwise."""
     manifest = _read_json(out / MANIFEST_NAME)
-    for name, previous in ((MANIFEST_NAME, manifest and manifest.get("plan")), (PLAN_NAME, _read_json(out / PLAN_NAME))):
+    fix = "write to another --workdir, or pass --config.overwrite=True to replace it"
+    if manifest is not None and not isinstance(manifest.get("plan"), dict):
+        if overwrite:
+            return "replace"
+        raise ConfigError(f"{out / MANIFEST_NAME}: not written by this version of launch.precompute_latents; {fix}")
+    for name, previous in ((MANIFEST_NAME, manifest and manifest["plan"]), (PLAN_NAME, _read_json(out / PLAN_NAME))):
         if previous is None:
             continue
-        fix = "write to another --workdir, or pass --config.overwrite=True to replace it"
         old_ae, new_ae = previous["autoencoder"], plan["autoencoder"]
         if old_ae.get("fingerprint") != new_ae["fingerprint"]:
             if overwrite:
@@ -201,6 +207,14 @@ def _remove_outputs(out: Path) -> None:
         for path in out.glob(pattern):
             path.unlink()
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of writes that a kill interrupted (atomic JSON writes, a tokenizer being built)."""
+    for path in out.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+    for path in out.glob(".tokenizer.*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _shard_finished(out: Path, shard: int, count: int, digest: str) -> bool:
@@ -263,33 +277,40 @@ class ShardWriter:
 # ------------------------------------------------------------------------------------------------ encoders
 
 
+@functools.lru_cache(maxsize=8)
+def _encode_program(graphdef: Any, sharding: Any, ratio: int, dtype: str, chunk: int, overlap: int,
+                    posterior: bool) -> Any:
+    """The jit'ed window encoder; cached so repeated runs in one process (benchmarks, tests) compile it once."""
+
+    def encode(state, audio, padding_mask):
+        model = nnx.merge(graphdef, state)
+        if chunk:
+            features = chunked_encode_features(model, audio, chunk_frames=chunk, overlap_frames=overlap)
+        else:
+            features = model.encode_features(jnp.swapaxes(audio, 1, 2))
+        batch, frames = features.shape[:2]
+        mask = padding_mask.reshape(batch, frames, ratio).max(axis=-1) > 0  # any real sample makes a frame real
+        if posterior:
+            mean, std = VAEBottleneck.posterior(features)
+            out = {"latent_std": jnp.swapaxes(std, 1, 2).astype(dtype)}
+        else:
+            mean, out = model.bottleneck.encode(features)[0], {}
+        return {"latent_mean": jnp.swapaxes(mean, 1, 2).astype(dtype), "latent_mask": mask, **out}
+
+    return jax.jit(encode, out_shardings=sharding)
+
+
 class WindowEncoder:
     """Audio windows [B, C, S] + padding mask [B, S] -> latent posterior and frame mask, one jit'ed program on the
     mesh with the batch split along its 'batch' rule."""
 
     def __init__(self, model: nnx.Module, mesh: jax.sharding.Mesh, rules: Any, config: ml_collections.ConfigDict):
         graphdef, self.state = nnx.split(model)
-        self.mesh, self.rules, self.sharding = mesh, rules, batch_sharding(mesh, rules)
+        self.mesh, self.rules, self.sharding = mesh, tuple(tuple(rule) for rule in rules), batch_sharding(mesh, rules)
         self.posterior = model.config.bottleneck.type == "vae"
-        ratio, dtype = model.downsampling_ratio, jnp.dtype(config.dtype)
-        chunk, overlap = int(config.encode_chunk_frames), int(config.encode_overlap_frames)
-
-        def encode(state, audio, padding_mask):
-            model = nnx.merge(graphdef, state)
-            if chunk:
-                features = chunked_encode_features(model, audio, chunk_frames=chunk, overlap_frames=overlap)
-            else:
-                features = model.encode_features(jnp.swapaxes(audio, 1, 2))
-            batch, frames = features.shape[:2]
-            mask = padding_mask.reshape(batch, frames, ratio).max(axis=-1) > 0  # any real sample makes a frame real
-            if self.posterior:
-                mean, std = VAEBottleneck.posterior(features)
-                out = {"latent_std": jnp.swapaxes(std, 1, 2).astype(dtype)}
-            else:
-                mean, out = model.bottleneck.encode(features)[0], {}
-            return {"latent_mean": jnp.swapaxes(mean, 1, 2).astype(dtype), "latent_mask": mask, **out}
-
-        self._encode = jax.jit(encode, out_shardings=self.sharding)
+        self._encode = _encode_program(graphdef, self.sharding, model.downsampling_ratio, str(config.dtype),
+                                       int(config.encode_chunk_frames), int(config.encode_overlap_frames),
+                                       self.posterior)
 
     def __call__(self, audio: np.ndarray, padding_mask: np.ndarray) -> dict[str, jax.Array]:
         with sharding_context(self.mesh, self.rules):
@@ -384,7 +405,7 @@ def _open_checkpoint(path: str) -> CheckpointRef:
     return ref
 
 
-def _encode_shards(config, out: Path, ref: CheckpointRef, dataset: Dataset, layout: ShardLayout,
+def _encode_shards(config: ml_collections.ConfigDict, out: Path, ref: CheckpointRef, dataset: Dataset, layout: ShardLayout,
                    windows: list[tuple[int, int]], pending: list[int], digest: str) -> int:
     """Encodes and writes the `pending` shards of this process; returns the number of windows written."""
     mesh, rules = mesh_and_rules(config, jax.local_devices())
@@ -464,6 +485,7 @@ def write_manifest(out: Path, config, plan: dict[str, Any], dataset: Dataset, re
     manifest = {
         "format": FORMAT, "version": VERSION,
         "autoencoder": {**plan["autoencoder"], "config": to_dict(ae)},
+        "autoencoder_checkpoint": plan["autoencoder"]["checkpoint"],
         "text_encoder": text_manifest(config.text_encoder, out),
         "sample_rate": int(config.data.sample_rate), "sample_size": int(config.data.sample_size),
         "downsampling_ratio": ratio, "latent_rate": config.data.sample_rate / ratio,
@@ -507,6 +529,7 @@ def precompute_latents(config: ml_collections.ConfigDict, workdir: str | Path) -
         if status == "replace":
             log.warning("%s: replacing outputs made with another autoencoder or other settings (overwrite=True)", out)
             _remove_outputs(out)
+        _remove_leftovers(out)
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten once the missing shards exist
         atomic_write_json(out / PLAN_NAME, plan)
         if config.text_encoder.name == "embedded" and (status != "resume" or not (out / TOKENIZER_DIR).is_dir()):
