@@ -27,13 +27,13 @@ little-endian bytes], dtype one of float32, bfloat16, float16, int32, int64, uin
 - text, "embedded": prompt_input_ids [max_length] int32 and prompt_attention_mask [max_length] bool from the
   tokenizer in OUT/tokenizer
 
-Manifest keys: format, version, autoencoder {checkpoint, fingerprint, step, config}, autoencoder_checkpoint (the
-same step directory, absolute), text_encoder {name, id, config, max_length, embedding_dim (t5) | tokenizer_path,
-vocab_size (embedded)}, sample_rate, sample_size, downsampling_ratio, latent_rate (frames per second), latent_shape
-[C, F], latent_channels, latent_frames, dtype, posterior, num_items, hours, shards [{file, items, sha256, bytes,
-seconds}], source {kind, root, usable, skipped}, inputs_sha256, windows_per_shard, config (the precompute config),
-plan. `read_manifest` resolves tokenizer_path to an absolute path (also inside text_encoder.config, so the section
-can go straight to load_text_encoder).
+Manifest keys: format, version, autoencoder {checkpoint, fingerprint, save_digest, step, config},
+autoencoder_checkpoint (the same step directory, absolute), text_encoder {name, id, config, max_length,
+embedding_dim (t5) | tokenizer_path, vocab_size (embedded)}, sample_rate, sample_size, downsampling_ratio, latent_rate
+(frames per second), latent_shape [C, F], latent_channels, latent_frames, dtype, posterior, num_items, hours, shards
+[{file, items, sha256, bytes, seconds}], source {kind, root, usable, skipped}, inputs_sha256, windows_per_shard,
+config (the precompute config), plan. `read_manifest` resolves tokenizer_path to an absolute path (also inside
+text_encoder.config, so the section can go straight to load_text_encoder).
 
 Training batches (`latent_training_dataset`): latents float32 [B, C, latent_length], a fresh sample
 mean + std·ε per example and epoch (ε from Grain's per-element seed, so a restored iterator is exact), randomly

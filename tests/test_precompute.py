@@ -116,6 +116,8 @@ def test_finished_output_is_a_noop(setup, capsys):
     assert summary["nothing_to_do"] and summary["windows_encoded"] == 0 and summary["items"] == EXPECTED_WINDOWS
     assert "nothing to do" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in setup["reference"].rglob("*")} == before
+    copied = shutil.copytree(setup["checkpoint"], setup["base"] / "copied_autoencoder")  # the same checkpoint
+    assert precompute_latents(precompute_config(copied, setup["root"]), setup["reference"])["nothing_to_do"]
 
 
 def test_other_autoencoder_or_settings_are_refused_unless_overwrite(setup):
@@ -124,6 +126,11 @@ def test_other_autoencoder_or_settings_are_refused_unless_overwrite(setup):
     other = save_autoencoder(setup["base"] / "other_autoencoder", seed=1, step=7)
     with pytest.raises(ConfigError, match="fingerprint"):
         precompute_latents(precompute_config(other, setup["root"]), workdir)
+    # Retrained at the same size and step: the same fingerprint, but another save of other weights.
+    retrained = save_autoencoder(setup["base"] / "retrained_autoencoder", seed=2, step=0)
+    assert find_checkpoint(retrained).fingerprint() == find_checkpoint(setup["checkpoint"]).fingerprint()
+    with pytest.raises(ConfigError, match="save"):
+        precompute_latents(precompute_config(retrained, setup["root"]), workdir)
     with pytest.raises(ConfigError, match="dtype"):
         precompute_latents(precompute_config(setup["checkpoint"], setup["root"], "dtype=bfloat16"), workdir)
     assert output_files(workdir) == output_files(setup["reference"])  # refusals leave the output alone
