@@ -183,8 +183,10 @@ def training_dataset(
     process_index, process_count = process_slice(process_index, process_count)
     spec = ClipSpec.from_config(data)
     ds = grain.MapDataset.source(source).shuffle(seed=int(data.shuffle_seed)).repeat(num_epochs)
-    ds = shard_for_process(ds, process_index, process_count, finite=num_epochs is not None)
+    # Crops are seeded by the global position (random_map before sharding; decoding stays lazy), so P processes
+    # together see exactly the examples one process would.
     ds = ds.random_map(DecodeCrop(spec), seed=int(seed))
+    ds = shard_for_process(ds, process_index, process_count, finite=num_epochs is not None)
     return _batched(ds, data)
 
 

@@ -27,7 +27,7 @@ little-endian bytes], dtype one of float32, bfloat16, float16, int32, int64, uin
 - text, "embedded": prompt_input_ids [max_length] int32 and prompt_attention_mask [max_length] bool from the
   tokenizer in OUT/tokenizer
 
-Manifest keys: format, version, autoencoder {checkpoint, fingerprint, save_digest, step, config},
+Manifest keys: format, version, autoencoder {checkpoint, fingerprint, step, config},
 autoencoder_checkpoint (the same step directory, absolute), text_encoder {name, id, config, max_length,
 embedding_dim (t5) | tokenizer_path, vocab_size (embedded)}, sample_rate, sample_size, downsampling_ratio, latent_rate
 (frames per second), latent_shape [C, F], latent_channels, latent_frames, dtype, posterior, num_items, hours, shards

@@ -126,10 +126,10 @@ def test_other_autoencoder_or_settings_are_refused_unless_overwrite(setup):
     other = save_autoencoder(setup["base"] / "other_autoencoder", seed=1, step=7)
     with pytest.raises(ConfigError, match="fingerprint"):
         precompute_latents(precompute_config(other, setup["root"]), workdir)
-    # Retrained at the same size and step: the same fingerprint, but another save of other weights.
+    # Retrained at the same size and step: other weights, so another fingerprint.
     retrained = save_autoencoder(setup["base"] / "retrained_autoencoder", seed=2, step=0)
-    assert find_checkpoint(retrained).fingerprint() == find_checkpoint(setup["checkpoint"]).fingerprint()
-    with pytest.raises(ConfigError, match="save"):
+    assert find_checkpoint(retrained).fingerprint() != find_checkpoint(setup["checkpoint"]).fingerprint()
+    with pytest.raises(ConfigError, match="fingerprint"):
         precompute_latents(precompute_config(retrained, setup["root"]), workdir)
     with pytest.raises(ConfigError, match="dtype"):
         precompute_latents(precompute_config(setup["checkpoint"], setup["root"], "dtype=bfloat16"), workdir)

@@ -143,26 +143,13 @@ def plan_sha256(plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(_identity(plan), sort_keys=True).encode()).hexdigest()
 
 
-def checkpoint_save_digest(step_dir: Path) -> str:
-    """Identifies one save of a checkpoint: its commit metadata (timestamps) and the names and sizes of its array
-    files (Orbax names data files at random). `CheckpointRef.fingerprint` only covers array shapes and the step, so
-    a retrained autoencoder of the same size and step would match it; a copied checkpoint keeps this digest."""
-    files = sorted((p.relative_to(step_dir).as_posix(), p.stat().st_size) for p in (step_dir / "state").rglob("*")
-                   if p.is_file())
-    metadata = step_dir / "_CHECKPOINT_METADATA"
-    commit = json.loads(metadata.read_text()) if metadata.is_file() else {}
-    identity = {"files": files, "commit": {k: v for k, v in commit.items() if k.endswith("timestamp_nsecs")}}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def make_plan(config: ml_collections.ConfigDict, ref: CheckpointRef, dataset: Dataset, layout: ShardLayout) -> dict:
     text = to_dict(config.text_encoder)
     text.pop("tokenizer_path", None)  # set by the stage itself
     data, top = to_dict(config.data), to_dict(config)
     return {
         "format": FORMAT, "version": VERSION,
-        "autoencoder": {"checkpoint": str(ref.step_dir.resolve()), "fingerprint": ref.fingerprint(),
-                        "save_digest": checkpoint_save_digest(ref.step_dir), "step": ref.step},
+        "autoencoder": {"checkpoint": str(ref.step_dir.resolve()), "fingerprint": ref.fingerprint(), "step": ref.step},
         "inputs_sha256": dataset.inputs_sha256, "num_windows": layout.num_windows, "num_shards": layout.num_shards,
         "settings": {"data": {key: data[key] for key in _DATA_SETTINGS}, "text_encoder": text,
                      **{key: top[key] for key in _SETTINGS}},
@@ -197,8 +184,8 @@ def output_status(out: Path, plan: dict[str, Any], overwrite: bool) -> str:
         if previous is None:
             continue
         old_ae, new_ae = previous["autoencoder"], plan["autoencoder"]
-        identify = lambda ae: f"fingerprint {ae.get('fingerprint')}, save {ae.get('save_digest')}"
-        if (old_ae.get("fingerprint"), old_ae.get("save_digest")) != (new_ae["fingerprint"], new_ae["save_digest"]):
+        identify = lambda ae: f"fingerprint {ae.get('fingerprint')}"
+        if old_ae.get("fingerprint") != new_ae["fingerprint"]:
             if overwrite:
                 return "replace"
             raise ConfigError(f"{out / name}: made with autoencoder {old_ae.get('checkpoint')} ({identify(old_ae)}), "
