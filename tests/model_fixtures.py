@@ -13,6 +13,7 @@ from musicdiff.models import registry
 from musicdiff.models.text_encoder import build_caption_tokenizer
 from musicdiff.training.checkpoint import Checkpointer
 
+REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["an upbeat track in A minor at 128 BPM with plucked bass and drums",
             "a calm piano piece in C major at 80 BPM", "warm pads and organ in D minor at 100 BPM"]
 
@@ -23,10 +24,11 @@ def save_checkpoint(directory: Path, state: dict, config: ml_collections.ConfigD
     return Path(directory)
 
 
-def random_autoencoder(directory: Path, overrides=()) -> Path:
-    config = load_config("configs/autoencoder.py:tiny", list(overrides))
-    model = registry.build(config.autoencoder, nnx.Rngs(0))
-    return save_checkpoint(directory, {"params": {"autoencoder": nnx.state(model, nnx.Param)}}, config)
+def random_autoencoder(directory: Path, overrides=(), seed: int = 0, step: int = 0) -> Path:
+    """A randomly initialised `:tiny` autoencoder saved the way its trainer saves it."""
+    config = load_config(str(REPO / "configs" / "autoencoder.py") + ":tiny", list(overrides))
+    model = registry.build(config.autoencoder, nnx.Rngs(seed))
+    return save_checkpoint(directory, {"params": {"autoencoder": nnx.state(model, nnx.Param)}}, config, step)
 
 
 def random_diffusion(directory: Path, autoencoder_dir: Path, overrides=(), seed: int = 0,
@@ -36,7 +38,7 @@ def random_diffusion(directory: Path, autoencoder_dir: Path, overrides=(), seed:
     `randomize_outputs` re-draws the zero-initialised branch outputs so the model's output depends on its inputs."""
     directory = Path(directory)
     tokenizer = build_caption_tokenizer(CAPTIONS, directory / "tokenizer", vocab_size=300)
-    config = load_config("configs/diffusion.py:tiny", [f"autoencoder_checkpoint={autoencoder_dir}",
+    config = load_config(str(REPO / "configs" / "diffusion.py") + ":tiny", [f"autoencoder_checkpoint={autoencoder_dir}",
                                                       f"prompt_encoder.tokenizer_path={tokenizer}", *overrides])
     state = {}
     for index, section in enumerate(("model", "conditioner")):

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from flax import nnx
 
 from musicdiff.config import load_config
-from musicdiff.models import registry
-from musicdiff.training.checkpoint import Checkpointer
+from tests.model_fixtures import random_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 PRECOMPUTE_CONFIG = str(REPO / "configs" / "precompute.py")
-AUTOENCODER_CONFIG = str(REPO / "configs" / "autoencoder.py")
 RATE = 44100
 SAMPLE_SIZE = 8192  # 32 latent frames of the tiny autoencoder (256x)
 # name -> (samples, caption); the last two are skipped by the scan (too short, no licence)
@@ -36,14 +33,7 @@ BASE_OVERRIDES = (f"data.sample_size={SAMPLE_SIZE}", "data.min_seconds=0.5", "ba
 
 
 def save_autoencoder(workdir: Path, seed: int = 0, step: int = 0) -> Path:
-    """A randomly initialised `:tiny` autoencoder saved the way its trainer saves it."""
-    config = load_config(AUTOENCODER_CONFIG + ":tiny")
-    model = registry.build(config.autoencoder, nnx.Rngs(seed))
-    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
-    checkpointer.save(step, {"params": {"autoencoder": nnx.state(model, nnx.Param)}}, config=config, force=True)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    return workdir
+    return random_autoencoder(workdir, seed=seed, step=step)
 
 
 def write_audio_folder(root: Path) -> Path:
