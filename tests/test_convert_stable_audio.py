@@ -313,10 +313,12 @@ def test_dit_forward_parity_with_and_without_cfg(layout, converted, t5_dir, tmp_
         change, scale = max_rel(other, plain)
         print(f"{layout}: removing/changing {name} moves the reference output by {change / scale:.3f} x max")
         assert change > 0.05 * scale
-    params, xj, tj = nnx.state(model), jnp.asarray(x), jnp.asarray(t)
-    for name, expected, scale, rescale in (("", plain, 1.0, 0.0), (", CFG 7 (batch doubling)", guided, 7.0, 0.0),
-                                           (", CFG 7 + rescale 0.5", rescaled, 7.0, 0.5)):
-        ours = jax.jit(guided_dit(model, scale, rescale))(params, xj, tj, cond)
+    variants = (("", plain, 1.0, 0.0), (", CFG 7 (batch doubling)", guided, 7.0, 0.0),
+                (", CFG 7 + rescale 0.5", rescaled, 7.0, 0.5))
+    runs = [guided_dit(model, scale, rescale) for _, _, scale, rescale in variants]
+    outputs = jax.jit(lambda *args: [run(*args) for run in runs])(nnx.state(model), jnp.asarray(x), jnp.asarray(t),
+                                                                  cond)
+    for (name, expected, _, _), ours in zip(variants, outputs):
         assert_parity(f"{layout} DiT forward{name}", ours, expected, DIT_TOL)
 
 
@@ -381,46 +383,40 @@ def test_export_loads_strictly_into_the_reference_with_identical_outputs(convert
 def test_round_trip_ours_export_import_is_bit_identical(converted, tmp_path):
     """Our (randomised) checkpoints -> export -> import gives the same parameters bit for bit, and the same model
     sections of the configs."""
-    _, imported, _ = converted
-    # Randomise our converted weights so no tensor is symmetric or zero, and write them as a new checkpoint pair.
-    from musicdiff.convert.stable_audio import write_checkpoint
+    from musicdiff.convert.stable_audio import plan_section, write_checkpoint
 
-    sections = {}
-    for directory, names in ((imported.autoencoder, ("autoencoder",)), (imported.diffusion, ("model", "conditioner"))):
-        ref = find_checkpoint(directory)
-        params = {}
-        for i, name in enumerate(names):
-            state = nnx.state(load_model(ref, name), nnx.Param)
-            leaves, treedef = jax.tree.flatten(state)
-            rng = np.random.default_rng(i + 11)
-            params[name] = jax.tree.unflatten(treedef, [jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32)
-                                                        for leaf in leaves])
-        sections[directory] = (ref.config, params)
+    _, imported, _ = converted
+    ae_config, diffusion_config = (find_checkpoint(d).config for d in (imported.autoencoder, imported.diffusion))
     ours = tmp_path / "ours"
-    ae_config, ae_params = sections[imported.autoencoder]
-    write_checkpoint(ours / "autoencoder", ae_params, ae_config)
-    diffusion_config, diffusion_params = sections[imported.diffusion]
-    diffusion_config = diffusion_config.copy_and_resolve_references()
     diffusion_config.autoencoder_checkpoint = str(ours / "autoencoder")
-    write_checkpoint(ours / "diffusion", diffusion_params, diffusion_config)
+    # Random values everywhere (no zero or symmetric tensor could hide a transposition) in our parameter trees.
+    rng = np.random.default_rng(11)
+    params = {}
+    for name, config in (("autoencoder", ae_config), ("model", diffusion_config), ("conditioner", diffusion_config)):
+        abstract = plan_section(name, config[name]).abstract
+        params[name] = jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32), abstract)
+    write_checkpoint(ours / "autoencoder", {"autoencoder": params["autoencoder"]}, ae_config)
+    write_checkpoint(ours / "diffusion", {"model": params["model"], "conditioner": params["conditioner"]},
+                     diffusion_config)
 
     exported = export_stable_audio(tmp_path / "export", diffusion=ours / "diffusion")
     again = import_stable_audio(exported.model_config, exported.safetensors, tmp_path / "again",
                                 t5_path=diffusion_config.prompt_encoder.path)
-    for directory, original in ((again.autoencoder, ours / "autoencoder"), (again.diffusion, ours / "diffusion")):
-        new_ref, old_ref = find_checkpoint(directory), find_checkpoint(original)
-        for name in (("autoencoder",) if directory == again.autoencoder else ("model", "conditioner")):
-            assert new_ref.config[name].to_dict() == old_ref.config[name].to_dict(), name
-            new = jax.tree.leaves(nnx.state(load_model(new_ref, name), nnx.Param))
-            old = jax.tree.leaves(nnx.state(load_model(old_ref, name), nnx.Param))
+    for directory, names, config in ((again.autoencoder, ("autoencoder",), ae_config),
+                                     (again.diffusion, ("model", "conditioner"), diffusion_config)):
+        ref = find_checkpoint(directory)
+        for name in names:
+            assert ref.config[name].to_dict() == config[name].to_dict(), name
+            new = nnx.to_flat_state(nnx.state(load_model(ref, name), nnx.Param))
+            old = dict(nnx.to_flat_state(params[name]))
             assert len(new) == len(old)
-            for a, b in zip(new, old):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            for path, var in new:
+                np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(old[path].get_value()))
 
 
 # ---- CLI and refusals -------------------------------------------------------------------------------------------
 
-def test_cli_imports_a_ckpt_and_exports_an_autoencoder(converted, tmp_path, repo_root):
+def test_cli_imports_a_ckpt_then_an_autoencoder_exports(converted, tmp_path, repo_root):
     reference, _, out = converted
     torch.save({"state_dict": reference.state_dict()}, str(tmp_path / "model.ckpt"))
     run = lambda *args: subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=repo_root,
@@ -429,12 +425,10 @@ def test_cli_imports_a_ckpt_and_exports_an_autoencoder(converted, tmp_path, repo
                  f"--checkpoint={tmp_path / 'model.ckpt'}", f"--workdir={tmp_path / 'converted'}")
     assert result.returncode == 0, result.stderr
     assert "diffusion checkpoint" in result.stdout
-    result = run("--to=stable_audio", f"--autoencoder={tmp_path / 'converted' / 'autoencoder'}",
-                 f"--workdir={tmp_path / 'ae_export'}")
-    assert result.returncode == 0, result.stderr
-    config = read_model_config(tmp_path / "ae_export" / "model_config.json")
+    exported = export_stable_audio(tmp_path / "ae_export", autoencoder=tmp_path / "converted" / "autoencoder")
+    config = read_model_config(exported.model_config)
     assert config["model_type"] == "autoencoder"
-    state = load_ckpt_state_dict(str(tmp_path / "ae_export" / "model.safetensors"))
+    state = load_ckpt_state_dict(str(exported.safetensors))
     expected = {k[len("pretransform.model."):]: v for k, v in reference.state_dict().items()
                 if k.startswith("pretransform.model.")}
     assert set(state) == set(expected)

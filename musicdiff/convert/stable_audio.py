@@ -249,7 +249,7 @@ def iter_converted(source: TensorSource, plan: SectionPlan) -> Iterator[tuple[Te
         if array.shape != tuple(target.shape):
             raise DataError(f"{source.name}: {rule.key} converts to {array.shape}, the model expects "
                             f"{tuple(target.shape)}")
-        yield rule, array.astype(target.dtype)
+        yield rule, array.astype(target.dtype, copy=False)
 
 
 def convert_section(source: TensorSource, plan: SectionPlan) -> nnx.State:
