@@ -96,9 +96,11 @@ def max_rel(ours, reference) -> tuple[float, float]:
     return float(np.max(np.abs(ours - reference))), scale
 
 
-def assert_parity(name: str, ours, reference, tol: float) -> None:
+def assert_parity(record, name: str, ours, reference, tol: float) -> None:
+    """max |ours - reference| <= tol x max |reference|; the ratio goes to the run's "measured values" summary."""
     diff, scale = max_rel(ours, reference)
     print(f"{name}: max|diff| = {diff:.3e}, max|reference| = {scale:.3e}, ratio = {diff / scale:.3e} (tol {tol:g})")
+    record(f"{name}: max|diff| / max|reference| (tol {tol:g})", diff / scale)
     assert scale > 0 and diff <= tol * scale, f"{name}: {diff:.3e} > {tol:g} x {scale:.3e}"
 
 
@@ -210,7 +212,7 @@ def our_conditioning(conditioner, t5_dir: Path):
 
 # ---- autoencoder ------------------------------------------------------------------------------------------------
 
-def test_autoencoder_encode_decode_parity(converted):
+def test_autoencoder_encode_decode_parity(measurement, converted):
     reference, imported, _ = converted
     ours = load_model(find_checkpoint(imported.autoencoder), "autoencoder")
     ae = reference.pretransform.model
@@ -222,23 +224,23 @@ def test_autoencoder_encode_decode_parity(converted):
                                            *model.encode(audio, sample=False)))
     features, mean, kl = encode(ours, jnp.asarray(audio.numpy()))
     pre_bottleneck = info["pre_bottleneck_latents"].numpy()
-    assert_parity("encoder pre-bottleneck (mean | scale)", np.swapaxes(np.asarray(features), 1, 2), pre_bottleneck,
+    assert_parity(measurement, "encoder pre-bottleneck (mean | scale)", np.swapaxes(np.asarray(features), 1, 2), pre_bottleneck,
                   AE_TOL)
-    assert_parity("VAE mean", mean, pre_bottleneck[:, :8], AE_TOL)
-    assert_parity("VAE KL", kl["kl"], info["kl"].numpy(), AE_TOL)
+    assert_parity(measurement, "VAE mean", mean, pre_bottleneck[:, :8], AE_TOL)
+    assert_parity(measurement, "VAE KL", kl["kl"], info["kl"].numpy(), AE_TOL)
     # The reference's own noise, recovered from its sample, through our std formula (softplus(scale) + 1e-4).
     ref_mean, ref_scale = np.split(pre_bottleneck, 2, axis=1)
     ref_std = np.log1p(np.exp(ref_scale)) + 1e-4
     noise = (latents.numpy() - ref_mean) / ref_std
     our_std = jax.nn.softplus(jnp.swapaxes(features, 1, 2)[:, 8:]) + 1e-4
-    assert_parity("VAE sample for the reference's noise", mean + our_std * noise, latents.numpy(), AE_TOL)
+    assert_parity(measurement, "VAE sample for the reference's noise", mean + our_std * noise, latents.numpy(), AE_TOL)
     decode = nnx.jit(lambda model, z: model.decode(z))
-    assert_parity("decoder", decode(ours, jnp.asarray(latents.numpy())), decoded.numpy(), AE_TOL)
+    assert_parity(measurement, "decoder", decode(ours, jnp.asarray(latents.numpy())), decoded.numpy(), AE_TOL)
 
 
 # ---- conditioners -----------------------------------------------------------------------------------------------
 
-def test_conditioner_parity_number_and_t5_projection(converted, t5_dir):
+def test_conditioner_parity_number_and_t5_projection(measurement, converted, t5_dir):
     reference, imported, _ = converted
     ref_cond = reference_conditioning(reference)
     conditioner = load_model(find_checkpoint(imported.diffusion), "conditioner")
@@ -247,15 +249,15 @@ def test_conditioner_parity_number_and_t5_projection(converted, t5_dir):
     tokens = tokenizer(PROMPTS)
     embeddings, mask = t5(jnp.asarray(tokens["input_ids"]), jnp.asarray(tokens["attention_mask"]))
     prompt, prompt_mask = conditioner.conditioners["prompt"]({"embeddings": embeddings, "mask": mask})
-    assert_parity("t5 conditioner (T5 + projection + pad zeroing)", prompt, ref_cond["prompt"][0].numpy(), AE_TOL)
+    assert_parity(measurement, "t5 conditioner (T5 + projection + pad zeroing)", prompt, ref_cond["prompt"][0].numpy(), AE_TOL)
     np.testing.assert_array_equal(np.asarray(prompt_mask), ref_cond["prompt"][1].numpy())
     for name, values in (("seconds_start", SECONDS_START), ("seconds_total", SECONDS_TOTAL)):
         tokens_, _ = conditioner.conditioners[name](jnp.asarray(values, jnp.float32))
-        assert_parity(f"number conditioner {name}", tokens_, ref_cond[name][0].numpy(), AE_TOL)
+        assert_parity(measurement, f"number conditioner {name}", tokens_, ref_cond[name][0].numpy(), AE_TOL)
     routed = our_conditioning(conditioner, t5_dir)
     ref_inputs = reference.get_conditioning_inputs(ref_cond)
-    assert_parity("routed cross-attention tokens", routed.cross_tokens, ref_inputs["cross_attn_cond"].numpy(), AE_TOL)
-    assert_parity("routed global embedding", routed.global_embed, ref_inputs["global_cond"].numpy(), AE_TOL)
+    assert_parity(measurement, "routed cross-attention tokens", routed.cross_tokens, ref_inputs["cross_attn_cond"].numpy(), AE_TOL)
+    assert_parity(measurement, "routed global embedding", routed.global_embed, ref_inputs["global_cond"].numpy(), AE_TOL)
 
 
 # ---- DiT --------------------------------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def guided_dit(model, scale: float = 1.0, rescale: float = 0.0):
 
 
 @pytest.mark.parametrize("layout", ["sao", "sao_small"])
-def test_dit_forward_parity_with_and_without_cfg(layout, converted, t5_dir, tmp_path):
+def test_dit_forward_parity_with_and_without_cfg(measurement, layout, converted, t5_dir, tmp_path):
     from safetensors.torch import save_file
 
     if layout == "sao":
@@ -312,6 +314,7 @@ def test_dit_forward_parity_with_and_without_cfg(layout, converted, t5_dir, tmp_
     for name, other in (("cross-attention", no_context), ("timing (global token + cross tokens)", other_timing)):
         change, scale = max_rel(other, plain)
         print(f"{layout}: removing/changing {name} moves the reference output by {change / scale:.3f} x max")
+        measurement(f"{layout}: reference output change without/with other {name} / max", change / scale)
         assert change > 0.05 * scale
     variants = (("", plain, 1.0, 0.0), (", CFG 7 (batch doubling)", guided, 7.0, 0.0),
                 (", CFG 7 + rescale 0.5", rescaled, 7.0, 0.5))
@@ -319,10 +322,10 @@ def test_dit_forward_parity_with_and_without_cfg(layout, converted, t5_dir, tmp_
     outputs = jax.jit(lambda *args: [run(*args) for run in runs])(nnx.state(model), jnp.asarray(x), jnp.asarray(t),
                                                                   cond)
     for (name, expected, _, _), ours in zip(variants, outputs):
-        assert_parity(f"{layout} DiT forward{name}", ours, expected, DIT_TOL)
+        assert_parity(measurement, f"{layout} DiT forward{name}", ours, expected, DIT_TOL)
 
 
-def test_sampler_steps_parity_dpmpp_3m_sde(converted, t5_dir):
+def test_sampler_steps_parity_dpmpp_3m_sde(measurement, converted, t5_dir):
     """Two DPM++(3M) SDE steps (the SAO sampler) through k-diffusion's VDenoiser and the reference's in-model CFG,
     against our v-denoiser + cfg_denoiser + sampler, with the same Gaussian noise (ours, recovered from a run with
     a zero denoiser, fed to k-diffusion's noise_sampler)."""
@@ -363,7 +366,7 @@ def test_sampler_steps_parity_dpmpp_3m_sde(converted, t5_dir):
         return sample_dpmpp_3m_sde(make_denoiser(model_fn, v_parameterization()), start, our_sigmas, key)
 
     ours = sample(nnx.state(model), jnp.asarray(start), cond)
-    assert_parity("two DPM++ 3M SDE steps with CFG 7", ours, expected, DIT_TOL)
+    assert_parity(measurement, "two DPM++ 3M SDE steps with CFG 7", ours, expected, DIT_TOL)
 
 
 # ---- export -----------------------------------------------------------------------------------------------------
