@@ -99,6 +99,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         rotary_base=10000.0,
         layer_norm_eps=1e-5,
         use_cross_attn_mask=True,
+        qk_norm="none",  # "ln": LayerNorm over each head's q and k (SAO Small)
         attention_implementation="auto",  # "auto" | "xla" | "cudnn"
         param_dtype="float32",
     ))
