@@ -98,7 +98,7 @@ def make_step(graphdef: Any, tx: optax.GradientTransformation):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return dict(params={SECTION: new_params}, opt_state=opt_state, step=state["step"] + 1), metrics
 
     return step

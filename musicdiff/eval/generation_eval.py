@@ -242,7 +242,8 @@ class GenerationEvaluator:
         settings = generation_sets.generation_settings(clips)
         notes = [f"{len(clips)} generated clips from {clips[0].path.parent}; step {step}."]
         notes += [f"generation settings: {json.dumps(settings)}"] if settings else []
-        notes += [f"backbones: {', '.join(f'{k.split('_')[0]}={self.backbone(v).id}' for k, v in self.names.items() if v)}."]
+        used = [f"{key.split('_')[0]}={self.backbone(name).id}" for key, name in self.names.items() if name]
+        notes += [f"backbones: {', '.join(used)}."]
         notes += ["FD pools every frame of every clip (stable-audio-metrics); with fewer frames than dimensions the "
                   "covariance is singular and FD is for regression tracking only.",
                   "KL is KL(p_gen || p_ref) per prompt (the Stable Audio direction); kl_ref_gen is the other "
