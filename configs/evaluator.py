@@ -23,7 +23,7 @@ from data_pipelines.synthetic.render import ALL_INSTRUMENTS
 from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
 
 PRESETS = {
-    "default": dict(num_steps=250, batch_size=32, channels=(16, 32, 32), log_every=20, checkpoint_every=250),
+    "default": dict(num_steps=250, batch_size=32, channels=(12, 24, 24), log_every=20, checkpoint_every=250),
     "tiny": dict(num_steps=4, batch_size=8, channels=(4, 8), log_every=2, checkpoint_every=2),
 }
 

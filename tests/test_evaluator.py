@@ -17,7 +17,7 @@ from musicdiff.eval.generation_eval import evaluate_generations, evaluate_series
 from musicdiff.inference.loading import find_checkpoint
 from musicdiff.training.metrics import read_metrics
 
-EVALUATE_CONFIG = "/tmp/evm/evaluate_config.py"
+EVALUATE_CONFIG = "configs/evaluate.py"
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,44 @@ def test_mismatched_reference_stats_are_refused(evaluator_dir, synthetic_root, g
         evaluate_generations(config, tmp_path / "out")
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
     assert DataError  # the npz-level refusal is tested in test_eval_metrics
+
+
+def test_checkpoint_series_generates_per_step_then_plots(evaluator_dir, synthetic_root, generation_folders,
+                                                         tmp_path):
+    from musicdiff.eval.checkpoint_series import evaluate_checkpoints
+
+    workdir, _ = evaluator_dir
+    for step in (0, 100):
+        (tmp_path / "run" / "checkpoints" / str(step)).mkdir(parents=True)
+    calls = []
+
+    def fake_generate(settings, folder):  # stands in for launch.generate: step 0 "generates" noise
+        calls.append((settings.checkpoint, settings.prompts_file, settings.steps))
+        source = generation_folders / ("noise" if settings.checkpoint.endswith("/0") else "copies")
+        shutil.copytree(source, folder)
+
+    config = load_config(f"{EVALUATE_CONFIG}:embedded", [
+        f"checkpoints={tmp_path / 'run'}", f"reference.audio_dir={synthetic_root}", "num_prompts=4",
+        f"reference.cache_dir={tmp_path / 'cache'}", f"backbones.embedded.checkpoint={workdir}"])
+    series = evaluate_checkpoints(config, tmp_path / "out", generate=fake_generate)
+    assert [c[0] for c in calls] == [str(tmp_path / "run" / "checkpoints" / s) for s in ("0", "100")]
+    assert calls[0][1] == str(tmp_path / "out" / "prompts.jsonl") and calls[0][2] == config.generate.steps
+    prompts = (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()
+    assert len(prompts) == 4 and "attributes" in json.loads(prompts[0])
+    assert series[100]["fd_embedded"] < series[0]["fd_embedded"]
+    assert (tmp_path / "out" / "series.png").is_file()
+    evaluate_checkpoints(config, tmp_path / "out", generate=fake_generate)  # rerun: folders exist, no generation
+    assert len(calls) == 2
+
+
+def test_launch_evaluate_dispatches_on_kind(evaluator_dir, synthetic_root, generation_folders, tmp_path, capsys):
+    from launch.evaluate import evaluate
+    from musicdiff.errors import ConfigError
+
+    workdir, _ = evaluator_dir
+    config = eval_config(workdir, synthetic_root, generation_folders / "copies", tmp_path / "cache")
+    evaluate(config, tmp_path / "out")
+    assert "fd_embedded" in capsys.readouterr().out
+    bad = ml_collections.ConfigDict(dict(kind="vocoder"))
+    with pytest.raises(ConfigError, match="config.kind='vocoder': choose one of"):
+        evaluate(bad, tmp_path / "bad")

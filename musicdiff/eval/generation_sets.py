@@ -124,7 +124,8 @@ def inference_time(clips: Sequence[AudioClip]) -> dict[str, float]:
         return {}
     out = dict(seconds_per_clip=float(walls.mean()), seconds_per_clip_median=float(np.median(walls)),
                seconds_per_clip_max=float(walls.max()), timed_clips=float(walls.size))
-    totals = [float(c.record["seconds_total"]) for c in clips if "wall_time" in c.record and "seconds_total" in c.record]
+    timed = [c for c in clips if "wall_time" in c.record]
+    totals = [float(c.record["seconds_total"]) for c in timed if "seconds_total" in c.record]
     if totals and len(totals) == walls.size:
         out["realtime_factor"] = float(np.sum(totals) / max(np.sum(walls), 1e-9))
     return out

@@ -2,7 +2,8 @@
 
 It gives the offline metrics a backbone that needs no download (musicdiff.eval.backbones.embedded): frame
 embeddings for FD, label distributions for KL and attribute predictions for accuracy. Trained by
-`launch.train_evaluator` on the embedded set's attributes; ~40 k parameters, so it trains on a laptop CPU in minutes.
+`launch.train_evaluator` on the embedded set's attributes; ~32 k parameters (default config), so it trains on a
+laptop CPU in minutes.
 
 Input: audio [batch, channels, samples] at `sample_rate` (mixed to mono). Two fixed front ends (no parameters):
 - a log-frequency spectrogram with one triangular band per semitone, MIDI `min_midi` .. min_midi + 12·octaves - 1
@@ -16,7 +17,8 @@ Heads:
   -> logits [12 tonics, 2 modes]; key = logsumexp over modes, mode = logsumexp over tonics. Each key shares
   the same weights, so every key is learnt from every clip;
 - embedding = LayerNorm(Dense(trunk features averaged per octave (register, timbre), their global max, the
-  rotation-invariant max over pitch classes, tempo features)) -> GELU, `embed_dim` wide; instruments (multi-label) and tempo bucket heads read the embedding.
+  rotation-invariant max over pitch classes, tempo features)) -> GELU, `embed_dim` wide; the instrument
+  (multi-label) and tempo-bucket heads read the embedding.
 Outputs a dict: embedding [B, embed_dim], logits per head: key [B, 12], mode [B, 2], tempo [B, buckets],
 instruments [B, len(instruments)].
 """

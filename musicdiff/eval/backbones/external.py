@@ -60,6 +60,13 @@ def require_package(module: str, package: str, purpose: str, python_key: str) ->
             f"(see {DOCS})") from None
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences a package's prints (hear21passt prints its whole architecture)."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 def _stack_channels(clip: np.ndarray) -> np.ndarray:
     x = np.asarray(clip, np.float32)
     return x[None] if x.ndim == 1 else x
@@ -130,7 +137,7 @@ class PaSSTEngine:
         path = require_file(weights, f"{config_key}.weights", PASST_WEIGHT_FILE)
         self.torch = require_package("torch", "torch", "the PaSST backbone", f"{config_key}.python")
         base = require_package("hear21passt.base", "hear21passt", "the PaSST backbone", f"{config_key}.python")
-        with _torch_hub_with(self.torch, path, PASST_WEIGHT_FILE), contextlib.redirect_stdout(open(os.devnull, "w")):
+        with _torch_hub_with(self.torch, path, PASST_WEIGHT_FILE), _quiet():
             try:
                 self.model = base.get_basic_model(mode="logits")
             except Exception as err:  # a download attempt (renamed release file) surfaces as a network error
@@ -149,7 +156,7 @@ class PaSSTEngine:
             piece = x[start:start + window]
             if len(piece) < window and len(piece) > self.MIN_FRACTION * window:
                 piece = np.pad(piece, (0, window - len(piece)))
-            with self.torch.no_grad(), _PatchStft(self.torch), contextlib.redirect_stdout(open(os.devnull, "w")):
+            with self.torch.no_grad(), _PatchStft(self.torch), _quiet():
                 out = self.model(self.torch.from_numpy(np.ascontiguousarray(piece))[None].to(self.device))
             logits.append(out.squeeze(0).cpu().numpy().astype(np.float64))
         return np.stack(logits)
