@@ -6,7 +6,8 @@ KL follows stable-audio-metrics (KL_passt) exactly:
 - per prompt id, KL(p_gen || p_ref) = sum_k p_gen,k (log p_gen,k - log(p_ref,k + 1e-6)), i.e. torch
   `kl_div(input=log(p_ref + 1e-6), target=p_gen, reduction="sum")` with 0 log 0 = 0: the generated distribution is
   the *target* p and the reference the model q;
-- the metric is the mean over the prompt ids present in both sets (lower is better).
+- the metric is the mean over the prompt ids present in both sets (lower is better); identical distributions
+  give sum p log(p / (p + 1e-6)), slightly below 0, as in the reference.
 AudioCraft reports the other direction KL(p_ref || p_gen); it is returned beside the SA number as `kl_ref_gen`.
 A backbone may have several label groups (the embedded evaluator: key, mode, tempo bucket, instruments): each
 group is its own softmax distribution and the reported KL is the sum over groups (one group for PaSST).
