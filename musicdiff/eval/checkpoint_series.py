@@ -24,7 +24,7 @@ import ml_collections
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.eval import generation_sets
 from musicdiff.eval.generation_eval import evaluate_series
-from musicdiff.eval.reconstruction import _atomic_write
+from musicdiff.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 GenerateFn = Callable[[ml_collections.ConfigDict, Path], Any]
@@ -54,7 +54,7 @@ def prompts_from_reference(audio_dir: str | Path, count: int, out: Path) -> Path
     lines = [json.dumps(dict(prompt=c.prompt, attributes=c.attributes) if c.attributes else dict(prompt=c.prompt))
              for c in clips]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, "\n".join(lines) + "\n")
+    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
     return out
 
 

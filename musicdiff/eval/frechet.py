@@ -23,14 +23,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import io
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from musicdiff.errors import DataError
+from musicdiff.files import atomic_write_bytes
 
 STATS_FORMAT = "musicdiff-reference-stats-v1"
 _LABEL_PREFIX = "label_probs__"
@@ -100,7 +101,7 @@ class EmbeddingStats:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes the `.npz` atomically (temporary name, then rename)."""
+        """Writes the `.npz` atomically (musicdiff.files)."""
         path = Path(path)
         arrays: dict[str, np.ndarray] = dict(
             format=np.array(STATS_FORMAT), mu=self.mu.astype(np.float64), sigma=self.sigma.astype(np.float64),
@@ -117,14 +118,9 @@ class EmbeddingStats:
                         table[row] = by_prompt[prompt]
                 arrays[_LABEL_PREFIX + group] = table
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
         return path
 
     @classmethod

@@ -35,7 +35,8 @@ from musicdiff.eval import attribute_labels, generation_sets, prompt_following, 
 from musicdiff.eval.backbones import build_backbone
 from musicdiff.eval.backbones.base import Backbone, ClipAnalysis
 from musicdiff.eval.frechet import EmbeddingStats, cached_stats, pooled_stats, source_hash
-from musicdiff.eval.reconstruction import _atomic_write, write_report
+from musicdiff.eval.reconstruction import write_report
+from musicdiff.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fd_backbone", "kl_backbone", "clap_backbone")
@@ -249,7 +250,8 @@ class GenerationEvaluator:
                   "KL is KL(p_gen || p_ref) per prompt (the Stable Audio direction); kl_ref_gen is the other "
                   "direction (AudioCraft). Numbers of different backbones are not comparable."]
         write_report(metrics, out_dir, "Generation evaluation", notes=notes)
-        _atomic_write(out_dir / "per_clip.jsonl", "".join(json.dumps(row, default=float) + "\n" for row in per_clip))
+        atomic_write_bytes(out_dir / "per_clip.jsonl",
+                           "".join(json.dumps(row, default=float) + "\n" for row in per_clip).encode())
         scalars = {name: float(m["value"]) for name, m in metrics.items() if isinstance(m.get("value"), (int, float))}
         with MetricLogger(out_dir, progress=False) as logger:
             logger.write_scalars(step, {f"eval/{name}": value for name, value in scalars.items()})
@@ -286,7 +288,8 @@ def evaluate_series(config: Any, workdir: Path, folders: Mapping[int, str | Path
                             if isinstance(m.get("value"), (int, float))}
     finally:
         evaluator.close()
-    _atomic_write(workdir / "series.json", json.dumps({str(k): v for k, v in series.items()}, indent=2) + "\n")
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(workdir / "series.json", {str(k): v for k, v in series.items()})
     with MetricLogger(workdir, progress=False) as logger:
         for step, values in series.items():
             logger.write_scalars(step, {f"eval/{name}": value for name, value in values.items()})

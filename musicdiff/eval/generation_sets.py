@@ -26,6 +26,7 @@ import numpy as np
 from data_pipelines.audio_folder import AUDIO_SUFFIXES, MANIFEST_NAME, scan_folder
 from musicdiff.audio.io import load_audio, read_info
 from musicdiff.errors import DataError
+from musicdiff.files import atomic_write_bytes
 
 GENERATIONS_NAME = "generations.jsonl"
 
@@ -142,9 +143,8 @@ def generation_settings(clips: Sequence[AudioClip]) -> dict[str, Any]:
 
 
 def plot_series(series: Mapping[int, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
-    """One panel per metric, value against checkpoint step; written atomically as PNG."""
-    import os
-    import tempfile
+    """One panel per metric, value against checkpoint step; written atomically as PNG (musicdiff.files)."""
+    import io
 
     import matplotlib
 
@@ -172,12 +172,10 @@ def plot_series(series: Mapping[int, Mapping[str, float]], path: str | Path, tit
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
