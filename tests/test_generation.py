@@ -124,3 +124,29 @@ def test_clear_errors(checkpoints, tmp_path):
                            "--config.prompt=x", f"--workdir={tmp_path / 'missing'}"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "/no/such/run" in done.stderr
+
+
+def test_rematerialised_models_sample_and_decode_inside_loops():
+    """Checkpointed blocks (remat) of a DiT merged outside the sampler loop, and of an autoencoder inside the chunked
+    decoder's lax.map, must run: nnx.remat raised TraceContextError there."""
+    import jax
+    from flax import nnx
+
+    from musicdiff.inference.generate import make_sampler
+    from musicdiff.models import registry
+    from musicdiff.models.chunking import chunked_decode
+    from musicdiff.training.diffusion import DiffusionTask
+
+    config = load_config("configs/diffusion.py:tiny", ["model.remat=full"])
+    task = DiffusionTask.from_config(config)
+    params = task.init_params(jax.random.key(0))
+    sample_fn = make_sampler(task.graphdefs, config.objective, SamplerSettings(sampler="ddim", steps=2, cfg_scale=3.0),
+                             (1, 64, 16))
+    inputs = {"prompt": {"input_ids": jnp.ones((1, 32), jnp.int32), "attention_mask": jnp.ones((1, 32), bool)},
+              "seconds_start": jnp.zeros(1), "seconds_total": jnp.ones(1)}
+    assert bool(jnp.all(jnp.isfinite(jax.jit(sample_fn)(params, inputs, jax.random.key(1)))))
+    ae_config = load_config("configs/autoencoder.py:tiny", ["autoencoder.remat=True"])
+    autoencoder = registry.build(ae_config.autoencoder, nnx.Rngs(0))
+    latents = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 40)), jnp.float32)
+    audio = chunked_decode(autoencoder, latents, chunk_frames=16, overlap_frames=4)
+    assert audio.shape == (1, 2, 40 * 256) and bool(jnp.all(jnp.isfinite(audio)))

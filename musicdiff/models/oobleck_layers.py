@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from musicdiff.models.remat import checkpointed
 from musicdiff.parallel.sharding import constrain
 
 SNAKE_EPS = 1e-9  # the reference's 1 / (beta + 1e-9)
@@ -153,7 +154,7 @@ class ResidualUnit(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # The reference checkpoints this inner stack during training: recompute it in the backward pass.
-        branch = nnx.remat(ResidualUnit.residual)(self, x) if self.remat else self.residual(x)
+        branch = checkpointed(ResidualUnit.residual, self, x) if self.remat else self.residual(x)
         return x.astype(branch.dtype) + branch
 
 

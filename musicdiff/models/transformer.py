@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from musicdiff.models.attention import CrossAttention, LayerNorm, Linear, SelfAttention, rotary_angles
+from musicdiff.models.remat import checkpointed
 from musicdiff.parallel.sharding import constrain
 
 if TYPE_CHECKING:
@@ -115,8 +116,11 @@ class ContinuousTransformer(nnx.Module):
             h = jnp.concatenate([cond[:, None, :].astype(h.dtype), h], axis=1)
         h = constrain(h, ACTIVATION)
         cos, sin = rotary_angles(h.shape[1], self.rotary_dim, self.rotary_base)
-        run = _run_block if self.remat == "none" else nnx.remat(_run_block, policy=REMAT_POLICIES[self.remat])
         for block in self.layers:
-            h = run(block, h, cond, context, context_mask, cos, sin)
+            if self.remat == "none":
+                h = _run_block(block, h, cond, context, context_mask, cos, sin)
+            else:
+                h = checkpointed(_run_block, block, h, cond, context, context_mask, cos, sin,
+                                 policy=REMAT_POLICIES[self.remat])
         # project_out runs before the prepended token is dropped, as in the reference.
         return self.project_out(h)[:, self.prepend_length:]
