@@ -31,6 +31,7 @@ wait at a barrier for hours while another still works.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -102,7 +103,7 @@ def initialize_distributed(section: ml_collections.ConfigDict | None) -> bool:
                                "start; join the cluster first (launch.common.run does)")
     if section.get("cpu_collectives", ""):
         jax.config.update("jax_cpu_collectives_implementation", str(section.cpu_collectives))
-    where = kwargs["coordinator_address"] or "the auto-detected coordinator"
+    where = kwargs["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
     who = (f"process {kwargs['process_id'] if kwargs['process_id'] is not None else '(detected)'} of "
            f"{kwargs['num_processes'] or '(detected)'}")
     # JAX aborts the process (DEADLINE_EXCEEDED at RegisterTask) when the cluster is not complete in time; this line
