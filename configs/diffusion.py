@@ -148,6 +148,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         log_every=100 if arg != "tiny" else 10,
         checkpoint_every=10_000 if arg != "tiny" else 100,
         keep_checkpoints=3,
+        keep_period=0,  # also keep every step that is a multiple of this (0 = off)
+        save_initial_checkpoint=False,  # checkpoint step 0 too (a baseline for launch.evaluate series)
         demo_every=0,  # generate demo clips (TensorBoard audio + spectrograms) every N steps; 0 = never
         demo_steps=50,
         demo_cfg_scale=6.0,
