@@ -149,6 +149,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         log_every=100 if arg != "tiny" else 10,
         checkpoint_every=10_000 if arg != "tiny" else 100,
         keep_checkpoints=3,
+        keep_period=0,  # also keep every step that is a multiple of this (0 = off)
+        save_initial_checkpoint=False,  # checkpoint step 0 too (a baseline for launch.evaluate series)
         preemption_sync_every=10,  # multi-host: steps between agreeing on a SIGTERM (save + exit 0 at that step)
         demo_every=0,  # generate demo clips (TensorBoard audio + spectrograms) every N steps; 0 = never
         demo_steps=50,

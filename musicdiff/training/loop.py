@@ -129,6 +129,7 @@ class Schedule:
     demo_every: int = 0  # 0: no demos
     keep_checkpoints: int = 3
     keep_period: int | None = None
+    save_initial: bool = False  # also checkpoint the initial state (step 0): a baseline for evaluation series
     preemption_sync_every: int = 10  # multi-process: steps between combining the processes' SIGTERM flags
 
     @classmethod
@@ -138,6 +139,7 @@ class Schedule:
                    demo_every=int(training.get("demo_every", 0)),
                    keep_checkpoints=int(training.get("keep_checkpoints", 3)),
                    keep_period=training.get("keep_period", None) or None,
+                   save_initial=bool(training.get("save_initial_checkpoint", False)),
                    preemption_sync_every=int(training.get("preemption_sync_every", 10)))
 
 
@@ -188,6 +190,8 @@ def run(*, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: 
     preempted = False
     last = None
     try:
+        if step == 0 and schedule.save_initial:
+            checkpointer.save(0, state, data_iter=data_iter, config=config, force=True)
         while step < schedule.num_steps:
             if preemption.requested(step):
                 preempted = True
