@@ -7,8 +7,9 @@
 Sections: `model` (the DiT), `conditioner` (a stable-audio-tools `conditioning` block with its routing, built as
 musicdiff.models.conditioning.MultiConditioner), `prompt_encoder` (how prompts become the prompt conditioner's input at
 generation time: "t5" = frozen T5 from a local directory or hub name, "embedded" = the caption tokenizer, whose encoder
-lives inside the conditioner and trains with the DiT), `objective`, `training`, `data`, `distributed` (multi-host). `autoencoder_checkpoint`
-names the autoencoder whose latents the DiT models ("" = the one recorded in the latents manifest).
+lives inside the conditioner and trains with the DiT), `objective`, `training`, `data`, `distributed` (multi-host:
+musicdiff/parallel/distributed.py, launch/README.md). `autoencoder_checkpoint` names the autoencoder whose latents
+the DiT models ("" = the one recorded in the latents manifest).
 Checkpoints hold params/{model, conditioner} and ema/{model, conditioner}.
 
 The optimiser recipe is SAO's (spec §3.4): AdamW(5e-5, (0.9, 0.999), wd 1e-3) with InverseLR

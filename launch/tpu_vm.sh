@@ -50,12 +50,13 @@ case "${command}" in
       && .venv/bin/pip install --quiet -e '.[${PIP_EXTRA}]'"
     ;;
   run)
-    stage="${1:?usage: launch/tpu_vm.sh run STAGE ARGS... (STAGE: train_diffusion, train_autoencoder, precompute_latents)}"
+    stage="${1:?usage: launch/tpu_vm.sh run STAGE ARGS... (train_diffusion, train_autoencoder, precompute_latents)}"
     shift
     args="$(printf ' %q' "$@")"
     # Detached (setsid + nohup) so the run survives the SSH session; one log and one pid file per worker.
-    on_all_workers "cd ~/${REMOTE_DIR} && mkdir -p logs && setsid nohup .venv/bin/python -m launch.${stage} \
-      ${args} --config.distributed.enabled=True > logs/${stage}.log 2>&1 < /dev/null & echo \$! > ~/${REMOTE_DIR}/logs/run.pid"
+    # The braces keep `cd` in this shell and make \$! the python process (setsid and nohup exec it).
+    on_all_workers "cd ~/${REMOTE_DIR} && mkdir -p logs && { setsid nohup .venv/bin/python -m launch.${stage} \
+      ${args} --config.distributed.enabled=True > logs/${stage}.log 2>&1 < /dev/null & echo \$! > logs/run.pid; }"
     echo "started launch.${stage} on every worker of ${TPU_NAME}; follow it with: launch/tpu_vm.sh logs"
     ;;
   logs)

@@ -3,8 +3,8 @@ against 1 process x 8 devices, through the real CLI on real precomputed latents.
 
 - The global batches the two processes assemble (each from its own Grain shard) equal the one process's.
 - The 2-process run is preempted: SIGTERM reaches process 1 only, after step 1; the processes agree on it at the
-  next sync point (step 2), both save step 2 and exit 0. Relaunched, they resume and finish. Losses of steps 1..4
-  and the whole final state (params, EMA, optimiser) match the uninterrupted 1-process run.
+  next sync point (step 2), both save step 2 and exit 0. Relaunched, they resume, finish and write the demos.
+  Losses of steps 1..4 and the whole final state (params, EMA, optimiser) match the uninterrupted 1-process run.
 - A process killed (SIGKILL) or frozen (SIGSTOP) while the other waits in a collective with it makes the survivor
   exit with an error: at once when the dead peer's sockets close, after distributed.heartbeat_timeout_s when the
   peer is silent.
@@ -130,9 +130,13 @@ def test_two_processes_preempted_and_resumed_match_one_process(setup, one_proces
     assert "topology: 2 process(es) x 4 local device(s) = 8 cpu device(s)" in outputs[0]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2]
 
-    procs, outputs = launch_two(setup, workdir)
+    # The resumed run also makes its demos at the last step: every process samples (the EMA weights are sharded
+    # over both), process 0 alone decodes and writes.
+    procs, outputs = launch_two(setup, workdir, f"--config.training.demo_every={STEPS}",
+                                "--config.training.demo_steps=2")
     assert [p.returncode for p in procs] == [0, 0], tail(outputs)
     assert all("resumed from step 2" in output for output in outputs), tail(outputs)
+    assert sorted(p.name for p in (workdir / "demos" / str(STEPS)).iterdir()) == ["0.wav", "1.wav"]
 
     # The global batches assembled from the two processes' shards are the one-process batches, bit for bit.
     config = load_config(f"{REPO}/configs/diffusion.py:tiny", OVERRIDES + [f"data.latents={setup['latents']}"])

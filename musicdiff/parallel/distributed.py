@@ -9,7 +9,7 @@ writes logs and TensorBoard (training.metrics), and every process takes part in 
 Config section `distributed` (`distributed_config()`):
 - enabled: join a cluster; every process runs the same command.
 - coordinator_address ("host:port" of process 0), num_processes, process_id: an explicit cluster. Left empty / 0 /
-  -1, JAX detects them: Cloud TPU VMs and GKE TPU node pools (worker list from the TPU metadata), SLURM (SLURM_*
+  -1, JAX detects them: Cloud TPU VMs and GKE TPU node pools (TPU metadata, TPU_WORKER_HOSTNAMES), SLURM (SLURM_*
   variables: process = SLURM_PROCID, coordinator = first node of SLURM_STEP_NODELIST), Open MPI. An address may
   also come from JAX_COORDINATOR_ADDRESS.
 - local_device_ids: "" = JAX's choice (all local devices; one GPU per process, GPU SLURM_LOCALID, under SLURM and
@@ -42,6 +42,7 @@ from musicdiff.errors import ConfigError, DistributedError
 log = logging.getLogger(__name__)
 DETECTION_METHODS = ("", "slurm", "ompi", "gcetpu", "gketpu", "mpi4py", "deactivate")
 _TOPOLOGY_LOGGED = False
+_BARRIERS = 0
 
 
 def distributed_config(enabled: bool = False) -> ml_collections.ConfigDict:
@@ -132,7 +133,8 @@ def initialize_distributed(section: ml_collections.ConfigDict | None) -> bool:
 
 
 def topology_summary(mesh=None) -> str:
-    """One line: processes, devices per process, platform and kind, and the mesh (shape and per-process rows)."""
+    """One line: processes, devices per process, platform and kind, and the mesh (shape and which process owns which
+    of its devices)."""
     import jax
 
     devices = jax.devices()
@@ -181,10 +183,13 @@ def is_main_process() -> bool:
 
 
 def on_main_process(name: str, fn: Callable[[], object], timeout_s: float = 3600.0) -> None:
-    """Runs `fn` on process 0 (writes to a shared directory) while the others wait at the barrier `name`."""
+    """Runs `fn` on process 0 (writes to a shared directory) while the others wait at a barrier named after `name`
+    (numbered, so the same call may repeat: every process makes the same calls in the same order)."""
+    global _BARRIERS
+    _BARRIERS += 1
     if is_main_process():
         fn()
-    barrier(name, timeout_s)
+    barrier(f"{name}_{_BARRIERS}", timeout_s)
 
 
 def barrier(name: str, timeout_s: float = 3600.0) -> None:

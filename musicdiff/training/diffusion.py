@@ -36,14 +36,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.diffusion.objectives import Objective, make_objective
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.files import atomic_write_bytes
 from musicdiff.models import registry
 from musicdiff.models.conditioning import MultiConditioner
 from musicdiff.models.dit import dit_train_flops
-from musicdiff.files import atomic_write_bytes
-from musicdiff.parallel import param_shardings
+from musicdiff.parallel import make_mesh, param_shardings
 from musicdiff.parallel.distributed import on_main_process
 from musicdiff.parallel.sharding import Rules, process_batch_rows, sharding_context
 from musicdiff.training import loop
@@ -209,7 +210,11 @@ def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir
     from musicdiff.inference.prompts import PromptEncoder
     from musicdiff.models.chunking import chunked_decode
 
-    autoencoder = load_model(find_checkpoint(config.autoencoder_checkpoint), "autoencoder")
+    # Decoding happens on process 0 only, so the autoencoder lives on one of its own devices (restored without a
+    # mesh, Orbax would lay it out over every process's devices).
+    local = make_mesh(mesh_config(data=1), [jax.local_devices()[0]])
+    rules = tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
+    autoencoder = load_model(find_checkpoint(config.autoencoder_checkpoint), "autoencoder", mesh=local)
     prompts = list(training.get("demo_prompts", ())) or ["music"]
     encode = PromptEncoder(config.prompt_encoder)
     rate, ratio = int(autoencoder.config.sample_rate), int(autoencoder.downsampling_ratio)
@@ -232,7 +237,8 @@ def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir
         latents = sample_fn(state["ema"], inputs, jax.random.key(int(config.seed)))
         if jax.process_index() != 0:
             return
-        audio = np.asarray(chunked_decode(autoencoder, np.asarray(latents)))
+        with sharding_context(local, rules):  # not the training mesh: this runs on process 0 alone
+            audio = np.asarray(chunked_decode(autoencoder, np.asarray(latents)))
         out = workdir / "demos" / str(step)
         for index, (prompt, clip) in enumerate(zip(prompts, audio)):
             peak = float(np.max(np.abs(clip))) or 1.0
