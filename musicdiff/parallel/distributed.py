@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DETECTION_METHODS = ("", "slurm", "ompi", "gcetpu", "gketpu", "mpi4py", "deactivate")
 _TOPOLOGY_LOGGED = False
 _BARRIERS = 0
+_MAX_RUNS = 32  # of the topology line's device-owner runs
 
 
 def distributed_config(enabled: bool = False) -> ml_collections.ConfigDict:
@@ -161,7 +162,8 @@ def _runs(devices) -> str:
             runs[-1][1] += 1
         else:
             runs.append([device.process_index, 1])
-    return " ".join(f"{p}x{n}" for p, n in runs)
+    shown = " ".join(f"{p}x{n}" for p, n in runs[:_MAX_RUNS])
+    return shown + (f" ... ({len(runs) - _MAX_RUNS} more runs)" if len(runs) > _MAX_RUNS else "")
 
 
 def log_topology(mesh=None) -> None:

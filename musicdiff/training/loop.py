@@ -179,7 +179,8 @@ def run(*, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: 
     """Runs steps start_step+1 .. schedule.num_steps (see the module docstring); returns (state, result).
 
     `step_fn` is already compiled (`compile_step`). `batches` yields this process's rows of each global batch
-    (`sharding.process_batch_rows`), `global_batch_size` is the global batch (needed when processes hold replicated rows).
+    (`sharding.process_batch_rows`); `global_batch_size` is the global batch size (needed when processes hold
+    replicated rows).
     `data_iter` is the object whose position is checkpointed (usually the same Grain iterator as `batches`).
     `preemption`: pass one created early so a SIGTERM during compilation is caught too (default: one made here).
     `on_state(step, state)` is called after each step (tests).
