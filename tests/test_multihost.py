@@ -13,6 +13,7 @@ Children compile with unoptimised LLVM codegen (process_fixtures.FAST_CODEGEN), 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -148,6 +149,9 @@ def test_two_processes_preempted_and_resumed_match_one_process(setup, one_proces
             for name, array in batch.items():
                 np.testing.assert_array_equal(assembled[f"{index}/{name}"], np.asarray(array), err_msg=name)
 
+    # One writer (process 0): each step logged once per launch, launch 1 steps 1-2, launch 2 steps 3-4.
+    logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4], logged
     ours = {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl")}
     theirs = {r["step"]: r["loss"] for r in read_metrics(one_process / "metrics.jsonl")}
     assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))
