@@ -13,6 +13,7 @@
 import ml_collections
 
 from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel.distributed import distributed_config
 
 SAO_STFT_FFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # hops are fft / 4, windows = fft (spec §1.9)
 SAO_DISCRIMINATOR_FFT_SIZES = (2048, 1024, 512, 256, 128)
@@ -112,4 +113,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         checkpoint_every=10_000 if arg == "sao" else 100,
         demo_every=2_000 if arg == "sao" else 100,
     ))
+    c.distributed = distributed_config()  # multi-host start-up (musicdiff/parallel/distributed.py, launch/README.md)
     return c

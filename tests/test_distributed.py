@@ -69,7 +69,7 @@ def test_cluster_flags_fill_the_section_or_are_refused():
 
 
 def test_training_configs_carry_the_distributed_section():
-    for spec in ("configs/diffusion.py:tiny", "configs/precompute.py:tiny"):
+    for spec in ("configs/diffusion.py:tiny", "configs/precompute.py:tiny", "configs/autoencoder.py:tiny"):
         config = load_config(str(REPO / spec), ["distributed.heartbeat_timeout_s=9", "mesh.dcn_shape.data=1"])
         assert config.distributed.heartbeat_timeout_s == 9 and not config.distributed.enabled
         validate(config, 8)  # dcn_shape is not taken for a mesh axis
