@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
+# The dev extra plus the stable-audio-tools reference of the converter's parity tests, pinned and installed without
+# dependency resolution (tests/reference/requirements.txt says why).
+$(VENV)/.installed-dev: pyproject.toml tests/reference/requirements.txt | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -r tests/reference/requirements.txt
+	$(PY) tests/reference/strip_cuda_extensions.py
 	touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed

@@ -45,6 +45,15 @@ EMBEDDED_TEXT = dict(vocab_size=1024, d_model=64, d_kv=16, d_ff=128, num_layers=
                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, max_length=32)
 
 
+DEMO_PROMPTS = {
+    # SAO's training demos (spec §3.4) and captions in the style of the embedded set.
+    "t5": ("Amen break 174 BPM", "A beautiful orchestral symphony, classical music", "Chill hip-hop beat, chillhop",
+           "A pop song about love and loss"),
+    "embedded": ("an upbeat track in A minor at 128 BPM with plucked bass and drums",
+                 "a calm piano piece in C major at 80 BPM"),
+}
+
+
 def conditioner_config(text: str, cond_dim: int) -> ml_collections.ConfigDict:
     """SAO's conditioning (spec §8.1): prompt + seconds_start + seconds_total as cross-attention tokens, the two
     timing values concatenated as the global embedding."""
@@ -90,6 +99,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         rotary_base=10000.0,
         layer_norm_eps=1e-5,
         use_cross_attn_mask=True,
+        qk_norm="none",  # "ln": LayerNorm over each head's q and k (SAO Small)
         attention_implementation="auto",  # "auto" | "xla" | "cudnn"
         param_dtype="float32",
     ))
@@ -98,6 +108,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.conditioner = conditioner_config(preset["text"], preset["cond_dim"])
     c.prompt_encoder = prompt_encoder_config(preset["text"])
     c.autoencoder_checkpoint = ""
+    c.init_from = ""  # a checkpoint whose weights (EMA when present) start a new run; the optimiser starts fresh
 
     c.objective = ml_collections.ConfigDict(dict(
         name=preset["objective"],  # "v" | "rectified_flow" | "ddpm_eps"
@@ -132,8 +143,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         ema_inv_gamma=1.0,
         ema_update_after_step=1,
         cfg_dropout_prob=0.1,
+        max_nonfinite_steps=5,  # halt after this many consecutive skipped (non-finite) steps
+        peak_flops_per_device=0.0,  # device peak FLOP/s for the MFU metric (0 = unknown: no MFU); H100 bf16 ~989e12
         log_every=100 if arg != "tiny" else 10,
         checkpoint_every=10_000 if arg != "tiny" else 100,
+        keep_checkpoints=3,
+        demo_every=0,  # generate demo clips (TensorBoard audio + spectrograms) every N steps; 0 = never
+        demo_steps=50,
+        demo_cfg_scale=6.0,
+        demo_prompts=DEMO_PROMPTS[preset["text"]],
     ))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -141,5 +159,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         latent_length=preset["latent_length"],  # latent frames per training window
         cond_tokens=preset["cond_tokens"],  # cross-attention tokens (T5 + timing)
         sample_rate=44100,
+        shuffle_seed=0,
     ))
     return c

@@ -78,6 +78,12 @@ class AudioFolderSource:
         """(frames, sample_rate) of every record, without decoding."""
         return [(item.frames, item.sample_rate) for item in self._items]
 
+    def metadata(self, index: int) -> dict[str, Any]:
+        """The manifest fields of a record (as data_pipelines.tfds_audio_folder.TfdsAudioSource.metadata)."""
+        item = self._items[index]
+        return {"path": item.relpath, "caption": item.caption, "license": item.license, "title": item.title or "",
+                "artist": item.artist or "", "attributes": dict(item.attributes)}
+
 
 def make_example(record: dict[str, Any], offset: int, spec: ClipSpec) -> dict[str, Any]:
     """The example for the window starting `offset` samples (at the model rate) into the record's clip."""
@@ -136,7 +142,7 @@ class DecodeWindow(grain.transforms.Map):
         return make_example(self.source[int(index)], int(offset), self.spec)
 
 
-def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
 
@@ -147,7 +153,8 @@ def _process_slice(process_index: int | None, process_count: int | None) -> tupl
     return process_index, process_count
 
 
-def _shard(ds: grain.MapDataset, process_index: int, process_count: int, finite: bool) -> grain.MapDataset:
+def shard_for_process(ds: grain.MapDataset, process_index: int, process_count: int,
+                      finite: bool) -> grain.MapDataset:
     """Every process takes every process_count-th element; finite datasets are first cut to a multiple of
     process_count so all processes yield the same number of batches (multi-host steps stay in lockstep)."""
     if process_count == 1:
@@ -173,11 +180,13 @@ def training_dataset(
     """
     if len(source) == 0:
         raise DataError("the data source is empty: no usable clips (run launch.inspect_data to see why)")
-    process_index, process_count = _process_slice(process_index, process_count)
+    process_index, process_count = process_slice(process_index, process_count)
     spec = ClipSpec.from_config(data)
     ds = grain.MapDataset.source(source).shuffle(seed=int(data.shuffle_seed)).repeat(num_epochs)
-    ds = _shard(ds, process_index, process_count, finite=num_epochs is not None)
+    # Crops are seeded by the global position (random_map before sharding; decoding stays lazy), so P processes
+    # together see exactly the examples one process would.
     ds = ds.random_map(DecodeCrop(spec), seed=int(seed))
+    ds = shard_for_process(ds, process_index, process_count, finite=num_epochs is not None)
     return _batched(ds, data)
 
 
@@ -195,24 +204,34 @@ def window_dataset(
     Sharded like training data but without cutting: every window is on exactly one process. Batch with
     `.batch(n)` (keeping the last partial batch) to cover everything.
     """
-    process_index, process_count = _process_slice(process_index, process_count)
+    process_index, process_count = process_slice(process_index, process_count)
     spec = ClipSpec.from_config(data)
-    windows = []
-    for index, (frames, rate) in enumerate(source.clip_lengths()):
-        total = resampled_length(frames, rate, spec.sample_rate)
-        windows.extend((index, start) for start in range(0, max(total, 1), spec.sample_size))
-    ds = grain.MapDataset.source(windows)
+    ds = grain.MapDataset.source(window_layout(source.clip_lengths(), spec))
     if process_count > 1:
         ds = ds[process_index::process_count]
     return ds.map(DecodeWindow(source, spec))
 
 
+def window_layout(clip_lengths: Sequence[tuple[int, int]], spec: ClipSpec) -> list[tuple[int, int]]:
+    """(record index, start sample at the model rate) of every consecutive `sample_size` window, clip by clip."""
+    windows = []
+    for index, (frames, rate) in enumerate(clip_lengths):
+        total = resampled_length(frames, rate, spec.sample_rate)
+        windows.extend((index, start) for start in range(0, max(total, 1), spec.sample_size))
+    return windows
+
+
 def _batched(ds: grain.MapDataset, data: ml_collections.ConfigDict) -> grain.IterDataset:
-    threads = int(data.get("read_threads", 0))
+    return batch_examples(ds, batch_size=int(data.batch_size), read_threads=int(data.get("read_threads", 0)),
+                          num_workers=int(data.num_workers))
+
+
+def batch_examples(ds: grain.MapDataset, *, batch_size: int, read_threads: int = 0, num_workers: int = 0,
+                   drop_remainder: bool = True) -> grain.IterDataset:
+    """Batches of `batch_size` examples, read on `read_threads` threads or in `num_workers` worker processes."""
     # Decoding happens in the read threads (libsndfile and soxr release the GIL) or in worker processes.
-    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 1))
-    it = ds.to_iter_dataset(read_options).batch(int(data.batch_size), drop_remainder=True)
-    workers = int(data.num_workers)
-    if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))
+    it = ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=drop_remainder)
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
     return it

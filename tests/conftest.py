@@ -24,3 +24,25 @@ def devices():
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+_MEASUREMENTS: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def measurement(request):
+    """`measurement(label, value)` records a measured number (parity errors, accuracies) for the end-of-run summary,
+    so CI output shows them even though passing tests' output is captured."""
+
+    def record(label: str, value) -> None:
+        text = f"{value:.3e}" if isinstance(value, float) else str(value)
+        _MEASUREMENTS.append((f"{request.node.nodeid}: {label}", text))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASUREMENTS:
+        terminalreporter.section("measured values")
+        for label, text in _MEASUREMENTS:
+            terminalreporter.write_line(f"{label} = {text}")

@@ -52,7 +52,7 @@ def randomize(model, seed=1, scale=0.1):
     return model
 
 
-def inputs(batch=2, channels=64, length=16, tokens=8, cond_dim=32, global_dim=32):
+def inputs(batch=2, channels=64, length=16, tokens=8, cond_dim=32, global_dim=64):
     x = normal(10, (batch, channels, length))
     t = jnp.asarray(np.random.default_rng(11).uniform(size=batch), jnp.float32)
     cross = normal(12, (batch, tokens, cond_dim))
@@ -200,8 +200,9 @@ def test_flops_hand_computed_tiny_case():
     outside = (2 * (256 * E + E * E) + 2 * (G * E + E * E) + 2 * T * (32 * Dc + Dc * Dc)
                + 4 * L * C * C + 2 * L * C * E + 2 * N * E * C)
     block = (8 * N * E * E + 4 * N * N * E) + (4 * N * E * E + 4 * T * Dc * Dc + 4 * N * T * E) + 6 * N * E * F
-    assert dit_forward_flops(model_config(), 3, L, T) == 3 * (outside + 2 * block)
-    assert dit_train_flops(model_config(), 3, L, T) == 9 * (outside + 2 * block)
+    config = model_config(global_cond_dim=G)
+    assert dit_forward_flops(config, 3, L, T) == 3 * (outside + 2 * block)
+    assert dit_train_flops(config, 3, L, T) == 9 * (outside + 2 * block)
 
 
 def test_sao_train_flops_match_the_analytic_estimate():

@@ -36,9 +36,17 @@ class CheckpointRef:
         return any(key.startswith(name + "/") for key in stored_names(self.step_dir))
 
     def fingerprint(self) -> str:
-        """A content hash of the saved arrays' metadata and step, identifying this checkpoint (precompute manifests)."""
-        text = json.dumps({"step": self.step, "arrays": sorted(stored_names(self.step_dir).items())})
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        """Identifies these weights (precompute manifests): sha256 over the step, the arrays' names, shapes and
+        dtypes, and the bytes of every file of the saved state. A copied checkpoint keeps it; another training run
+        of the same size and step does not."""
+        digest = hashlib.sha256(json.dumps({"step": self.step,
+                                            "arrays": sorted(stored_names(self.step_dir).items())}).encode())
+        for file in sorted(p for p in (self.step_dir / "state").rglob("*") if p.is_file()):
+            digest.update(file.relative_to(self.step_dir).as_posix().encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:32]
 
 
 def stored_names(step_dir: Path) -> dict[str, str]:

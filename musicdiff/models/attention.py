@@ -71,14 +71,16 @@ class Linear(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm without a bias (the reference's beta is a zero buffer), statistics in fp32.
 
-    `use_scale=False` gives the parameter-free norm that adaLN-Zero modulates.
+    `use_scale=False` gives the parameter-free norm that adaLN-Zero modulates; `use_bias=True` adds a learned bias
+    (the reference's qk-norm is a full nn.LayerNorm).
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, use_scale: bool = True, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = False,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         self.eps = eps
         self.dtype = dtype
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",)) if use_scale else None
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -87,7 +89,28 @@ class LayerNorm(nnx.Module):
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         if self.scale is not None:
             y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+QK_NORMS = ("none", "ln")
+QK_NORM_EPS = 1e-6  # the reference's nn.LayerNorm(head_dim, eps=1e-6)
+
+
+def qk_norms(qk_norm: str, head_dim: int, dtype: Any, param_dtype: Any) -> tuple[LayerNorm | None, LayerNorm | None]:
+    """(q_norm, k_norm): "ln" normalises q and k over the head dim (affine, with bias) after the head split and
+    before rotary, as the reference's `attn_kwargs.qk_norm="ln"`; "none" gives (None, None)."""
+    if qk_norm not in QK_NORMS:
+        raise ValueError(f"qk_norm={qk_norm!r}: expected one of {', '.join(QK_NORMS)}")
+    if qk_norm == "none":
+        return None, None
+    make = lambda: LayerNorm(head_dim, eps=QK_NORM_EPS, use_bias=True, dtype=dtype, param_dtype=param_dtype)
+    return make(), make()
+
+
+def _normalised(norm: LayerNorm | None, x: jax.Array) -> jax.Array:
+    return x if norm is None else norm(x).astype(x.dtype)
 
 
 def rotary_dim(head_dim: int, min_dim: int = 32) -> int:
@@ -128,12 +151,14 @@ class SelfAttention(nnx.Module):
     """Bidirectional multi-head self-attention with partial rotary on q and k; no mask (as the reference)."""
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, zero_init_out: bool = True,
-                 implementation: str | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                 implementation: str | None = None, qk_norm: str = "none", dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         head_dim = dim // num_heads
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.implementation = implementation
+        self.q_norm, self.k_norm = qk_norms(qk_norm, head_dim, dtype, param_dtype)
         self.to_qkv = Linear((dim,), (3, num_heads, head_dim), ("embed", None, "heads", "kv"), use_bias=False, **kw)
         self.to_out = Linear((num_heads, head_dim), (dim,), ("heads", "kv", "embed"), use_bias=False,
                              zero_init=zero_init_out, **kw)
@@ -141,6 +166,7 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         qkv = self.to_qkv(x)  # [B, L, 3, heads, head_dim]
         q, k, v = (constrain(qkv[:, :, i], ACTIVATION_HEADS) for i in range(3))
+        q, k = _normalised(self.q_norm, q), _normalised(self.k_norm, k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.to_out(constrain(out, ACTIVATION_HEADS))
@@ -155,7 +181,8 @@ class CrossAttention(nnx.Module):
     """
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, *, rngs: nnx.Rngs, zero_init_out: bool = True,
-                 use_mask: bool = True, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                 use_mask: bool = True, qk_norm: str = "none", dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
         head_dim = dim // num_heads
         if context_dim % head_dim or num_heads % (context_dim // head_dim):
             raise ValueError(
@@ -165,6 +192,7 @@ class CrossAttention(nnx.Module):
         kv_heads = context_dim // head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.use_mask = use_mask
+        self.q_norm, self.k_norm = qk_norms(qk_norm, head_dim, dtype, param_dtype)
         self.to_q = Linear((dim,), (num_heads, head_dim), ("embed", "heads", "kv"), use_bias=False, **kw)
         # The context width is fsdp-sharded like the latent width ("embed"): these kernels are 2.7% of SAO.
         self.to_kv = Linear((context_dim,), (2, kv_heads, head_dim), ("embed", None, "heads", "kv"), use_bias=False,
@@ -173,9 +201,9 @@ class CrossAttention(nnx.Module):
                              zero_init=zero_init_out, **kw)
 
     def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None) -> jax.Array:
-        q = constrain(self.to_q(x), ACTIVATION_HEADS)
+        q = _normalised(self.q_norm, constrain(self.to_q(x), ACTIVATION_HEADS))
         kv = self.to_kv(context)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        k, v = _normalised(self.k_norm, kv[:, :, 0]), kv[:, :, 1]
         if not self.use_mask or context_mask is None:
             out = jax.nn.dot_product_attention(q, k, v)
             return self.to_out(constrain(out, ACTIVATION_HEADS))

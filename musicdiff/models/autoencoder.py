@@ -125,11 +125,16 @@ class OobleckConfig:
 class VAEBottleneck(nnx.Module):
     """Gaussian bottleneck of the reference (see the module docstring for the exact KL)."""
 
+    @staticmethod
+    def posterior(features: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """features `[..., 2D]` → the Gaussian's (mean, std), each `[..., D]` float32 (what precompute stores)."""
+        mean, scale = jnp.split(features.astype(jnp.float32), 2, axis=-1)
+        return mean, jax.nn.softplus(scale) + VAE_STD_FLOOR
+
     def encode(self, features: jax.Array, rng: jax.Array | None = None,
                sample: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         """features `[B, F, 2D]` (NWC) → latents `[B, F, D]` and {"kl": scalar}."""
-        mean, scale = jnp.split(features.astype(jnp.float32), 2, axis=-1)
-        std = jax.nn.softplus(scale) + VAE_STD_FLOOR
+        mean, std = self.posterior(features)
         var = jnp.square(std)
         kl = jnp.mean(jnp.sum(jnp.square(mean) + var - jnp.log(var) - 1.0, axis=-1))
         if not sample:

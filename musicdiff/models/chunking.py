@@ -99,13 +99,20 @@ def chunked_encode(model: OobleckAutoencoder, audio: jax.Array, rng: jax.Array |
                    chunk_frames: int = 128, overlap_frames: int = 32,
                    sample: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`model.encode` for long audio `[B, in_channels, T]` → (latents `[B, latent_dim, ceil(T / ratio)]`, info)."""
+    features = chunked_encode_features(model, audio, chunk_frames=chunk_frames, overlap_frames=overlap_frames)
+    latents, info = model.bottleneck.encode(features, rng=rng, sample=sample)
+    return jnp.swapaxes(latents, 1, 2), info
+
+
+def chunked_encode_features(model: OobleckAutoencoder, audio: jax.Array, *, chunk_frames: int = 128,
+                            overlap_frames: int = 32) -> jax.Array:
+    """Pre-bottleneck features `[B, ceil(T / ratio), encoder_out_channels]` (NWC) of audio `[B, in_channels, T]`,
+    stitched from chunks (call it inside jit; `chunked_encode` is this plus the bottleneck)."""
     model._check_audio(audio)
     ratio = model.downsampling_ratio
     audio_nwc = jnp.swapaxes(pad_to_multiple(audio, ratio), 1, 2)
     plan = plan_chunks(audio_nwc.shape[1] // ratio, chunk_frames, overlap_frames)
-    features = _run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
-    latents, info = model.bottleneck.encode(features, rng=rng, sample=sample)
-    return jnp.swapaxes(latents, 1, 2), info
+    return _run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
 
 
 @functools.partial(nnx.jit, static_argnames=("chunk_frames", "overlap_frames"))

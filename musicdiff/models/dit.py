@@ -20,6 +20,7 @@ PyTorch weights, split heads reshaped head-major):
     transformer.layers.N.cross_attn.to_q.kernel [E, H, D]; to_kv.kernel [Dc, 2, Dc/D, D]
     transformer.layers.N.ff.proj.kernel [E, 2, 4E] / .bias [2, 4E]      ....ff.ff.0.proj.weight / .bias
     transformer.layers.N.ff.out.kernel [4E, E] / .bias                  ....ff.ff.2.weight / .bias
+    transformer.layers.N.{self_attn,cross_attn}.{q_norm,k_norm}.scale / .bias   (qk_norm="ln") ....weight / .bias
 The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored.
 """
 
@@ -35,7 +36,7 @@ import ml_collections
 from flax import nnx
 
 from musicdiff.errors import ConfigError
-from musicdiff.models.attention import Linear, rotary_dim
+from musicdiff.models.attention import QK_NORMS, Linear, rotary_dim
 from musicdiff.models.registry import register
 from musicdiff.models.transformer import BLOCK_TYPES, REMAT_POLICIES, ContinuousTransformer
 
@@ -58,6 +59,7 @@ class DiTConfig:
     rotary_base: float = 10000.0
     layer_norm_eps: float = 1e-5
     use_cross_attn_mask: bool = True  # the reference ignores the mask; False reproduces it exactly
+    qk_norm: str = "none"  # "none" | "ln": LayerNorm of q and k over the head dim (reference attn_kwargs.qk_norm)
     attention_implementation: str = "auto"  # "auto" | "xla" | "cudnn" (self-attention)
     remat: str = "none"  # "none" | "full" | "dots"
     dtype: str = "bfloat16"  # compute
@@ -67,6 +69,8 @@ class DiTConfig:
     def __post_init__(self):
         if self.block_type not in BLOCK_TYPES:
             raise ConfigError(f"config.model.block_type='{self.block_type}': expected one of {', '.join(BLOCK_TYPES)}")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"config.model.qk_norm='{self.qk_norm}': expected one of {', '.join(QK_NORMS)}")
         if self.remat not in ("none", *REMAT_POLICIES):
             raise ConfigError(f"config.model.remat='{self.remat}': expected none, {', '.join(REMAT_POLICIES)}")
         if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:

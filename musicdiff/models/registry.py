@@ -12,7 +12,7 @@ from musicdiff.errors import ConfigError
 Builder = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
 _BUILDERS: dict[str, Builder] = {}
 # Config sections that may hold a model, in the order they are reported.
-MODEL_SECTIONS = ("autoencoder", "text_encoder", "model", "conditioner")
+MODEL_SECTIONS = ("autoencoder", "text_encoder", "model", "conditioner", "evaluator")
 
 
 def register(name: str) -> Callable[[Builder], Builder]:

@@ -451,18 +451,23 @@ class CaptionEmbeddings:
         return self.embeddings[rows], self.mask[rows]
 
 
+@nnx.jit
+def _encode_batch(encoder: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Module level, so repeated encode_captions calls (one per precompute shard) reuse the compiled program.
+    return encoder(input_ids, attention_mask)
+
+
 def encode_captions(captions: Iterable[str], tokenizer: TextTokenizer, encoder: nnx.Module, *, batch_size: int = 32,
                     dtype: Any = np.float32) -> CaptionEmbeddings:
     """Runs the encoder once per distinct caption (in first-seen order), in fixed-size batches so that one compiled
     program serves every batch; the last batch is padded with empty captions and trimmed."""
     distinct = list(dict.fromkeys(captions))
     index = {caption: row for row, caption in enumerate(distinct)}
-    forward = nnx.jit(lambda model, ids, mask: model(ids, mask))
     embeddings, masks = [], []
     for start in range(0, len(distinct), batch_size):
         chunk = distinct[start:start + batch_size]
         tokens = tokenizer(chunk + [""] * (batch_size - len(chunk)))
-        out, mask = forward(encoder, jnp.asarray(tokens["input_ids"]), jnp.asarray(tokens["attention_mask"]))
+        out, mask = _encode_batch(encoder, jnp.asarray(tokens["input_ids"]), jnp.asarray(tokens["attention_mask"]))
         embeddings.append(np.asarray(out.astype(dtype))[: len(chunk)])
         masks.append(np.asarray(mask)[: len(chunk)])
     width = getattr(getattr(encoder, "config", None), "d_model", 0)

@@ -62,11 +62,11 @@ class TransformerBlock(nnx.Module):
         # the SAO block relies on zero-initialised outputs instead.
         self.pre_norm = LayerNorm(dim, use_scale=not adaln, **norm)
         self.self_attn = SelfAttention(dim, config.num_heads, zero_init_out=not adaln,
-                                       implementation=config.attention_impl, **kw)
+                                       implementation=config.attention_impl, qk_norm=config.qk_norm, **kw)
         if config.cond_token_dim:
             self.cross_attend_norm = LayerNorm(dim, **norm)
             self.cross_attn = CrossAttention(dim, config.context_dim, config.num_heads, zero_init_out=True,
-                                             use_mask=config.use_cross_attn_mask, **kw)
+                                             use_mask=config.use_cross_attn_mask, qk_norm=config.qk_norm, **kw)
         else:
             self.cross_attend_norm = self.cross_attn = None
         self.ff_norm = LayerNorm(dim, use_scale=not adaln, **norm)

@@ -1,0 +1,55 @@
+"""Generation settings: `python -m launch.generate --config=configs/generate.py[:PRESET] --config.checkpoint=RUN
+--config.prompt="..." --workdir=OUT`.
+
+Presets: "" (SAO's model-card settings: DPM++ 3M SDE, 100 steps, CFG 7, σ 0.3..500), "fast" (8-step ping-pong with
+CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make demo` uses on the tiny model).
+
+- checkpoint: a launch.train_diffusion workdir (or checkpoints dir, or one step's dir) or launch.convert output.
+- prompt / prompts_file: one prompt, or a file (.txt one prompt a line; .jsonl objects with "prompt" and optional
+  "seconds_total", "seconds_start", "seed", "attributes"). num_per_prompt clips each.
+- seconds_total / seconds_start: timing conditioning; the WAV is trimmed to seconds_total.
+- seed: clip k of the run uses seed + k unless its prompts_file line gives one.
+- init_audio + init_noise_level: audio-to-audio (σ for σ-space samplers, t in (0, 1] for ddim and rf samplers).
+- inpaint_audio + mask ("start:end,..." in seconds, regenerated; the rest is kept).
+- eta < 0 means the sampler's default; init_noise_level <= 0 means no init.
+"""
+
+import ml_collections
+
+PRESETS = {
+    "": dict(sampler="dpmpp-3m-sde", steps=100, cfg_scale=7.0, sigma_min=0.3, sigma_max=500.0),
+    "fast": dict(sampler="pingpong", steps=8, cfg_scale=1.0, sigma_min=0.3, sigma_max=1.0),
+    "demo": dict(sampler="dpmpp-3m-sde", steps=50, cfg_scale=4.0, sigma_min=0.03, sigma_max=80.0, batch_size=4),
+}
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(p or '(none)' for p in PRESETS)}")
+    c = ml_collections.ConfigDict(dict(
+        checkpoint="",
+        autoencoder_checkpoint="",  # "" = the one the diffusion checkpoint names
+        use_ema=True,
+        prompt="",
+        prompts_file="",
+        num_per_prompt=1,
+        seconds_total=10.0,
+        seconds_start=0.0,
+        seed=0,
+        batch_size=4,
+        sampler="dpmpp-3m-sde",
+        steps=100,
+        cfg_scale=7.0,
+        cfg_rescale=0.0,
+        sigma_min=0.3,
+        sigma_max=500.0,
+        rho=1.0,
+        eta=-1.0,
+        init_audio="",
+        init_noise_level=0.0,
+        inpaint_audio="",
+        mask="",
+        spectrograms=True,
+    ))
+    c.update(PRESETS[arg])
+    return c

@@ -1,0 +1,69 @@
+"""Convert Stable Audio (stable-audio-tools) checkpoints to musicdiff and back.
+
+Import (writes OUT/autoencoder and, for diffusion models, OUT/diffusion; both ordinary musicdiff checkpoints):
+    python -m launch.convert --from=stable_audio --model_config=model_config.json \
+        --checkpoint=model.safetensors --workdir=OUT [--t5=DIR_OF_T5_BASE] [--dtype=bfloat16]
+Export (writes OUT/model.safetensors + OUT/model_config.json for stable-audio-tools):
+    python -m launch.convert --to=stable_audio --diffusion=DIR [--autoencoder=DIR] --workdir=OUT
+    python -m launch.convert --to=stable_audio --autoencoder=DIR --workdir=OUT
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+
+import launch.common  # noqa: F401  (defines --workdir)
+from musicdiff.errors import ConfigError, DataError
+
+FORMATS = ["stable_audio"]
+flags.DEFINE_enum("from", None, FORMATS, "Import a checkpoint of this format.")
+flags.DEFINE_enum("to", None, FORMATS, "Export a musicdiff checkpoint to this format.")
+flags.DEFINE_string("model_config", None, "Import: the stable-audio-tools model_config.json.")
+flags.DEFINE_string("checkpoint", None, "Import: model.safetensors, or a .ckpt state dict (read with weights_only).")
+flags.DEFINE_string("t5", None, "Import: local Hugging Face directory of the T5 text encoder (default: the "
+                    "t5_model_name of the model config, e.g. t5-base).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Import: compute dtype of the converted DiT.")
+flags.DEFINE_string("diffusion", None, "Export: a musicdiff diffusion checkpoint (workdir or step directory).")
+flags.DEFINE_string("autoencoder", None, "Export: the autoencoder checkpoint (default: the diffusion config's "
+                    "autoencoder_checkpoint).")
+flags.DEFINE_bool("use_ema", True, "Export: the EMA weights when the checkpoint has them.")
+FLAGS = flags.FLAGS
+
+
+def convert() -> None:
+    from musicdiff.convert.stable_audio import export_stable_audio, import_stable_audio
+
+    if (FLAGS["from"].value is None) == (FLAGS.to is None):
+        raise ConfigError("pass exactly one of --from=stable_audio (import) or --to=stable_audio (export)")
+    if FLAGS.workdir is None:
+        raise ConfigError("--workdir is required: the directory the converted files go to")
+    if FLAGS["from"].value is not None:
+        if not FLAGS.model_config or not FLAGS.checkpoint:
+            raise ConfigError("import needs --model_config=model_config.json and --checkpoint=model.safetensors")
+        result = import_stable_audio(FLAGS.model_config, FLAGS.checkpoint, FLAGS.workdir, t5_path=FLAGS.t5,
+                                     compute_dtype=FLAGS.dtype)
+        print(f"autoencoder checkpoint: {result.autoencoder}")
+        if result.diffusion is not None:
+            print(f"diffusion checkpoint: {result.diffusion}")
+        return
+    result = export_stable_audio(FLAGS.workdir, diffusion=FLAGS.diffusion, autoencoder=FLAGS.autoencoder,
+                                 use_ema=FLAGS.use_ema)
+    print(f"wrote {result.safetensors} and {result.model_config}")
+
+
+def main(_argv: list[str]) -> None:
+    from musicdiff.training.checkpoint import CheckpointError
+
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        convert()
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

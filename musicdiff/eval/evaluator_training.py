@@ -1,0 +1,167 @@
+"""Training the embedded evaluator (configs/evaluator.py) on the synthetic set's attributes.
+
+    python -m launch.train_evaluator --config=configs/evaluator.py --config.data.root=ROOT --workdir=DIR
+
+The audio folder is scanned (data_pipelines.audio_folder); every `data.holdout_every`-th usable clip is held out.
+Training batches come from the shared Grain pipeline (data_pipelines.grain_pipeline.training_dataset: random
+crops, 16 kHz mono, peak-normalised) with the clip's labels attached by record index. The step is pure
+(`step(state, batch) -> (state, metrics)`, state = {"params": {"evaluator": ...}, "opt_state", "step"}) and runs
+in the shared loop (musicdiff.training.loop: sharded init, donated jit step, checkpoints
+WORKDIR/checkpoints/<step>/{state, config, data_iter}, preemption, metrics.jsonl + TensorBoard).
+Loss: cross-entropy for key, mode and tempo bucket plus binary cross-entropy for instruments (summed). At the
+end the held-out clips are scored with the same windowing evaluation uses; DIR/heldout_accuracy.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from data_pipelines.audio_folder import AudioItem, scan
+from data_pipelines.grain_pipeline import AudioFolderSource, training_dataset
+from musicdiff.audio.io import load_audio
+from musicdiff.errors import DataError
+from musicdiff.eval.attribute_labels import attribute_scores, encode_targets, summarize_attribute_scores
+from musicdiff.eval.prompt_following import prompt_targets
+from musicdiff.models import registry
+from musicdiff.training import loop
+from musicdiff.training.metrics import MetricLogger
+from musicdiff.training.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+SECTION = "evaluator"
+REQUIRED_ATTRIBUTES = ("bpm", "mode", "instruments")
+
+
+def split_items(items: tuple[AudioItem, ...], holdout_every: int) -> tuple[list[AudioItem], list[AudioItem]]:
+    """(train, held out): every holdout_every-th labelled clip is held out (none when holdout_every <= 1)."""
+    labelled = [item for item in items if all(k in item.attributes for k in REQUIRED_ATTRIBUTES)
+                and ("tonic_pitch_class" in item.attributes or "key" in item.attributes)]
+    if not labelled:
+        raise DataError("no clip of the audio folder has the synthetic attributes (bpm, key, mode, instruments) the "
+                        "evaluator learns; render the embedded set with `python -m launch.prepare_data "
+                        "--config=configs/synthetic_data.py --workdir=ROOT`")
+    if holdout_every <= 1:
+        return labelled, []
+    held = [item for i, item in enumerate(labelled) if i % holdout_every == holdout_every - 1]
+    train = [item for i, item in enumerate(labelled) if i % holdout_every != holdout_every - 1]
+    return train, held
+
+
+def label_table(items: list[AudioItem], model_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """{head: [num_items, ...]} labels by record index."""
+    rows = [encode_targets(prompt_targets(item.caption, item.attributes), model_config) for item in items]
+    return {head: np.stack([row[head] for row in rows]) for head in ("key", "mode", "tempo", "instruments")}
+
+
+class AttachLabels:
+    """Batch of examples -> {audio, key, mode, tempo, instruments}: labels looked up by record index."""
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table = table
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        index = np.asarray(batch["index"])
+        return dict(audio=np.asarray(batch["audio"], np.float32),
+                    **{head: values[index] for head, values in self.table.items()})
+
+
+def losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    terms = {head: ce(outputs[head], batch[head]).mean() for head in ("key", "mode", "tempo")}
+    terms["instruments"] = optax.sigmoid_binary_cross_entropy(outputs["instruments"], batch["instruments"]).mean()
+    metrics = {f"loss_{name}": value for name, value in terms.items()}
+    for head in ("key", "mode", "tempo"):
+        metrics[f"acc_{head}"] = jnp.mean(jnp.argmax(outputs[head], axis=-1) == batch[head])
+    metrics["acc_instruments"] = jnp.mean((outputs["instruments"] > 0) == (batch["instruments"] > 0.5))
+    loss = sum(terms.values())
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def make_step(graphdef: Any, tx: optax.GradientTransformation):
+    def step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        def loss_fn(params):
+            return losses(nnx.merge(graphdef, params)(batch["audio"]), batch)
+
+        params = state["params"][SECTION]
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return dict(params={SECTION: new_params}, opt_state=opt_state, step=state["step"] + 1), metrics
+
+    return step
+
+
+def heldout_accuracy(model: nnx.Module, model_config: ml_collections.ConfigDict,
+                     items: list[AudioItem]) -> dict[str, float]:
+    """Attribute accuracy of `model` on whole held-out clips, windowed as evaluation does."""
+    from musicdiff.eval.backbones.embedded import EmbeddedBackbone
+
+    backbone = EmbeddedBackbone(model, model_config, "training")
+    per_clip = []
+    for item in items:
+        audio = backbone.prepare(load_audio(item.path, None, None), item.sample_rate)
+        analysis = backbone.analyze([audio])[0]
+        per_clip.append(attribute_scores(analysis.predictions, prompt_targets(item.caption, item.attributes),
+                                         model_config))
+    summary = summarize_attribute_scores(per_clip)
+    summary["clips"] = float(len(items))
+    return summary
+
+
+def train_evaluator(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    """The launch.train_evaluator stage (module docstring); returns {step, heldout accuracy, seconds}."""
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    model_config = config.evaluator
+    train_items, held_items = split_items(scan(config).items, int(config.data.holdout_every))
+    log.info("evaluator data: %d training clips, %d held out", len(train_items), len(held_items))
+    dataset = training_dataset(AudioFolderSource(train_items), config.data, seed=int(config.seed))
+    iterator = iter(dataset.map(AttachLabels(label_table(train_items, model_config))))
+
+    tx = make_optimizer(config.training)
+    abstract_model = nnx.eval_shape(lambda: registry.build(model_config, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+
+    def init_fn(key):
+        params = nnx.state(registry.build(model_config, nnx.Rngs(params=key)), nnx.Param)
+        return dict(params={SECTION: params}, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+    mesh, rules = loop.mesh_and_rules(config)
+    schedule = loop.Schedule.from_config(config.training)
+    checkpointer = loop.open_checkpointer(workdir, schedule)
+    try:
+        state, shardings, start = loop.restore_or_init(checkpointer, init_fn, mesh, rules,
+                                                       (jax.random.key(int(config.seed)),), data_iter=iterator)
+        size = int(config.data.sample_size)
+        spec = dict(audio=np.zeros((1, 1, size), np.float32), key=np.zeros(1, np.int32), mode=np.zeros(1, np.int32),
+                    tempo=np.zeros(1, np.int32), instruments=np.zeros((1, len(model_config.instruments)), np.float32))
+        step_fn = loop.compile_step(make_step(graphdef, tx), shardings, loop.batch_shardings(spec, mesh, rules),
+                                    mesh)
+        with MetricLogger(workdir, total_steps=schedule.num_steps, initial_step=start,
+                          log_every=schedule.log_every) as logger:
+            state, result = loop.run(state=state, step_fn=step_fn, batches=iterator, start_step=start,
+                                     schedule=schedule, checkpointer=checkpointer, logger=logger, mesh=mesh,
+                                     rules=rules, config=config, data_iter=iterator)
+    finally:
+        checkpointer.close()
+    summary: dict[str, Any] = dict(step=result.step, preempted=result.preempted,
+                                   train_clips=len(train_items), heldout_clips=len(held_items))
+    if held_items and not result.preempted:
+        model = nnx.merge(graphdef, jax.device_get(state["params"][SECTION]))
+        summary["heldout"] = heldout_accuracy(model, model_config, held_items)
+        (workdir / "heldout_accuracy.json").write_text(json.dumps(summary["heldout"], indent=2) + "\n")
+    summary["seconds"] = time.perf_counter() - started
+    return summary

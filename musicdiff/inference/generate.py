@@ -1,0 +1,278 @@
+"""Text (+ timing) to audio with a trained or converted diffusion checkpoint.
+
+The sampler is one pure function of (params, conditioning inputs, key, init, inpaint) built by `make_sampler` and
+jit'ed once per (batch size, settings): conditioning, the whole sampler loop (one XLA while-loop, conditional and
+unconditional passes batched together for classifier-free guidance) and nothing else. Decoding uses the chunked
+Oobleck decoder, so long windows stay within memory.
+
+Variable length follows the reference (spec §4.5): the model always generates its whole training window, told by
+`seconds_total` where the content ends; the audio is then trimmed to `seconds_total`.
+Audio-to-audio (spec §4.4) starts the sampler from the encoded init audio noised to `init_noise_level`.
+Inpainting regenerates masked spans: these models are not trained with inpainting inputs, so it is the RePaint-style
+fallback (the known region is re-noised to each level and merged after every step; samplers' `Inpaint`), and the
+output metadata says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from musicdiff.diffusion.parameterization import (Parameterization, cfg_denoiser, eps_discrete_parameterization,
+                                                  make_denoiser, parameterization_for_objective)
+from musicdiff.diffusion.samplers import RF_SAMPLERS, SAMPLERS, Inpaint, sample
+from musicdiff.diffusion.schedules import DiscreteSchedule
+from musicdiff.errors import ConfigError, DataError
+from musicdiff.models.conditioning import null_condition
+
+SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
+INPAINT_METHOD = "repaint_fallback"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    sampler: str = "dpmpp-3m-sde"
+    steps: int = 100
+    cfg_scale: float = 7.0
+    cfg_rescale: float = 0.0
+    sigma_min: float = SAO_SIGMA_MIN
+    sigma_max: float = SAO_SIGMA_MAX
+    rho: float = 1.0
+    eta: float | None = None
+    init_noise_level: float | None = None  # audio-to-audio: σ (or t for ddim / rectified-flow samplers)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"config.sampler={self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise ConfigError(f"config.steps={self.steps}: must be at least 1")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SamplerSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: config[k] for k in names if k in config}
+        if values.get("init_noise_level", None) is not None and float(values["init_noise_level"]) <= 0:
+            values["init_noise_level"] = None
+        if values.get("eta", None) is not None and float(values["eta"]) < 0:
+            values["eta"] = None
+        return cls(**values)
+
+
+def objective_parameterization(objective: Mapping[str, Any]) -> tuple[Parameterization, np.ndarray | None]:
+    """(the denoiser adapter for the training objective, the β schedule for DDPM sampling or None)."""
+    name = objective["name"]
+    if name == "ddpm_eps":
+        schedule = DiscreteSchedule.make(objective.get("ddpm_schedule", "linear"),
+                                         objective.get("ddpm_num_steps", 1000), objective.get("ddpm_beta_start", 1e-4),
+                                         objective.get("ddpm_beta_end", 0.02))
+        return eps_discrete_parameterization(schedule.betas), np.asarray(schedule.betas)
+    return parameterization_for_objective(name), None
+
+
+def check_sampler_fits(sampler: str, objective: str) -> None:
+    if sampler == "ddpm" and objective != "ddpm_eps":
+        raise ConfigError(f"config.sampler='ddpm' runs a discrete β schedule; this model was trained with the "
+                          f"{objective!r} objective: use ddim, euler, heun, dpmpp-* or rf-euler/pingpong")
+
+
+def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
+                 shape: tuple[int, int, int]) -> Callable[..., jax.Array]:
+    """A pure `sample_fn(params, inputs, key, init=None, inpaint=None) -> latents [B, C, L]`.
+
+    `params` = {"model", "conditioner"} states; `inputs` = the MultiConditioner's inputs for a batch of B;
+    `init` latents [B, C, L] for audio-to-audio; `inpaint` = (known latents [B, C, L], regenerate mask [B, 1, L]).
+    """
+    check_sampler_fits(settings.sampler, objective["name"])
+    parameterization, betas = objective_parameterization(objective)
+    sigma_max = settings.sigma_max
+    if settings.sampler in RF_SAMPLERS or settings.sampler == "ddim":
+        sigma_max = min(sigma_max, 1.0)
+
+    def sample_fn(params, inputs, key, init=None, inpaint=None):
+        model = nnx.merge(graphdefs["model"], params["model"])
+        conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
+        cond = conditioner.condition(inputs)
+
+        def model_out(x, t, c):
+            return model(x, t, c.cross_tokens, c.cross_mask, c.global_embed)
+
+        guided = cfg_denoiser(model_out, cond, null_condition(cond), settings.cfg_scale, settings.cfg_rescale)
+        denoise = make_denoiser(guided, parameterization)
+        inpaint_arg = None if inpaint is None else Inpaint(*inpaint)
+        return sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,
+                      sigma_max=sigma_max, rho=settings.rho, eta=settings.eta, init=init,
+                      init_sigma=settings.init_noise_level if init is not None else None, inpaint=inpaint_arg,
+                      betas=betas)
+
+    return sample_fn
+
+
+def mask_from_spans(spec: str, total_seconds: float, frames: int, frame_rate: float) -> np.ndarray:
+    """'start:end,start:end' in seconds -> [frames] float32, 1 = regenerate, 0 = keep (nearest latent frame)."""
+    mask = np.zeros(frames, np.float32)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            start_text, end_text = part.split(":")
+            start, end = float(start_text or 0.0), float(end_text or total_seconds)
+        except ValueError:
+            raise ConfigError(f"config.mask={spec!r}: each span is start:end in seconds, e.g. 2.5:4,8:") from None
+        if not 0 <= start < end:
+            raise ConfigError(f"config.mask span {part!r}: need 0 <= start < end")
+        lo, hi = int(math.floor(start * frame_rate)), int(math.ceil(end * frame_rate))
+        mask[max(lo, 0):min(hi, frames)] = 1.0
+    if not mask.any():
+        raise ConfigError(f"config.mask={spec!r}: selects no latent frame of the {total_seconds:.2f} s window")
+    return mask
+
+
+class Generator:
+    """A loaded diffusion checkpoint + its autoencoder + prompt encoder, ready to turn prompts into audio."""
+
+    def __init__(self, config: ml_collections.ConfigDict, params: Mapping[str, Any], graphdefs: Mapping[str, Any],
+                 autoencoder: nnx.Module, prompt_encoder: Any):
+        self.config = config
+        self.params = params
+        self.graphdefs = graphdefs
+        self.autoencoder = autoencoder
+        self.prompt_encoder = prompt_encoder
+        self.latent_channels = int(config.model.io_channels)
+        self.latent_length = int(config.data.latent_length)
+        self.sample_rate = int(autoencoder.config.sample_rate)
+        self.ratio = int(autoencoder.downsampling_ratio)
+        self._compiled: dict[Any, Callable] = {}
+        self._executables: dict[Any, Callable] = {}
+        self._decoded_shapes: set[tuple[int, ...]] = set()
+        self.compile_seconds = 0.0  # spent compiling samplers and the decoder so far
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, autoencoder_checkpoint: str = "", prefer_ema: bool = True) -> Generator:
+        from musicdiff.inference.loading import find_checkpoint, load_model
+        from musicdiff.inference.prompts import PromptEncoder
+
+        ref = find_checkpoint(path)
+        config = ref.config
+        for section in ("model", "conditioner", "prompt_encoder", "objective"):
+            if section not in config:
+                raise ConfigError(f"checkpoint {ref.step_dir}: its config has no '{section}' section; it is not a "
+                                  f"diffusion checkpoint (pass the workdir of launch.train_diffusion or convert)")
+        modules = {name: load_model(ref, name, prefer_ema=prefer_ema) for name in ("model", "conditioner")}
+        ae_path = autoencoder_checkpoint or config.get("autoencoder_checkpoint", "")
+        if not ae_path:
+            raise ConfigError("config.autoencoder_checkpoint: the diffusion checkpoint names no autoencoder; pass "
+                              "--config.autoencoder_checkpoint=DIR")
+        autoencoder = load_model(find_checkpoint(ae_path), "autoencoder")
+        graphdefs = {name: nnx.graphdef(module) for name, module in modules.items()}
+        params = {name: nnx.state(module, nnx.Param) for name, module in modules.items()}
+        return cls(config, params, graphdefs, autoencoder, PromptEncoder(config.prompt_encoder))
+
+    @property
+    def window_seconds(self) -> float:
+        return self.latent_length * self.ratio / self.sample_rate
+
+    def conditioning_inputs(self, prompts: Sequence[str], seconds_start: Sequence[float],
+                            seconds_total: Sequence[float]) -> dict[str, Any]:
+        return {"prompt": {k: jnp.asarray(v) for k, v in self.prompt_encoder(prompts).items()},
+                "seconds_start": jnp.asarray(seconds_start, jnp.float32),
+                "seconds_total": jnp.asarray(seconds_total, jnp.float32)}
+
+    def _sampler(self, settings: SamplerSettings) -> Callable:
+        """The jit'ed batch sampler: one `make_sampler` program of batch 1 vmapped over per-clip keys, so a clip's
+        audio depends on its own seed only, not on what else shares its batch."""
+        if settings not in self._compiled:
+            single = make_sampler(self.graphdefs, self.config.objective, settings,
+                                  (1, self.latent_channels, self.latent_length))
+
+            def batched(params, inputs, keys, init, inpaint):
+                def one(inputs_i, key, init_i, inpaint_i):
+                    add_batch = functools.partial(jax.tree.map, lambda a: a[None])
+                    return single(params, add_batch(inputs_i), key, add_batch(init_i), add_batch(inpaint_i))[0]
+
+                return jax.vmap(one)(inputs, keys, init, inpaint)
+
+            self._compiled[settings] = jax.jit(batched)
+        return self._compiled[settings]
+
+    def _executable(self, settings: SamplerSettings, args: tuple) -> Callable:
+        """Ahead-of-time compiled sampler for these argument shapes; compile time goes to `compile_seconds`."""
+        leaves, treedef = jax.tree.flatten(args)
+        signature = (settings, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+        if signature not in self._executables:
+            began = time.perf_counter()
+            self._executables[signature] = self._sampler(settings).lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - began
+        return self._executables[signature]
+
+    def encode_audio(self, audio: np.ndarray) -> jax.Array:
+        """[B, channels, samples] at the autoencoder rate -> posterior-mean latents [B, C, latent_length]."""
+        from musicdiff.models.chunking import chunked_encode
+
+        window = self.latent_length * self.ratio
+        fitted = np.zeros((audio.shape[0], audio.shape[1], window), np.float32)
+        fitted[..., : min(window, audio.shape[-1])] = audio[..., :window]
+        latents, _ = chunked_encode(self.autoencoder, jnp.asarray(fitted))
+        return latents
+
+    def sample_latents(self, prompts: Sequence[str], seconds_total: Sequence[float], settings: SamplerSettings,
+                       seeds: Sequence[int], *, seconds_start: Sequence[float] | None = None, init: jax.Array | None = None,
+                       inpaint: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        for seconds in seconds_total:
+            if not 0 < seconds <= self.window_seconds + 1e-6:
+                raise ConfigError(f"config.seconds_total={seconds}: this model generates windows of "
+                                  f"{self.window_seconds:.2f} s; use 0 < seconds_total <= {self.window_seconds:.2f}")
+        starts = seconds_start if seconds_start is not None else [0.0] * len(prompts)
+        inputs = self.conditioning_inputs(prompts, starts, seconds_total)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        args = (self.params, inputs, keys, init, inpaint)
+        return self._executable(settings, args)(*args)
+
+    def decode(self, latents: jax.Array) -> np.ndarray:
+        from musicdiff.models.chunking import chunked_decode
+
+        if latents.shape not in self._decoded_shapes:  # compile (and time) the decoder once per shape
+            began = time.perf_counter()
+            jax.block_until_ready(chunked_decode(self.autoencoder, jnp.zeros_like(latents)))
+            self.compile_seconds += time.perf_counter() - began
+            self._decoded_shapes.add(latents.shape)
+        return np.asarray(chunked_decode(self.autoencoder, latents))
+
+    def trim(self, audio: np.ndarray, seconds_total: float) -> np.ndarray:
+        return audio[..., : int(round(seconds_total * self.sample_rate))]
+
+
+def read_prompts_file(path: str) -> list[dict[str, Any]]:
+    """Prompts as a list of {prompt, ...}: a .jsonl file (one object a line with at least "prompt"; other keys such as
+    seconds_total, seed or attributes are kept) or plain text (one prompt a line; blank lines skipped)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"config.prompts_file={path}: no such file")
+    items = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not JSON ({err.msg}); each line is an object with a \"prompt\"")
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise DataError(f"{path}:{number}: each line needs a string \"prompt\"")
+            items.append(item)
+        else:
+            items.append({"prompt": line.strip()})
+    if not items:
+        raise DataError(f"config.prompts_file={path}: holds no prompts")
+    return items

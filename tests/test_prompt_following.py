@@ -1,0 +1,82 @@
+"""Tempo and key estimators on rendered synthetic clips of known tempo and key, and the scoring conventions.
+
+Measured on the 12 clips below (5 s, 22.05 kHz): every tempo within 4 % up to an octave and every key right; the
+larger measurement (bench/prompt_following_accuracy.py) is in bench/results/prompt_following_accuracy.json.
+"""
+
+import numpy as np
+import pytest
+
+from data_pipelines.synthetic.render import render_clip
+from musicdiff.eval import prompt_following as pf
+
+TONICS = ("C", "Db", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    clips = []
+    for i in range(12):
+        clip = render_clip(100 + i, seconds=5.0, sample_rate=22050, bpm=70 + (i * 37) % 91,
+                           key=TONICS[(i * 5) % 12], mode=("major", "minor")[i % 2])
+        targets = pf.prompt_targets(clip.caption, clip.attributes)
+        clips.append((clip, targets, pf.clip_prompt_following(clip.audio, 22050, targets)))
+    return clips
+
+
+def test_estimators_on_rendered_clips_of_known_tempo_and_key(rendered):
+    summary = pf.summarize([scored for _, _, scored in rendered])
+    assert summary["tempo_acc_octave"] >= 0.9
+    assert summary["tempo_acc"] >= 0.7
+    assert summary["key_acc"] >= 0.9
+    assert summary["mode_acc"] >= 0.9
+    assert summary["tempo_acc_count"] == 12
+
+
+def test_targets_come_from_attributes_or_from_the_caption(rendered):
+    clip, targets, _ = rendered[3]
+    assert targets["bpm"] == clip.attributes["bpm"]
+    assert targets["tonic"] == clip.attributes["tonic_pitch_class"]
+    assert targets["mode"] == clip.attributes["mode"]
+    from_text = pf.prompt_targets(clip.caption)  # the synthetic captions state tempo and key
+    assert (from_text["bpm"], from_text["tonic"], from_text["mode"]) == (targets["bpm"], targets["tonic"],
+                                                                       targets["mode"])
+    assert pf.prompt_targets("an ambient drone") == {}
+
+
+def test_wrong_prompts_score_zero(rendered):
+    clip, targets, _ = rendered[0]
+    wrong = dict(bpm=targets["bpm"] * 1.5, tonic=(targets["tonic"] + 6) % 12, mode=targets["mode"])
+    scored = pf.clip_prompt_following(clip.audio, 22050, wrong)
+    assert scored["tempo_acc"] == 0.0 and scored["key_acc"] == 0.0 and scored["key_mirex"] == 0.0
+
+
+def test_parse_pitch_class():
+    assert [pf.parse_pitch_class(n) for n in ("C", "E-flat", "F#", "Bb", "b", "C-sharp", "Cb")] == [
+        0, 3, 6, 10, 11, 1, 11]
+    with pytest.raises(ValueError):
+        pf.parse_pitch_class("H")
+
+
+def test_tempo_tolerance_and_octaves():
+    assert pf.tempo_correct(124.7, 120.0) and not pf.tempo_correct(124.9, 120.0)
+    assert not pf.tempo_correct(240.0, 120.0)
+    assert pf.tempo_correct(240.0, 120.0, pf.OCTAVE_FACTORS) and pf.tempo_correct(61.0, 120.0, pf.OCTAVE_FACTORS)
+    assert not pf.tempo_correct(180.0, 120.0, pf.OCTAVE_FACTORS)
+
+
+def test_mirex_key_score():
+    c_major = (0, "major")
+    assert pf.mirex_key_score(0, "major", *c_major) == 1.0
+    assert pf.mirex_key_score(7, "major", *c_major) == 0.5  # G major: a fifth above
+    assert pf.mirex_key_score(5, "major", *c_major) == 0.5  # F major: a fifth below
+    assert pf.mirex_key_score(9, "minor", *c_major) == 0.3  # A minor: relative
+    assert pf.mirex_key_score(0, "minor", *c_major) == 0.2  # C minor: parallel
+    assert pf.mirex_key_score(0, "major", 9, "minor") == 0.3  # relative major of A minor
+    assert pf.mirex_key_score(2, "major", *c_major) == 0.0
+
+
+def test_key_scores_pick_the_profile_rotation():
+    chroma = np.roll(pf.KK_MINOR, 4)  # an E-minor-shaped chroma
+    scores = pf.key_scores(chroma)
+    assert np.unravel_index(np.argmax(scores), scores.shape) == (1, 4)
