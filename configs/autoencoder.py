@@ -133,7 +133,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         ema_inv_gamma=1.0,
         ema_update_after_step=1,
         grad_clip_norm=0.0,  # 0 = off
-        nan_guard_steps=5,  # stop after this many consecutive non-finite steps (each is skipped)
+        max_nonfinite_steps=5,  # stop after this many consecutive non-finite steps (each is skipped)
         log_every=100 if arg == "sao" else 10,
         checkpoint_every=10_000 if arg == "sao" else training.get("checkpoint_every", 100),
         keep_checkpoints=3,
