@@ -17,12 +17,13 @@ function of (state, batch) (`kind_step`):
   [reals; fakes];
 - discriminator step: the same reconstruction without gradients, hinge loss of the discriminator on
   [reals; stop_gradient(fakes)], AdamW update of the discriminator.
-`step` puts all kinds in one program (`lax.switch` on the step counter). Training uses `AlternatingStep` instead: one
-compiled program per kind, chosen on the host by a counter that mirrors the state's step, so the loop stays plain.
-The reason is measured: XLA's CPU backend ran a branch inside a conditional 4-5x slower than the same branch as its
-own program (tiny preset, batch 4 x 16384: 17.2 s vs 3.1 s a step on the loaded 2-core machine), and XLA:GPU's
-conditional copies its predicate to the host anyway. Only the kinds that steps 0 .. num_steps-1 reach are compiled
-(`reachable_kinds`): the SAO recipe compiles two programs, a run that ends inside its warm-up one.
+Training runs them through `AlternatingStep`: one compiled program per kind, chosen on the host by a counter that
+mirrors the state's step, so the loop stays plain (it calls one `step_fn(state, batch)`). One program holding all
+kinds behind a `lax.switch` was measured first and rejected: XLA's CPU backend ran a branch inside the conditional
+4-5x slower than the same code as its own program (tiny preset, batch 4 x 16384: 17.2 s vs 3.1 s a step on the
+loaded 2-core machine), and XLA:GPU's conditional copies its predicate to the host anyway. Only the kinds that steps
+0 .. num_steps-1 reach are compiled (`reachable_kinds`): the SAO recipe compiles two programs, a run that ends
+inside its warm-up one.
 All kinds report the same metrics, all evaluated at the step's incoming parameters (the generator objective is
 computed forward-only on discriminator steps), so any logging interval sees comparable numbers.
 
@@ -91,23 +92,15 @@ def generator_updates_before(step: jax.Array | int, warmup_steps: int, warmup_mo
     return warm + (step + 1) // 2 - (warm + 1) // 2
 
 
-def is_discriminator_step(step: jax.Array | int, warmup_steps: int, warmup_mode: str) -> jax.Array:
-    step = jnp.asarray(step, jnp.int32)
-    odd = step % 2 == 1
-    return odd & (step >= warmup_steps) if warmup_mode == "full" else odd
-
-
-def step_kind(step: jax.Array | int, warmup_steps: int, warmup_mode: str) -> jax.Array:
-    """GENERATOR_WARMUP, GENERATOR or DISCRIMINATOR for global step `step` (int32)."""
-    step = jnp.asarray(step, jnp.int32)
-    generator = jnp.where(step >= warmup_steps, GENERATOR, GENERATOR_WARMUP)
-    return jnp.where(is_discriminator_step(step, warmup_steps, warmup_mode), DISCRIMINATOR, generator).astype(
-        jnp.int32)
+def step_kind(step: int, warmup_steps: int, warmup_mode: str) -> int:
+    """GENERATOR_WARMUP, GENERATOR or DISCRIMINATOR for global step `step` (the reference's schedule)."""
+    discriminator = step % 2 == 1 and (warmup_mode == "adv" or step >= warmup_steps)
+    return DISCRIMINATOR if discriminator else GENERATOR if step >= warmup_steps else GENERATOR_WARMUP
 
 
 def reachable_kinds(num_steps: int, warmup_steps: int, warmup_mode: str) -> tuple[int, ...]:
     """The step kinds that global steps 0 .. num_steps-1 use (at least one, so a step function always exists)."""
-    kinds = {int(step_kind(s, warmup_steps, warmup_mode)) for s in _kind_witnesses(num_steps, warmup_steps)}
+    kinds = {step_kind(s, warmup_steps, warmup_mode) for s in _kind_witnesses(num_steps, warmup_steps)}
     return tuple(sorted(kinds)) or (GENERATOR_WARMUP if warmup_steps else GENERATOR,)
 
 
@@ -251,7 +244,7 @@ class AutoencoderTrainer:
             "ema": {**state["ema"], "autoencoder": select_tree(finite, new_ema, state["ema"]["autoencoder"])},
             "opt_state": {**opt_state, "generator": select_tree(finite, new_opt, opt_state["generator"])},
         }
-        metrics.update(grad_norm=optax.global_norm(grads), update_skipped=1.0 - finite.astype(jnp.float32),
+        metrics.update(grad_norm=optax.tree.norm(grads), update_skipped=1.0 - finite.astype(jnp.float32),
                        ema_decay=decay)
         return new_state, metrics
 
@@ -275,7 +268,7 @@ class AutoencoderTrainer:
             "params": {**params, "discriminator": select_tree(finite, new_params, params["discriminator"])},
             "opt_state": {**opt_state, "discriminator": select_tree(finite, new_opt, opt_state["discriminator"])},
         }
-        metrics.update(grad_norm=optax.global_norm(grads), update_skipped=1.0 - finite.astype(jnp.float32),
+        metrics.update(grad_norm=optax.tree.norm(grads), update_skipped=1.0 - finite.astype(jnp.float32),
                        ema_decay=jnp.zeros((), jnp.float32))
         return new_state, metrics
 
@@ -307,26 +300,8 @@ class AutoencoderTrainer:
 
         return step
 
-    def step(self, state: dict[str, Any], batch: Mapping[str, jax.Array]) -> tuple[dict[str, Any], dict]:
-        """One global step of any kind as a single pure program (`lax.switch` on the step counter).
-
-        Same values as the per-kind steps, but XLA's CPU backend runs the branches of a conditional 4-5x slower
-        than the same code as its own program (measured on the tiny preset), so training uses `AlternatingStep`.
-        """
-        audio = batch["audio"].astype(jnp.float32)
-        key = jax.random.fold_in(state["rng"], state["step"])
-        kind = step_kind(state["step"], self.warmup_steps, self.warmup_mode)
-        branches = [self._branch(k) for k in self.kinds]
-        if len(branches) == 1:
-            new_state, metrics = branches[0](state, audio, key)
-        else:
-            position = jnp.asarray([self.kinds.index(k) if k in self.kinds else 0 for k in range(len(STEP_KINDS))],
-                                   jnp.int32)[kind]
-            new_state, metrics = jax.lax.switch(position, branches, state, audio, key)
-        return self._finish(state, new_state, metrics, kind)
-
     def host_kind(self, step: int) -> int:
-        return int(step_kind(step, self.warmup_steps, self.warmup_mode))
+        return step_kind(step, self.warmup_steps, self.warmup_mode)
 
 
 class AlternatingStep:
@@ -367,5 +342,5 @@ def _update_count(opt_state: Any) -> jax.Array:
     return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
 
 
-__all__ = ["AlternatingStep", "DISCRIMINATOR", "GENERATOR", "GENERATOR_WARMUP", "STEP_KINDS", "AutoencoderTrainer", "LossWeights",
-           "generator_updates_before", "is_discriminator_step", "reachable_kinds", "step_kind"]
+__all__ = ["DISCRIMINATOR", "GENERATOR", "GENERATOR_WARMUP", "STEP_KINDS", "AlternatingStep", "AutoencoderTrainer",
+           "LossWeights", "generator_updates_before", "reachable_kinds", "step_kind"]
