@@ -138,6 +138,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         log_every=100 if arg == "sao" else 10,
         checkpoint_every=10_000 if arg == "sao" else training.get("checkpoint_every", 100),
         keep_checkpoints=3,
+        save_initial_checkpoint=False,  # also checkpoint step 0: the baseline an evaluation compares against
+        preemption_sync_every=10,  # multi-process: steps between combining the processes' SIGTERM flags
         demo_every=2_000 if arg == "sao" else training.get("demo_every", 100),
         demo_seconds=training.get("demo_seconds", 5.0),  # the fixed held-out demo clip: its first seconds
     ))

@@ -11,13 +11,21 @@ folders. `fast=True` shrinks every stage (a smoke run of the wiring, not a usefu
 import ml_collections
 
 NUM_CLIPS, SECONDS = 160, 6.0
+AUTOENCODER_STEPS = 500
 
 STAGES = (
     ("data", "prepare_data", "configs/synthetic_data.py",
      (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}")),
     ("inspect", "inspect_data", "configs/audio_folder.py", ("root={data}",)),
+    # The tiny VAE's reconstruction phase only (the adversarial terms start at warmup_steps): on 2 CPU cores a few
+    # hundred steps of short crops at a high learning rate, with a step-0 checkpoint as the evaluation baseline.
     ("autoencoder", "train_autoencoder", "configs/autoencoder.py:tiny",
-     ("data.root={data}", "training.num_steps=1000")),
+     ("data.root={data}", f"training.num_steps={AUTOENCODER_STEPS}", f"training.warmup_steps={AUTOENCODER_STEPS}",
+      "training.warmup_mode=full", "batch_size=4", "data.sample_size=8192", "training.generator.learning_rate=1e-3",
+      "training.lr_warmup=0.95", "training.save_initial_checkpoint=True",
+      f"training.checkpoint_every={AUTOENCODER_STEPS}", f"training.demo_every={AUTOENCODER_STEPS}")),
+    ("autoencoder_eval_step0", "evaluate", "configs/evaluate.py:autoencoder",
+     ("checkpoint={autoencoder}", "step=0", "data.root={data}")),
     ("autoencoder_eval", "evaluate", "configs/evaluate.py:autoencoder",
      ("checkpoint={autoencoder}", "data.root={data}")),
     ("latents", "precompute_latents", "configs/precompute.py:tiny",
@@ -34,7 +42,8 @@ STAGES = (
 
 FAST = {
     "data": ("num_clips=24", "seconds=4.0"),
-    "autoencoder": ("training.num_steps=20",),
+    "autoencoder": ("training.num_steps=20", "training.warmup_steps=20", "training.checkpoint_every=20",
+                    "training.demo_every=20"),
     "diffusion": ("training.num_steps=20", "training.checkpoint_every=20"),
     "evaluator": ("training.num_steps=10",),
     "evaluation": ("num_prompts=4", "generate.steps=4"),

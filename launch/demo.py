@@ -85,7 +85,9 @@ def demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             print("\nrendered clips:")
             preview_clips(Path(folders["data"]), workdir / "preview", int(config.preview_clips))
     summary = {"seconds": timings, "total_seconds": sum(timings.values())}
-    summary["autoencoder"] = json.loads((workdir / "autoencoder_eval" / "report.json").read_text())
+    summary["autoencoder"] = {
+        "step_0": json.loads((workdir / "autoencoder_eval_step0" / "report.json").read_text()),
+        "final": json.loads((workdir / "autoencoder_eval" / "report.json").read_text())}
     summary["diffusion_loss"] = loss_summary(workdir / "diffusion" / "metrics.jsonl")
     summary["evaluation"] = json.loads((workdir / "evaluation" / "series.json").read_text())
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -100,7 +102,9 @@ def summary_markdown(summary: dict, workdir: Path) -> str:
              f"Total {summary['total_seconds'] / 60:.1f} min: " + ", ".join(
                  f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items()), "",
              f"- Rendered clips and spectrograms: {workdir / 'data'}, {workdir / 'preview'}",
-             f"- Autoencoder reconstruction report: {workdir / 'autoencoder_eval' / 'report.md'}",
+             f"- Autoencoder reconstruction reports: {workdir / 'autoencoder_eval_step0' / 'report.md'} (step 0), "
+             f"{workdir / 'autoencoder_eval' / 'report.md'} (final); listen: {workdir / 'autoencoder' / 'demos'}",
+             *autoencoder_lines(summary["autoencoder"]),
              f"- Diffusion loss: mean of the first {loss['window']} steps {loss['first_steps_mean']:.4f}, of the last "
              f"{loss['window']} steps {loss['last_steps_mean']:.4f} (step {loss['final_step']})",
              f"- Generated audio (listen here) and spectrograms: {workdir / 'evaluation' / 'generations'}/step_*/",
@@ -112,6 +116,18 @@ def summary_markdown(summary: dict, workdir: Path) -> str:
         for step in sorted(series, key=int):
             lines.append(f"| {step} | " + " | ".join(_cell(series[step].get(m)) for m in metrics) + " |")
     return "\n".join(lines) + "\n"
+
+
+def autoencoder_lines(reports: dict) -> list[str]:
+    """Held-out reconstruction scores at step 0 and after training (the issue's bar: mel distance -30%, SI-SDR up)."""
+    first, last = reports["step_0"], reports["final"]
+    lines = ["", f"| autoencoder (held-out, {last['clips']} clips) | step 0 | step {last['step']} | change |",
+             "|---|---|---|---|"]
+    for metric in ("mel_distance", "stft_distance", "mrstft_distance", "si_sdr"):
+        before, after = first["metrics"][metric]["mean"], last["metrics"][metric]["mean"]
+        change = f"{after - before:+.2f} dB" if metric == "si_sdr" else f"{100 * (after - before) / before:+.1f}%"
+        lines.append(f"| {metric} | {before:.4g} | {after:.4g} | {change} |")
+    return lines + [""]
 
 
 def _cell(value) -> str:

@@ -105,7 +105,8 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: Path) -> di
         f"chunked encode/decode: {chunk} latent frames per chunk, {overlap} overlap; posterior mean latents",
         *ASSUMPTIONS,
     ]
-    write_report(summary, workdir, "Autoencoder reconstruction", notes=notes)
+    write_report(summary, workdir, "Autoencoder reconstruction", notes=notes,
+                 fields={"step": ref.step, "clips": len(per_clip)})
     atomic_write_json(Path(workdir) / "per_clip.json", per_clip)
     return {"step": ref.step, "clips": len(per_clip), "metrics": summary}
 

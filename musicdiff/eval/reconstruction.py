@@ -166,16 +166,18 @@ def _cell(value: Any) -> str:
 
 def write_report(
     metrics: Mapping[str, Any], workdir: str | os.PathLike, title: str, *, notes: Sequence[str] = (),
+    fields: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Writes `report.json` and a readable `report.md` table into `workdir`, each atomically.
 
     `metrics` maps a metric name to a number or to a dict of numbers (such as `aggregate`'s mean/std/count); the
-    table's columns are the union of those keys. Returns (json_path, markdown_path).
+    table's columns are the union of those keys. `fields` are further top-level JSON entries (such as the checkpoint
+    step). Returns (json_path, markdown_path).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    payload = dict(title=title, created=created, metrics=dict(metrics), notes=list(notes))
+    payload = dict(title=title, created=created, **dict(fields or {}), metrics=dict(metrics), notes=list(notes))
     json_path, md_path = workdir / "report.json", workdir / "report.md"
     _atomic_write(json_path, json.dumps(payload, indent=2, default=float) + "\n")
 

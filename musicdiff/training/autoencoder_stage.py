@@ -4,8 +4,10 @@
 
 - Data: the audio-folder scan of `config.data.root`, minus the held-out split (data_pipelines/splits.py, by path
   hash, `data.heldout_fraction`), through the Grain `training_dataset` (shuffled, random crops of `sample_size`).
-  Each process reads batch_size / process_count examples; the global batch is split over the mesh's data and fsdp
-  axes, parameters and optimiser moments over fsdp (config.sharding_rules).
+  Each process reads the rows of every global batch that its devices hold (sharding.process_batch_rows), so P
+  processes together train on exactly the batches one process would; the global batch is split over the mesh's data
+  and fsdp axes, parameters and optimiser moments over fsdp (config.sharding_rules). SIGTERM (preemption) at any
+  point after start-up saves a checkpoint at the next step all processes agree on and exits 0.
 - Checkpoints: WORKDIR/checkpoints/<step>/{state, data_iter, config} every `checkpoint_every` steps and at the end
   (keep the last `keep_checkpoints`); rerunning the same command resumes from the latest one, data position
   included. `init_from` starts a new run from another checkpoint's weights with fresh optimisers.
@@ -34,6 +36,7 @@ from data_pipelines.audio_folder import AudioItem, data_root, scan
 from data_pipelines.grain_pipeline import AudioFolderSource, ClipSpec, make_example, training_dataset
 from data_pipelines.splits import split_items
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.parallel.sharding import process_batch_rows
 from musicdiff.training import loop
 from musicdiff.training.autoencoder import AlternatingStep, AutoencoderTrainer
 from musicdiff.training.metrics import MetricLogger, NanGuard
@@ -54,14 +57,18 @@ def split_folder(config: ml_collections.ConfigDict) -> tuple[list[AudioItem], li
     return train, heldout
 
 
-def process_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config.data` plus this process's `batch_size` (the global `config.batch_size` over the process count)."""
-    processes = jax.process_count()
-    if config.batch_size % processes:
-        raise ConfigError(f"config.batch_size={config.batch_size}: must be divisible by the {processes} processes")
+def process_data_config(config: ml_collections.ConfigDict, rows: tuple[int, ...]) -> ml_collections.ConfigDict:
+    """`config.data` with this process's `batch_size`: the number of its `rows` of each global batch."""
     data = ml_collections.ConfigDict(config.data.to_dict())
-    data.batch_size = int(config.batch_size) // processes
+    data.batch_size = len(rows)
     return data
+
+
+def process_training_dataset(config: ml_collections.ConfigDict, items: list[AudioItem], mesh, rules):
+    """This process's rows (sharding.process_batch_rows) of every global batch of `config.batch_size` crops."""
+    rows = process_batch_rows(mesh, rules, int(config.batch_size))
+    return training_dataset(AudioFolderSource(items), process_data_config(config, rows), seed=int(config.seed),
+                            batch_rows=rows, global_batch_size=int(config.batch_size))
 
 
 def _check_channels(config: ml_collections.ConfigDict) -> None:
@@ -142,13 +149,21 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: Path, *,
     """The `launch.train_autoencoder` stage (see the module docstring); resumes from WORKDIR/checkpoints."""
     workdir = Path(workdir)
     _check_channels(config)
+    schedule = loop.Schedule.from_config(config.training)
+    preemption = loop.Preemption(sync_every=schedule.preemption_sync_every)  # catches SIGTERM while compiling too
+    try:
+        return _train(config, workdir, schedule, preemption, on_state)
+    finally:
+        preemption.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, schedule: loop.Schedule, preemption: loop.Preemption,
+           on_state: Callable[[int, Any], None] | None) -> loop.LoopResult:
     train_items, heldout_items = split_folder(config)
     log.info("training on %d clips, %d held out", len(train_items), len(heldout_items))
     trainer = AutoencoderTrainer(config)
     mesh, rules = loop.mesh_and_rules(config)
-    schedule = loop.Schedule.from_config(config.training)
-    data = process_data_config(config)
-    data_iter = iter(training_dataset(AudioFolderSource(train_items), data, seed=int(config.seed)))
+    data_iter = iter(process_training_dataset(config, train_items, mesh, rules))
     key = jax.random.key(int(config.seed))
     with loop.open_checkpointer(workdir, schedule) as checkpointer:
         fresh = checkpointer.latest_step() is None
@@ -173,8 +188,10 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: Path, *,
                             config.data.heldout_fraction)
             _, result = loop.run(state=state, step_fn=step_fn, batches=audio_batches(data_iter), start_step=start,
                                  schedule=schedule, checkpointer=checkpointer, logger=logger, mesh=mesh, rules=rules,
-                                 config=config, data_iter=data_iter, demo_fn=demo, on_state=on_state)
+                                 config=config, data_iter=data_iter, demo_fn=demo, on_state=on_state,
+                                 preemption=preemption, global_batch_size=int(config.batch_size))
     return result
 
 
-__all__ = ["ReconstructionDemo", "audio_batches", "process_data_config", "split_folder", "train_autoencoder"]
+__all__ = ["ReconstructionDemo", "audio_batches", "process_data_config", "process_training_dataset", "split_folder",
+           "train_autoencoder"]
