@@ -150,11 +150,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: Path, *,
     workdir = Path(workdir)
     _check_channels(config)
     schedule = loop.Schedule.from_config(config.training)
-    preemption = loop.Preemption(sync_every=schedule.preemption_sync_every)  # catches SIGTERM while compiling too
-    try:
+    with loop.Preemption(sync_every=schedule.preemption_sync_every) as preemption:
         return _train(config, workdir, schedule, preemption, on_state)
-    finally:
-        preemption.close()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, schedule: loop.Schedule, preemption: loop.Preemption,

@@ -292,11 +292,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: Path, *,
     manifest = _latents_manifest(config)
     config = _prepare_workdir(resolve_config(config, manifest), workdir)
     schedule = loop.Schedule.from_config(config.training)
-    preemption = loop.Preemption(sync_every=schedule.preemption_sync_every)  # catches SIGTERM while compiling too
-    try:
+    with loop.Preemption(sync_every=schedule.preemption_sync_every) as preemption:
         return _train(config, workdir, schedule, preemption, on_state)
-    finally:
-        preemption.close()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, schedule: loop.Schedule, preemption: loop.Preemption,

@@ -87,7 +87,8 @@ class Preemption:
     """SIGTERM (and SIGINT when asked) sets a flag; the loop saves at the next step boundary and returns.
 
     With several processes the flag is combined across all of them every `sync_every` steps, so every process
-    stops at the same step and takes part in the same save.
+    stops at the same step and takes part in the same save. As a context manager it restores the previous handlers
+    on exit; a stage opens it before compiling so a signal during start-up is not lost.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), sync_every: int = 10):
@@ -117,6 +118,12 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def __enter__(self) -> Preemption:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 @dataclasses.dataclass
