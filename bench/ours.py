@@ -132,7 +132,7 @@ class Sampling:
     prompt embeddings, as Generator runs it for one clip."""
 
     def __init__(self, config: ml_collections.ConfigDict, settings: SamplerSettings, batch: int, length: int,
-                 prompt_tokens: int, valid_tokens: int):
+                 prompt_tokens: int, valid_tokens: int, prompt_dim: int = 768):
         model = registry.build(config.model, nnx.Rngs(0))
         conditioner = registry.build(config.conditioner, nnx.Rngs(1))
         graphdefs = {"model": nnx.graphdef(model), "conditioner": nnx.graphdef(conditioner)}
@@ -140,7 +140,7 @@ class Sampling:
         shape = (batch, int(config.model.io_channels), length)
         sample_fn = make_sampler(graphdefs, config.objective, settings, shape)
         mask = jnp.broadcast_to(jnp.arange(prompt_tokens)[None, :] < valid_tokens, (batch, prompt_tokens))
-        embeddings = jax.random.normal(jax.random.key(2), (batch, prompt_tokens, 768)) * mask[..., None]
+        embeddings = jax.random.normal(jax.random.key(2), (batch, prompt_tokens, prompt_dim)) * mask[..., None]
         self.inputs = {"prompt": {"embeddings": embeddings, "mask": mask},
                        "seconds_total": jnp.full((batch,), 47.0, jnp.float32)}
         ids = [entry["id"] for entry in config.conditioner.conditioning.configs]
@@ -165,7 +165,7 @@ class Precompute:
         self.root = Path(tempfile.mkdtemp(prefix="bench_precompute_"))
         self.runs = 0
         began = time.perf_counter()
-        self.windows = self.run()  # compiles the encoder (and builds nothing that a later run reuses but that)
+        self.windows = self.run()  # the first run compiles the encoder program, which later runs reuse
         self.compile_seconds = time.perf_counter() - began
 
     def run(self) -> int:
