@@ -12,7 +12,7 @@ from musicdiff.files import atomic_write_bytes, atomic_write_json
 
 # The "Done when" ratios (musicdiff throughput / reference throughput).
 TARGETS = {"ae_encode": 2.0, "ae_decode": 2.0, "dit_train_sao_small": 1.5, "sample_sao_small_pingpong": 1.5,
-           "sample_sao_dpmpp3msde": 1.1}
+           "sample_sao_small_pingpong_native": 1.5, "sample_sao_dpmpp3msde": 1.1}
 
 ACCELERATOR_NOTE = ("Accelerator mode (`make bench-gpu`: :sao DiT training step in bf16 with MFU, 47 s generation "
                     "at 100 and 8 steps, autoencoder decode) was NOT run: no GPU/TPU was available for this run.")
@@ -112,7 +112,8 @@ def write_report(report: dict[str, Any], measured: list, out_dir: Path,
     report["load_average_range"] = [min(loads), max(loads)] if loads else [0.0, 0.0]
     report["accelerator"] = ACCELERATOR_NOTE
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{socket.gethostname()}-{datetime.date.today().isoformat()}" + ("-quick" if report["quick"] else "")
+    stem = (f"{socket.gethostname()}-{datetime.date.today().isoformat()}" + ("-quick" if report["quick"] else "")
+            + ("-rows" if report.get("rows_selected") else ""))
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     atomic_write_json(json_path, report)
     atomic_write_bytes(md_path, markdown_table(report).encode())

@@ -202,6 +202,7 @@ def main(argv: list[str]) -> None:
             reference.close()
     report = dict(
         benchmark="musicdiff vs stable-audio-tools (CPU, fp32)", quick=quick, repeats=repeats,
+        rows_selected=list(ROWS.value),
         date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(reference_info),
         peak_measurements=peaks, wall_seconds=time.perf_counter() - started)
     json_path, md_path = write_report(report, measured, Path(OUT.value))

@@ -1,5 +1,6 @@
 """DiT building blocks: projections with logical axis names, bias-free LayerNorm, partial rotary embeddings and
-self-/cross-attention through `jax.nn.dot_product_attention` (spec §2.4).
+self-/cross-attention (spec §2.4): heads-major softmax attention on CPU, `jax.nn.dot_product_attention` elsewhere or
+when an implementation is named.
 
 Kernels keep their head structure as separate dimensions ([embed, 3, heads, head_dim] rather than [embed, 3·embed]),
 so tensor parallelism splits whole heads and q/k/v (or SwiGLU halves) never end up on different devices. The
@@ -166,6 +167,32 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
 
 
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q·kᵀ/√d)·v for q [B, T, N, d], k/v [B, S, K, d] (K divides N; query head i reads kv head i // (N/K),
+    as `jax.nn.dot_product_attention` groups them), mask [B, 1|N, 1|T, S] bool. The same arithmetic as jax's XLA
+    implementation (fp32 logits and softmax, probabilities cast to v's dtype) with the heads moved in front first:
+    XLA:CPU runs the [B, N, T, S] score tensor of the BTNH einsums as strided passes, 2x slower at 1025 tokens."""
+    num_heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != num_heads:
+        k, v = (jnp.repeat(a, num_heads // kv_heads, axis=2) for a in (k, v))
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, N, T, d]
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs, v), 1, 2)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+              implementation: str | None = None) -> jax.Array:
+    """`implementation` None: heads_major_attention on the CPU backend, jax.nn.dot_product_attention's own choice
+    elsewhere (cuDNN flash attention where it applies); "xla" / "cudnn": jax.nn.dot_product_attention with it."""
+    if implementation is None and jax.default_backend() == "cpu":
+        return heads_major_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head self-attention with partial rotary on q and k; no mask (as the reference)."""
 
@@ -187,7 +214,7 @@ class SelfAttention(nnx.Module):
         q, k, v = (constrain(qkv[:, :, i], ACTIVATION_HEADS) for i in range(3))
         q, k = _normalised(self.q_norm, q), _normalised(self.k_norm, k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attention(q, k, v, implementation=self.implementation)
         return self.to_out(constrain(out, ACTIVATION_HEADS))
 
 
@@ -224,10 +251,10 @@ class CrossAttention(nnx.Module):
         kv = self.to_kv(context)
         k, v = _normalised(self.k_norm, kv[:, :, 0]), kv[:, :, 1]
         if not self.use_mask or context_mask is None:
-            out = jax.nn.dot_product_attention(q, k, v)
+            out = attention(q, k, v)
             return self.to_out(constrain(out, ACTIVATION_HEADS))
         context_mask = context_mask.astype(bool)
-        out = jax.nn.dot_product_attention(q, k, v, mask=context_mask[:, None, None, :])
+        out = attention(q, k, v, mask=context_mask[:, None, None, :])
         # A sample with no valid token (the CFG null condition) gets no cross-attention contribution, as the
         # reference's all-zero null context does; softmax over only-masked keys would otherwise average them.
         has_context = jnp.any(context_mask, axis=-1)[:, None, None, None]
