@@ -12,7 +12,9 @@
 
 import ml_collections
 
+from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
 from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel.distributed import distributed_config
 
 SAO_STFT_FFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # hops are fft / 4, windows = fft (spec §1.9)
 SAO_DISCRIMINATOR_FFT_SIZES = (2048, 1024, 512, 256, 128)
@@ -75,24 +77,42 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         n_ffts=SAO_DISCRIMINATOR_FFT_SIZES,
     ))
 
+    # Audio folder and Grain pipeline (see configs/audio_folder.py for the keys shared with every stage). The
+    # global batch is `batch_size` above; each process reads batch_size / process_count examples.
     c.data = ml_collections.ConfigDict(dict(
-        root="",  # directory of audio files
+        root="",  # directory of audio files (with manifest.jsonl)
         sample_rate=44100,
         sample_size=preset["sample_size"],  # crop length in samples; a multiple of the downsampling ratio
+        channels=2,
+        license_allowlist=DEFAULT_LICENSE_ALLOWLIST,
+        silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
+        min_seconds=DEFAULT_MIN_SECONDS,
+        normalize="none",
         random_crop=True,
+        shuffle_seed=0,
+        num_workers=0,
+        read_threads=2,
+        # Clips whose relative-path hash falls below this are held out of training (data_pipelines/splits.py);
+        # launch.evaluate scores that split and demos reconstruct its first clip.
+        heldout_fraction=0.1,
     ))
+    # A checkpoint (workdir or step directory) to start from with a fresh optimiser; ignored when resuming.
+    c.init_from = ""
 
+    training = preset.get("training", {})
     c.training = ml_collections.ConfigDict(dict(
         num_steps=preset["num_steps"],
-        # Odd global steps update the discriminator, even steps the generator (spec §1.9).
+        # Odd global steps update the discriminator, even steps the generator (spec §1.9); one compiled step does
+        # both (musicdiff/training/autoencoder.py).
         generator=ml_collections.ConfigDict(dict(
-            optimizer="adamw", learning_rate=preset["gen_lr"], b1=0.8, b2=0.99, weight_decay=1e-3)),
+            optimizer="adamw", learning_rate=preset["gen_lr"], b1=0.8, b2=0.99, eps=1e-8, weight_decay=1e-3)),
         discriminator=ml_collections.ConfigDict(dict(
-            optimizer="adamw", learning_rate=preset["disc_lr"], b1=0.8, b2=0.99, weight_decay=1e-3)),
-        lr_schedule="inverse",  # InverseLR, stepped every optimisation step
+            optimizer="adamw", learning_rate=preset["disc_lr"], b1=0.8, b2=0.99, eps=1e-8, weight_decay=1e-3)),
+        lr_schedule="inverse",  # InverseLR for both optimisers, stepped on each of their updates
         lr_inv_gamma=200000.0,
         lr_power=0.5,
-        lr_warmup=0.999,
+        lr_warmup=training.get("lr_warmup", 0.999),
+        final_lr=0.0,
         loss_weights=ml_collections.ConfigDict(dict(
             mrstft=1.0,  # mid/side MR-STFT + 0.5 · (left + right) MR-STFT
             l1=0.0,  # time-domain L1, off in the recipe
@@ -101,15 +121,25 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             kl=1e-4,
             quantizer=1.0,  # vq / rvq bottlenecks only
         )),
-        stft_fft_sizes=SAO_STFT_FFT_SIZES,
+        stft_fft_sizes=preset.get("stft_fft_sizes", SAO_STFT_FFT_SIZES),
         stft_perceptual_weighting=True,  # A-weighting FIR pre-filter
-        warmup_steps=0,  # generator steps without adversarial / feature-matching terms
-        encoder_freeze_on_warmup=False,
-        ema_decay=0.9999,
+        # Before warmup_steps the generator has no adversarial / feature-matching terms. warmup_mode "adv" (the
+        # reference default) still trains the discriminator on odd steps meanwhile; "full" makes every warm-up step
+        # a generator step and starts the alternation at warmup_steps.
+        warmup_steps=training.get("warmup_steps", 0),
+        warmup_mode=training.get("warmup_mode", "adv"),
+        encoder_freeze_on_warmup=False,  # after warm-up, keep the encoder fixed and train the decoder only
+        ema_decay=0.9999,  # maximum EMA decay (ema_pytorch warm-up, counted in generator updates)
         ema_power=0.75,
+        ema_inv_gamma=1.0,
+        ema_update_after_step=1,
         grad_clip_norm=0.0,  # 0 = off
+        max_nonfinite_steps=5,  # stop after this many consecutive non-finite steps (each is skipped)
         log_every=100 if arg == "sao" else 10,
-        checkpoint_every=10_000 if arg == "sao" else 100,
-        demo_every=2_000 if arg == "sao" else 100,
+        checkpoint_every=10_000 if arg == "sao" else training.get("checkpoint_every", 100),
+        keep_checkpoints=3,
+        demo_every=2_000 if arg == "sao" else training.get("demo_every", 100),
+        demo_seconds=training.get("demo_seconds", 5.0),  # the fixed held-out demo clip: its first seconds
     ))
+    c.distributed = distributed_config()  # multi-host start-up (musicdiff/parallel/distributed.py, launch/README.md)
     return c

@@ -7,8 +7,9 @@
 Sections: `model` (the DiT), `conditioner` (a stable-audio-tools `conditioning` block with its routing, built as
 musicdiff.models.conditioning.MultiConditioner), `prompt_encoder` (how prompts become the prompt conditioner's input at
 generation time: "t5" = frozen T5 from a local directory or hub name, "embedded" = the caption tokenizer, whose encoder
-lives inside the conditioner and trains with the DiT), `objective`, `training`, `data`. `autoencoder_checkpoint`
-names the autoencoder whose latents the DiT models ("" = the one recorded in the latents manifest).
+lives inside the conditioner and trains with the DiT), `objective`, `training`, `data`, `distributed` (multi-host:
+musicdiff/parallel/distributed.py, launch/README.md). `autoencoder_checkpoint` names the autoencoder whose latents
+the DiT models ("" = the one recorded in the latents manifest).
 Checkpoints hold params/{model, conditioner} and ema/{model, conditioner}.
 
 The optimiser recipe is SAO's (spec §3.4): AdamW(5e-5, (0.9, 0.999), wd 1e-3) with InverseLR
@@ -19,6 +20,7 @@ lr(step) = lr · (1 - warmup^(step+1)) · (1 + step/inv_gamma)^(-power), EMA 0.9
 import ml_collections
 
 from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel.distributed import distributed_config
 
 PRESETS = {
     "sao": dict(
@@ -148,6 +150,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         log_every=100 if arg != "tiny" else 10,
         checkpoint_every=10_000 if arg != "tiny" else 100,
         keep_checkpoints=3,
+        keep_period=0,  # also keep every step that is a multiple of this (0 = off)
+        save_initial_checkpoint=False,  # checkpoint step 0 too (a baseline for launch.evaluate series)
+        preemption_sync_every=10,  # multi-host: steps between agreeing on a SIGTERM (save + exit 0 at that step)
         demo_every=0,  # generate demo clips (TensorBoard audio + spectrograms) every N steps; 0 = never
         demo_steps=50,
         demo_cfg_scale=6.0,
@@ -161,4 +166,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         sample_rate=44100,
         shuffle_seed=0,
     ))
+    c.distributed = distributed_config()  # multi-host start-up (musicdiff/parallel/distributed.py, launch/README.md)
     return c

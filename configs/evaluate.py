@@ -8,10 +8,21 @@ The stage is chosen by `kind` (one preset per kind):
       --config.backbones.openl3.weights=... --config.backbones.passt.weights=... --config.backbones.clap.weights=...
 - embedded: the same stage with the embedded evaluator (no download) for FD and KL, plus its attribute accuracy:
       --config.generated_dir=GEN --config.reference.audio_dir=REF --config.backbones.embedded.checkpoint=EVAL_DIR
+- autoencoder: reconstruction scores of an autoencoder checkpoint on the held-out clips of an audio folder
+  (musicdiff.eval.autoencoder_eval): STFT distance, mel distance, SI-SDR, MR-STFT distance.
+      --config.checkpoint=RUN --config.data.root=ROOT
 Series: --config.checkpoints=RUN generates from every saved step of a diffusion run (settings in `generate`, a
 configs/generate.py section; prompts from `prompts_file` or the first `num_prompts` reference captions) and
 evaluates each; --config.series_dir=DIR evaluates existing sub-folders <step>/ or step_<step>/ of generations.
 Both write OUT/step_<step>/report.*, OUT/series.json and the metric-vs-step plot OUT/series.png.
+
+Keys (autoencoder):
+- checkpoint: a training workdir, its checkpoints/ directory or one step's directory; step (-1: the latest);
+  use_ema: score the EMA weights when the checkpoint has them.
+- data: root; split ("heldout": the clips the trainer left out, "train", or "all" for a folder the model never saw);
+  heldout_fraction (-1: the checkpoint's training value; converted checkpoints fall back to 0.1); normalize ("": as
+  in training); max_seconds (0: whole clips); max_clips (0: all); the scan thresholds of configs/audio_folder.py.
+- chunk_frames, overlap_frames: chunked encode/decode in latent frames (musicdiff.models.chunking).
 
 Keys (generation and embedded):
 - generated_dir: the folder launch.generate wrote (audio + generations.jsonl); step: the TensorBoard step
@@ -31,9 +42,10 @@ from pathlib import Path
 
 import ml_collections
 
+from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
 from musicdiff.config import load_config, to_dict
 
-KINDS = ("generation", "embedded")
+KINDS = ("generation", "embedded", "autoencoder")
 GENERATE_PRESET = {"generation": "", "embedded": "demo"}  # configs/generate.py presets for checkpoint series
 
 
@@ -65,7 +77,29 @@ def _generation_config(kind: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _autoencoder_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "autoencoder"
+    c.checkpoint = ""
+    c.step = -1
+    c.use_ema = True
+    c.chunk_frames = 128
+    c.overlap_frames = 32
+    c.data = ml_collections.ConfigDict(dict(
+        root="",
+        split="heldout",
+        heldout_fraction=-1.0,
+        normalize="",
+        max_seconds=0.0,
+        max_clips=0,
+        license_allowlist=DEFAULT_LICENSE_ALLOWLIST,
+        silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
+        min_seconds=DEFAULT_MIN_SECONDS,
+    ))
+    return c
+
+
 def get_config(arg: str = "embedded") -> ml_collections.ConfigDict:
     if arg not in KINDS:
         raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(KINDS)}")
-    return _generation_config(arg)
+    return _autoencoder_config() if arg == "autoencoder" else _generation_config(arg)

@@ -26,7 +26,7 @@ Keys:
   configs/audio_folder.py; data.sample_rate / data.channels must match the autoencoder's.
 - text_encoder: a configs/text_encoder.py section: name "t5" (frozen, embeddings stored) or "embedded" (caption
   tokenizer built into WORKDIR/tokenizer, token ids stored; tokenizer_path is set by the stage).
-- distributed: multi-host start-up (musicdiff/parallel/multihost.py); every process runs the same command.
+- distributed: multi-host start-up (musicdiff/parallel/distributed.py); every process runs the same command.
 """
 
 import importlib.util
@@ -36,7 +36,7 @@ import ml_collections
 
 from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
 from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
-from musicdiff.parallel.multihost import distributed_config
+from musicdiff.parallel.distributed import distributed_config
 
 
 def _sibling(name: str):

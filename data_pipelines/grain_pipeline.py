@@ -153,15 +153,59 @@ def process_slice(process_index: int | None, process_count: int | None) -> tuple
     return process_index, process_count
 
 
-def shard_for_process(ds: grain.MapDataset, process_index: int, process_count: int,
-                      finite: bool) -> grain.MapDataset:
-    """Every process takes every process_count-th element; finite datasets are first cut to a multiple of
-    process_count so all processes yield the same number of batches (multi-host steps stay in lockstep)."""
-    if process_count == 1:
+class ProcessRows(grain.MapDataset):
+    """This process's share of a stream of global batches: element n is element (n // b) · B + rows[n % b] of the
+    parent, where B is the global batch size and `rows` (b of them) the rows of each global batch that this
+    process feeds. Batching it by b gives exactly those rows of every global batch; a finite parent is cut to whole
+    global batches, so every process yields the same number of batches (multi-host steps stay in lockstep)."""
+
+    def __init__(self, parent: grain.MapDataset, rows: Sequence[int], global_batch_size: int):
+        super().__init__(parent)
+        self._rows = tuple(int(r) for r in rows)
+        self._global = int(global_batch_size)
+        self._length = len(parent) // self._global * len(self._rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        batch, row = divmod(int(index), len(self._rows))
+        return batch * self._global + self._rows[row]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(rows={self._rows[0]}..{self._rows[-1]} ({len(self._rows)}) of {self._global})"
+
+
+def process_rows(batch_size: int, process_index: int | None, process_count: int | None,
+                 batch_rows: Sequence[int] | None = None,
+                 global_batch_size: int | None = None) -> tuple[tuple[int, ...], int]:
+    """(rows of each global batch this process reads, global batch size).
+
+    Default: process p of P reads the contiguous block [p·b, (p+1)·b) of a global batch of P·b (b = `batch_size`,
+    the per-process batch), which is how a mesh laid out process by process splits the batch. Trainers pass the
+    rows their batch sharding actually gives the process (musicdiff.parallel.sharding.process_batch_rows)."""
+    if batch_rows is None:
+        process_index, process_count = process_slice(process_index, process_count)
+        return tuple(range(process_index * batch_size, (process_index + 1) * batch_size)), batch_size * process_count
+    rows = tuple(int(r) for r in batch_rows)
+    if global_batch_size is None or len(rows) != batch_size or not rows or \
+            not all(0 <= r < global_batch_size for r in rows) or len(set(rows)) != len(rows):
+        raise ValueError(f"batch_rows {rows[:8]}... ({len(rows)} rows) must be {batch_size} distinct rows of the "
+                         f"global batch of {global_batch_size}")
+    return rows, int(global_batch_size)
+
+
+def shard_for_process(ds: grain.MapDataset, rows: Sequence[int], global_batch_size: int) -> grain.MapDataset:
+    """`ds` (a stream of examples, global batch after global batch) cut to this process's rows (ProcessRows).
+    Apply randomness before this, so every example's seed is its global position, whatever the process count."""
+    if tuple(rows) == tuple(range(global_batch_size)):
         return ds
-    if finite:
-        ds = ds[: len(ds) // process_count * process_count]
-    return ds[process_index::process_count]
+    return ProcessRows(ds, rows, global_batch_size)
 
 
 def training_dataset(
@@ -172,21 +216,25 @@ def training_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     num_epochs: int | None = None,
+    batch_rows: Sequence[int] | None = None,
+    global_batch_size: int | None = None,
 ) -> grain.IterDataset:
-    """Shuffled, repeated (`num_epochs` None: forever), process-sharded batches of `data.batch_size` examples.
+    """Shuffled, repeated (`num_epochs` None: forever), process-sharded batches of `data.batch_size` examples (per
+    process): this process's rows of each global batch (`process_rows`: by default the p-th block of P).
 
     Order follows `data.shuffle_seed` (reshuffled each epoch), crops follow `seed`; the same seeds give the same
-    batches for any worker count. Checkpoint with `iterator.get_state()` / `iterator.set_state(state)`.
+    global batches for any worker or process count. Checkpoint with `iterator.get_state()` / `set_state(state)`.
     """
     if len(source) == 0:
         raise DataError("the data source is empty: no usable clips (run launch.inspect_data to see why)")
-    process_index, process_count = process_slice(process_index, process_count)
+    rows, global_batch = process_rows(int(data.batch_size), process_index, process_count, batch_rows,
+                                      global_batch_size)
     spec = ClipSpec.from_config(data)
     ds = grain.MapDataset.source(source).shuffle(seed=int(data.shuffle_seed)).repeat(num_epochs)
     # Crops are seeded by the global position (random_map before sharding; decoding stays lazy), so P processes
     # together see exactly the examples one process would.
     ds = ds.random_map(DecodeCrop(spec), seed=int(seed))
-    ds = shard_for_process(ds, process_index, process_count, finite=num_epochs is not None)
+    ds = shard_for_process(ds, rows, global_batch)
     return _batched(ds, data)
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for decoding)
 import msgpack
 import numpy as np
 
-from data_pipelines.grain_pipeline import batch_examples, process_slice, shard_for_process
+from data_pipelines.grain_pipeline import batch_examples, process_rows, shard_for_process
 from musicdiff.errors import DataError
 
 FORMAT = "musicdiff-latents"
@@ -248,10 +248,14 @@ def latent_training_dataset(
     num_epochs: int | None = None,
     read_threads: int = 2,
     num_workers: int = 0,
+    batch_rows: Sequence[int] | None = None,
+    global_batch_size: int | None = None,
 ) -> grain.IterDataset:
     """Shuffled (reshuffled every epoch by `shuffle_seed`), repeated (`num_epochs` None: forever), process-sharded
-    batches of `batch_size` examples (per process); crops and posterior samples follow `seed` and each example's
-    global position, so they do not depend on the process count's slicing and differ every epoch.
+    batches of `batch_size` examples (per process): this process's rows of each global batch
+    (grain_pipeline.process_rows: by default the p-th block of P; trainers pass the rows their batch sharding gives
+    it). Crops and posterior samples follow `seed` and each example's global position, so P processes together
+    produce exactly the global batches one process would, and they differ every epoch.
 
     Checkpoint with `iterator.get_state()` / `iterator.set_state(state)`; a restored iterator yields the same batches.
     With `num_epochs` set, every process yields the same number of batches (the tail that does not divide evenly is
@@ -259,14 +263,14 @@ def latent_training_dataset(
     """
     if latent_length <= 0 or batch_size <= 0:
         raise DataError(f"latent_length={latent_length}, batch_size={batch_size}: both must be positive")
-    process_index, process_count = process_slice(process_index, process_count)
+    rows, global_batch = process_rows(int(batch_size), process_index, process_count, batch_rows, global_batch_size)
     records = LatentRecords(latents_dir)
     if len(records) == 0:
         raise DataError(f"{latents_dir}: holds no records; precompute a non-empty audio folder")
     ds = grain.MapDataset.source(records.raw()).shuffle(seed=int(shuffle_seed)).repeat(num_epochs)
     # Randomness before sharding: each example's seed comes from its global index, not its index on this process.
     ds = ds.map(DecodeRecord()).random_map(CropAndSample(latent_length, records.manifest), seed=int(seed))
-    ds = shard_for_process(ds, process_index, process_count, finite=num_epochs is not None)
+    ds = shard_for_process(ds, rows, global_batch)
     return batch_examples(ds, batch_size=int(batch_size), read_threads=read_threads, num_workers=num_workers)
 
 

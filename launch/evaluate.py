@@ -5,6 +5,8 @@ Offline evaluation; the config's `kind` picks the stage (configs/evaluate.py lis
   (`generated_dir`), a series of folders (`series_dir`) or every saved step of a run (`checkpoints`, generating
   first: musicdiff.eval.checkpoint_series). Writes OUT/report.json, OUT/report.md and TensorBoard scalars (series:
   per step, plus OUT/series.json and OUT/series.png) and prints the report.
+- autoencoder: reconstruction scores of an autoencoder checkpoint on held-out clips
+  (musicdiff.eval.autoencoder_eval). Writes OUT/report.json, OUT/report.md, OUT/per_clip.json and prints the report.
 """
 
 import json
@@ -34,7 +36,15 @@ def evaluate_generated(config: ml_collections.ConfigDict, workdir: Path):
     return series
 
 
-STAGES = {"generation": evaluate_generated, "embedded": evaluate_generated}
+def evaluate_reconstruction(config: ml_collections.ConfigDict, workdir: Path):
+    from musicdiff.eval.autoencoder_eval import evaluate_autoencoder
+
+    result = evaluate_autoencoder(config, workdir)
+    print((Path(workdir) / "report.md").read_text())
+    return result
+
+
+STAGES = {"generation": evaluate_generated, "embedded": evaluate_generated, "autoencoder": evaluate_reconstruction}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path):

@@ -43,8 +43,12 @@ DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence))
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, *,
+                dcn_shape: dict[str, int] | None = None) -> ml_collections.ConfigDict:
+    """The mesh section: total axis sizes (one may be -1) and `dcn_shape`, how many ways each axis spans slices
+    (multi-slice TPU) or hosts (GPU clusters) over the slower data-centre network; all 1 = one slice."""
+    dcn = {**dict(data=1, fsdp=1, tensor=1, sequence=1), **(dcn_shape or {})}
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence, dcn_shape=dcn))
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Input data cannot be used. The message names the file and says what to do."""
+
+
+class DistributedError(RuntimeError):
+    """The processes of a multi-host job cannot work together (joining timed out, a peer is gone). The message
+    names this process, the coordinator and what to check."""

@@ -26,6 +26,20 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def tiny_latents(tmp_path_factory) -> Path:
+    """Latents of tests/precompute_fixtures' audio folder (43 windows of 32 frames) encoded by a random tiny
+    autoencoder, shared by the training tests that run the CLI on real precomputed latents."""
+    from musicdiff.inference.precompute import precompute_latents
+    from tests.precompute_fixtures import precompute_config, save_autoencoder, write_audio_folder
+
+    base = tmp_path_factory.mktemp("tiny_latents")
+    root = write_audio_folder(base / "audio")
+    out = base / "latents"
+    precompute_latents(precompute_config(save_autoencoder(base / "autoencoder"), root), out)
+    return out
+
+
 _MEASUREMENTS: list[tuple[str, str]] = []
 
 

@@ -12,9 +12,7 @@ import pytest
 
 from data_pipelines.latent_source import read_manifest
 from musicdiff.inference.loading import find_checkpoint, load_model
-from musicdiff.inference.precompute import precompute_latents
 from musicdiff.training.metrics import read_metrics
-from tests.precompute_fixtures import precompute_config, save_autoencoder, write_audio_folder
 
 N = 3
 TRAIN_FLAGS = ["--config=configs/diffusion.py:tiny", "--config.batch_size=8", "--config.mesh.data=2",
@@ -43,14 +41,9 @@ run(stage)
 
 
 @pytest.fixture(scope="module")
-def latents(tmp_path_factory):
-    base = tmp_path_factory.mktemp("resume")
-    root = write_audio_folder(base / "audio")
-    checkpoint = save_autoencoder(base / "autoencoder")
-    out = base / "latents"
-    precompute_latents(precompute_config(checkpoint, root), out)
-    assert read_manifest(out)["latent_frames"] == 32
-    return out
+def latents(tiny_latents):
+    assert read_manifest(tiny_latents)["latent_frames"] == 32
+    return tiny_latents
 
 
 def train(args, workdir, env_extra=None, script=None):

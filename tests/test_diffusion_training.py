@@ -56,16 +56,21 @@ def test_sharded_step_equals_single_device(devices):
     assert sharded_leaves, "fsdp=4 must shard some parameters"
 
 
-def _single_device_step(config):
+FAST_LR = ["training.cfg_dropout_prob=0.0", "training.lr_warmup=0.5", "training.learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """(config, initial state, jit'ed step) on one device, compiled once for the tests below."""
+    config = load_config("configs/diffusion.py:tiny", FAST_LR)
     mesh, rules = loop.mesh_and_rules(config, jax.devices()[:1])
     task = DiffusionTask.from_config(config)
-    state, shardings = loop.init_state(task.init_state, mesh, rules, jax.random.key(0))
-    return task, state, jax.jit(task.train_step)
+    state, _ = loop.init_state(task.init_state, mesh, rules, jax.random.key(0))
+    return config, state, jax.jit(task.train_step)
 
 
-def test_nonfinite_batch_skips_the_update():
-    config = load_config("configs/diffusion.py:tiny")
-    task, state, step = _single_device_step(config)
+def test_nonfinite_batch_skips_the_update(single_device):
+    config, state, step = single_device
     batch = synthetic_batch(config)
     poisoned = dict(batch, latents=np.full_like(batch["latents"], np.nan))
     before = {name: jax.tree.map(np.asarray, state[name]) for name in ("params", "ema")}
@@ -79,10 +84,8 @@ def test_nonfinite_batch_skips_the_update():
     assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
 
 
-def test_loss_falls_and_learning_rate_follows_inverse_lr():
-    config = load_config("configs/diffusion.py:tiny", ["training.cfg_dropout_prob=0.0", "training.lr_warmup=0.5",
-                                                       "training.learning_rate=3e-3"])
-    task, state, step = _single_device_step(config)
+def test_loss_falls_and_learning_rate_follows_inverse_lr(single_device):
+    config, state, step = single_device
     batch = synthetic_batch(config, seed=1)
     # A learnable data distribution: every latent is one smooth pattern (the denoiser can memorise it).
     channels, length = batch["latents"].shape[1:]

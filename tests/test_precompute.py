@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -26,6 +25,7 @@ from musicdiff.inference.precompute import KILL_AFTER_ENV, precompute_latents
 from musicdiff.models.text_encoder import TextTokenizer, load_text_encoder
 from tests.precompute_fixtures import (CLIPS, EXPECTED_WINDOWS, RATE, REPO, SAMPLE_SIZE, cli_args, output_files,
                                        precompute_config, save_autoencoder, write_audio_folder)
+from tests.process_fixtures import start_cluster, tail, wait_all
 
 SUBPROCESS_TIMEOUT_S = 240
 
@@ -143,32 +143,19 @@ def test_other_autoencoder_or_settings_are_refused_unless_overwrite(setup):
     assert record["latent_mean"].dtype.name == "bfloat16" and record["latent_std"].dtype.name == "bfloat16"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_cover_every_window_exactly_once(setup):
     workdir = setup["base"] / "two_processes"
-    address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    procs = []
-    for process_id in range(2):
-        args = cli_args(setup["checkpoint"], setup["root"], workdir, "distributed.enabled=True",
+
+    def command(process_id, address):
+        return cli_args(setup["checkpoint"], setup["root"], workdir, "distributed.enabled=True",
                         f"distributed.coordinator_address={address}", "distributed.num_processes=2",
                         f"distributed.process_id={process_id}", "distributed.initialization_timeout_s=60")
-        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+
+    procs = start_cluster(command, processes=2, devices=4)
+    outputs = wait_all(procs, SUBPROCESS_TIMEOUT_S)
+    assert [proc.returncode for proc in procs] == [0, 0], tail(outputs)
     assert "process 0" in outputs[0] and "process 1" in outputs[1]
 
     records = list(iterate_records(workdir, arrays=True))

@@ -61,7 +61,7 @@ from musicdiff.models.autoencoder import VAEBottleneck
 from musicdiff.models.chunking import chunked_encode_features
 from musicdiff.models.text_encoder import (build_caption_tokenizer, encode_captions, encoder_config_from,
                                            load_caption_tokenizer, load_text_encoder)
-from musicdiff.parallel.multihost import barrier, initialize_distributed
+from musicdiff.parallel.distributed import barrier, initialize_distributed
 from musicdiff.parallel.sharding import batch_sharding, sharding_context
 from musicdiff.training.checkpoint import CheckpointError
 from musicdiff.training.loop import mesh_and_rules

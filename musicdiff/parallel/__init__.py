@@ -1,4 +1,5 @@
-"""Device mesh and logical-axis sharding: the single source of truth for how arrays are laid out."""
+"""Device mesh and logical-axis sharding: the single source of truth for how arrays are laid out (over all
+processes of a multi-host job: distributed.py joins them)."""
 
 from musicdiff.parallel.mesh import MESH_AXES, make_mesh, mesh_shape_from_config
 from musicdiff.parallel.sharding import (
@@ -7,6 +8,7 @@ from musicdiff.parallel.sharding import (
     logical_to_mesh_spec,
     param_shardings,
     per_device_bytes,
+    process_batch_rows,
     shard_batch,
     tree_logical_to_mesh,
 )
@@ -20,6 +22,7 @@ __all__ = [
     "logical_to_mesh_spec",
     "param_shardings",
     "per_device_bytes",
+    "process_batch_rows",
     "shard_batch",
     "tree_logical_to_mesh",
 ]

@@ -120,12 +120,33 @@ def batch_parallel_size(mesh: Mesh, rules: Rules) -> int:
     return math.prod(mesh.shape.get(a, 1) for a in _rule_table(rules).get("batch", ()))
 
 
-def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
-    """Assembles global arrays from each process's slice of the batch (leading dimension)."""
-    return {
-        key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules), np.asarray(value))
-        for key, value in local_batch.items()
-    }
+def process_batch_rows(mesh: Mesh, rules: Rules, global_batch_size: int) -> tuple[int, ...]:
+    """The rows of every global batch that this process's devices hold, in increasing order: what its data
+    pipeline must read (and `shard_batch` expects) so that P processes together form the batch one process would.
+
+    With the mesh laid out process by process these are one contiguous block per process; with other layouts
+    (TPU topologies, batch axes that do not span the processes) they may be several blocks, or the same rows on
+    several processes (replicas)."""
+    sharding = batch_sharding(mesh, rules)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((int(global_batch_size),)).values():
+        rows.update(range(*index[0].indices(int(global_batch_size))))
+    return tuple(sorted(rows))
+
+
+def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: Rules,
+                global_batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Assembles global arrays from each process's rows of the batch (leading dimension; `process_batch_rows`).
+
+    `global_batch_size` is needed when processes hold replicas of the same rows; without it the global size is
+    inferred assuming every process holds distinct rows."""
+    sharding = batch_sharding(mesh, rules)
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        shape = None if global_batch_size is None else (int(global_batch_size),) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+    return out
 
 
 @contextlib.contextmanager

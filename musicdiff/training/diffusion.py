@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,14 +36,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.diffusion.objectives import Objective, make_objective
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.files import atomic_write_bytes
 from musicdiff.models import registry
 from musicdiff.models.conditioning import MultiConditioner
 from musicdiff.models.dit import dit_train_flops
-from musicdiff.parallel import param_shardings
-from musicdiff.parallel.sharding import Rules, sharding_context
+from musicdiff.parallel import make_mesh, param_shardings
+from musicdiff.parallel.distributed import on_main_process
+from musicdiff.parallel.sharding import Rules, process_batch_rows, sharding_context
 from musicdiff.training import loop
 from musicdiff.training.checkpoint import restore_params_only
 from musicdiff.training.metrics import MetricLogger, NanGuard
@@ -192,8 +196,8 @@ def _init_params_from(task: DiffusionTask, path: str, mesh, rules: Rules) -> dic
     return out
 
 
-def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir: Path,
-                 logger: MetricLogger) -> Callable[[int, Any], None] | None:
+def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir: Path, logger: MetricLogger,
+                 mesh: jax.sharding.Mesh | None = None) -> Callable[[int, Any], None] | None:
     """Every `training.demo_every` steps: generate the demo prompts with the EMA weights, decode them, write WAVs to
     WORKDIR/demos/<step>/ and audio + spectrograms to TensorBoard. None when demos are off or no autoencoder is
     known (precomputed latents alone cannot be listened to)."""
@@ -206,27 +210,35 @@ def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir
     from musicdiff.inference.prompts import PromptEncoder
     from musicdiff.models.chunking import chunked_decode
 
-    autoencoder = load_model(find_checkpoint(config.autoencoder_checkpoint), "autoencoder")
+    # Decoding happens on process 0 only, so the autoencoder lives on one of its own devices (restored without a
+    # mesh, Orbax would lay it out over every process's devices).
+    local = make_mesh(mesh_config(data=1), [jax.local_devices()[0]])
+    rules = tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
+    autoencoder = load_model(find_checkpoint(config.autoencoder_checkpoint), "autoencoder", mesh=local)
     prompts = list(training.get("demo_prompts", ())) or ["music"]
     encode = PromptEncoder(config.prompt_encoder)
     rate, ratio = int(autoencoder.config.sample_rate), int(autoencoder.downsampling_ratio)
     seconds = int(config.data.latent_length) * ratio / rate
-    inputs = {"prompt": {k: jnp.asarray(v) for k, v in encode(prompts).items()},
-              "seconds_start": jnp.zeros(len(prompts), jnp.float32),
-              "seconds_total": jnp.full(len(prompts), seconds, jnp.float32)}
+    # Host arrays: under several processes jit takes them as replicated inputs (every process passes the same).
+    inputs = {"prompt": {k: np.asarray(v) for k, v in encode(prompts).items()},
+              "seconds_start": np.zeros(len(prompts), np.float32),
+              "seconds_total": np.full(len(prompts), seconds, np.float32)}
     sampler = "ddim" if config.objective.name == "v" else ("pingpong" if config.objective.name == "rf_denoiser"
                                                          else "rf-euler" if config.objective.name != "ddpm_eps"
                                                          else "ddpm")
     settings = SamplerSettings(sampler=sampler, steps=int(training.get("demo_steps", 50)),
                                cfg_scale=float(training.get("demo_cfg_scale", 6.0)), sigma_max=1.0)
     shape = (len(prompts), int(config.model.io_channels), int(config.data.latent_length))
-    sample_fn = jax.jit(make_sampler(task.graphdefs, config.objective, settings, shape))
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sample_fn = jax.jit(make_sampler(task.graphdefs, config.objective, settings, shape), out_shardings=replicated)
 
     def demo(step: int, state: Any) -> None:
+        # Every process takes part in sampling (the EMA weights are sharded over all of them); process 0 writes.
+        latents = sample_fn(state["ema"], inputs, jax.random.key(int(config.seed)))
         if jax.process_index() != 0:
             return
-        latents = sample_fn(state["ema"], inputs, jax.random.key(int(config.seed)))
-        audio = np.asarray(chunked_decode(autoencoder, latents))
+        with sharding_context(local, rules):  # not the training mesh: this runs on process 0 alone
+            audio = np.asarray(chunked_decode(autoencoder, np.asarray(latents)))
         out = workdir / "demos" / str(step)
         for index, (prompt, clip) in enumerate(zip(prompts, audio)):
             peak = float(np.max(np.abs(clip))) or 1.0
@@ -239,28 +251,60 @@ def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir
     return demo
 
 
-def train_diffusion(config: ml_collections.ConfigDict, workdir: Path, *,
-                    on_state: Callable[[int, Any], None] | None = None) -> loop.LoopResult:
-    """The `launch.train_diffusion` stage: resumes from WORKDIR/checkpoints when present."""
+def latent_batches(config: ml_collections.ConfigDict, mesh, rules: Rules, *, num_epochs: int | None = None):
+    """This process's rows (sharding.process_batch_rows) of every global batch of `config.batch_size` latents: P
+    processes together read exactly the batches one process would."""
     from data_pipelines.latent_source import latent_training_dataset
 
+    rows = process_batch_rows(mesh, rules, int(config.batch_size))
+    return latent_training_dataset(config.data.latents, latent_length=int(config.data.latent_length),
+                                   batch_size=len(rows), batch_rows=rows, global_batch_size=int(config.batch_size),
+                                   seed=int(config.seed), shuffle_seed=int(config.data.get("shuffle_seed", 0)),
+                                   num_epochs=num_epochs)
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
+    """The run's own copy of the prompt tokenizer and the resolved config.json, written by process 0 (the workdir is
+    shared by all processes); the others wait for them."""
+    source = config.prompt_encoder.get("tokenizer_path", "")
+    copied = workdir / "tokenizer"
+    if source:
+        config.prompt_encoder.tokenizer_path = str(copied.resolve())
+
+    def write() -> None:
+        if source and not copied.exists():
+            staging = workdir / f".tokenizer.{os.getpid()}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            staging.rename(copied)
+        text = json.dumps(config.to_dict(), indent=2, default=str) + "\n"
+        atomic_write_bytes(workdir / "config.json", text.encode("utf-8"))
+
+    on_main_process("musicdiff_train_diffusion_workdir", write)
+    return config
+
+
+def train_diffusion(config: ml_collections.ConfigDict, workdir: Path, *,
+                    on_state: Callable[[int, Any], None] | None = None) -> loop.LoopResult:
+    """The `launch.train_diffusion` stage: resumes from WORKDIR/checkpoints when present. Multi-host: every process
+    runs it on the same (shared) workdir after jax.distributed is up (launch.common does that)."""
     workdir = Path(workdir)
     manifest = _latents_manifest(config)
-    config = resolve_config(config, manifest)
-    if config.prompt_encoder.get("tokenizer_path"):
-        copied = workdir / "tokenizer"
-        if not copied.exists():
-            shutil.copytree(config.prompt_encoder.tokenizer_path, copied)
-        config.prompt_encoder.tokenizer_path = str(copied.resolve())
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+    config = _prepare_workdir(resolve_config(config, manifest), workdir)
+    schedule = loop.Schedule.from_config(config.training)
+    preemption = loop.Preemption(sync_every=schedule.preemption_sync_every)  # catches SIGTERM while compiling too
+    try:
+        return _train(config, workdir, schedule, preemption, on_state)
+    finally:
+        preemption.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, schedule: loop.Schedule, preemption: loop.Preemption,
+           on_state: Callable[[int, Any], None] | None) -> loop.LoopResult:
     mesh, rules = loop.mesh_and_rules(config)
     task = DiffusionTask.from_config(config)
-    schedule = loop.Schedule.from_config(config.training)
     training = config.training
-    dataset = latent_training_dataset(config.data.latents, latent_length=int(config.data.latent_length),
-                                      batch_size=int(config.batch_size) // jax.process_count(),
-                                      seed=int(config.seed), shuffle_seed=int(config.data.get("shuffle_seed", 0)))
-    data_iter = iter(dataset)
+    data_iter = iter(latent_batches(config, mesh, rules))
     key = jax.random.key(int(config.seed))
     with sharding_context(mesh, rules), loop.open_checkpointer(workdir, schedule) as checkpointer:
         if checkpointer.latest_step() is None and config.get("init_from", ""):
@@ -271,9 +315,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: Path, *,
             state, shardings, start = loop.restore_or_init(checkpointer, task.init_state, mesh, rules, (key,),
                                                            data_iter=data_iter)
         # One batch of a separate one-epoch pass gives the batch layout without moving the training iterator.
-        first = next(iter(latent_training_dataset(config.data.latents, latent_length=int(config.data.latent_length),
-                                                  batch_size=int(config.batch_size) // jax.process_count(),
-                                                  seed=int(config.seed), num_epochs=1)))
+        first = next(iter(latent_batches(config, mesh, rules, num_epochs=1)))
         batch_spec = loop.device_arrays(first)
         step_fn = loop.compile_step(task.train_step, shardings, loop.batch_shardings(batch_spec, mesh, rules), mesh)
         cond_tokens = sum(_tokens_of(first, cid) for cid in config.conditioner.cross_attention_cond_ids)
@@ -287,8 +329,9 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: Path, *,
                           nan_guard=guard, per_step=per_step) as logger:
             _, result = loop.run(state=state, step_fn=step_fn, batches=data_iter, start_step=start,
                                  schedule=schedule, checkpointer=checkpointer, logger=logger, mesh=mesh, rules=rules,
-                                 config=config, data_iter=data_iter, on_state=on_state,
-                                 demo_fn=make_demo_fn(task, config, workdir, logger))
+                                 config=config, data_iter=data_iter, on_state=on_state, preemption=preemption,
+                                 demo_fn=make_demo_fn(task, config, workdir, logger, mesh),
+                                 global_batch_size=int(config.batch_size))
     return result
 
 

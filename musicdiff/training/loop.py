@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from musicdiff.config import DEFAULT_SHARDING_RULES
 from musicdiff.parallel import make_mesh, param_shardings
+from musicdiff.parallel.distributed import log_topology
 from musicdiff.parallel.sharding import Rules, batch_sharding, shard_batch
 from musicdiff.training.checkpoint import Checkpointer, abstract_target
 from musicdiff.training.metrics import MetricLogger
@@ -36,8 +37,11 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def mesh_and_rules(config: Any, devices: list[jax.Device] | None = None) -> tuple[Mesh, Rules]:
+    """The mesh over all processes' devices (default) and the sharding rules; logs the topology once."""
     rules = tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
-    return make_mesh(config.mesh, devices), rules
+    mesh = make_mesh(config.mesh, devices)
+    log_topology(mesh)
+    return mesh, rules
 
 
 def init_state(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args: Any) -> tuple[Any, Any]:
@@ -125,6 +129,8 @@ class Schedule:
     demo_every: int = 0  # 0: no demos
     keep_checkpoints: int = 3
     keep_period: int | None = None
+    save_initial: bool = False  # also checkpoint the initial state (step 0): a baseline for evaluation series
+    preemption_sync_every: int = 10  # multi-process: steps between combining the processes' SIGTERM flags
 
     @classmethod
     def from_config(cls, training: Mapping[str, Any]) -> Schedule:
@@ -132,7 +138,9 @@ class Schedule:
                    checkpoint_every=int(training.get("checkpoint_every", 1000)),
                    demo_every=int(training.get("demo_every", 0)),
                    keep_checkpoints=int(training.get("keep_checkpoints", 3)),
-                   keep_period=training.get("keep_period", None) or None)
+                   keep_period=training.get("keep_period", None) or None,
+                   save_initial=bool(training.get("save_initial_checkpoint", False)),
+                   preemption_sync_every=int(training.get("preemption_sync_every", 10)))
 
 
 def open_checkpointer(workdir: Path, schedule: Schedule, async_save: bool = True) -> Checkpointer:
@@ -166,24 +174,31 @@ def run(*, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: 
         start_step: int, schedule: Schedule, checkpointer: Checkpointer, logger: MetricLogger, mesh: Mesh,
         rules: Rules, config: Any = None, data_iter: Any = None,
         demo_fn: Callable[[int, Any], None] | None = None, preemption: Preemption | None = None,
-        on_state: Callable[[int, Any], None] | None = None) -> tuple[Any, LoopResult]:
+        on_state: Callable[[int, Any], None] | None = None,
+        global_batch_size: int | None = None) -> tuple[Any, LoopResult]:
     """Runs steps start_step+1 .. schedule.num_steps (see the module docstring); returns (state, result).
 
-    `step_fn` is already compiled (`compile_step`). `data_iter` is the object whose position is checkpointed
-    (usually the same Grain iterator as `batches`). `on_state(step, state)` is called after each step (tests).
+    `step_fn` is already compiled (`compile_step`). `batches` yields this process's rows of each global batch
+    (`sharding.process_batch_rows`); `global_batch_size` is the global batch size (needed when processes hold
+    replicated rows).
+    `data_iter` is the object whose position is checkpointed (usually the same Grain iterator as `batches`).
+    `preemption`: pass one created early so a SIGTERM during compilation is caught too (default: one made here).
+    `on_state(step, state)` is called after each step (tests).
     """
     own_preemption = preemption is None
-    preemption = preemption or Preemption()
+    preemption = preemption or Preemption(sync_every=schedule.preemption_sync_every)
     step = start_step
     preempted = False
     last = None
     try:
+        if step == 0 and schedule.save_initial:
+            checkpointer.save(0, state, data_iter=data_iter, config=config, force=True)
         while step < schedule.num_steps:
             if preemption.requested(step):
                 preempted = True
                 break
             host_batch = next(batches)
-            batch = shard_batch(device_arrays(host_batch), mesh, rules)
+            batch = shard_batch(device_arrays(host_batch), mesh, rules, global_batch_size)
             state, metrics = step_fn(state, batch)
             step += 1
             last = logger.push(step, metrics) or last

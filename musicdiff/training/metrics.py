@@ -147,13 +147,16 @@ class MetricLogger:
             self.nan_guard.check(step, host)  # after writing, so the bad values are on record
         return host
 
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Writes host scalars for `step` now (TensorBoard and one metrics.jsonl line)."""
+    def write_scalars(self, step: int, scalars: Mapping[str, float], jsonl: bool = True) -> None:
+        """Writes host scalars for `step` now (TensorBoard and, unless `jsonl` is False, one metrics.jsonl line:
+        scalars that are not the step's training metrics, such as demo scores, would replace them in
+        `read_metrics`, which keeps the last line of a step)."""
         if not self.is_main:
             return
         values = {name: float(value) for name, value in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **{k: _json_value(v) for k, v in values.items()}},
-                                     allow_nan=False) + "\n")
+        if jsonl:
+            self._jsonl.write(json.dumps({"step": int(step), **{k: _json_value(v) for k, v in values.items()}},
+                                         allow_nan=False) + "\n")
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, int(step))

@@ -98,5 +98,11 @@ def all_finite(*trees: Any) -> jax.Array:
 
 
 def select_tree(keep_new: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where `keep_new`, else `old` (the NaN guard's skipped update), without a host round trip."""
+    """`new` where `keep_new`, else `old` (the NaN guard's skipped update), without a host round trip.
+
+    A scalar `keep_new` selects whole trees with one `lax.cond`: a per-leaf `where` on a predicate reduced from
+    every gradient lets XLA fuse the selects into the gradient computations, which made CPU compiles of a train
+    step several times slower (measured 3x on the autoencoder step). Values are the same either way."""
+    if jnp.ndim(keep_new) == 0:
+        return jax.lax.cond(keep_new, lambda: new, lambda: old)
     return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)

@@ -1,0 +1,52 @@
+"""The `make demo` pipeline: every stage on the embedded CC0 set, sized for ~15 minutes on 2 CPU cores.
+
+    python -m launch.demo --workdir=demo_out [--config.fast=True]
+
+Each entry of `stages` is (name, config file[:preset], overrides) and runs exactly as its CLI would:
+`python -m launch.<cli> --config=<file> --config.<override> ... --workdir=<demo_out>/<name>`; the demo prints those
+commands, so every step can be rerun by hand. `{root}` and the other `{...}` fields are filled in with the demo's own
+folders. `fast=True` shrinks every stage (a smoke run of the wiring, not a useful model).
+"""
+
+import ml_collections
+
+NUM_CLIPS, SECONDS = 160, 6.0
+
+STAGES = (
+    ("data", "prepare_data", "configs/synthetic_data.py",
+     (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}")),
+    ("inspect", "inspect_data", "configs/audio_folder.py", ("root={data}",)),
+    ("autoencoder", "train_autoencoder", "configs/autoencoder.py:tiny",
+     ("data.root={data}", "training.num_steps=1000")),
+    ("autoencoder_eval", "evaluate", "configs/evaluate.py:autoencoder",
+     ("checkpoint={autoencoder}", "data.root={data}")),
+    ("latents", "precompute_latents", "configs/precompute.py:tiny",
+     ("autoencoder_checkpoint={autoencoder}", "data.root={data}")),
+    ("diffusion", "train_diffusion", "configs/diffusion.py:tiny",
+     ("data.latents={latents}", "data.latent_length=256", "training.num_steps=1500", "training.learning_rate=2e-3",
+      "training.checkpoint_every=1500", "training.save_initial_checkpoint=True", "training.keep_checkpoints=10",
+      "training.log_every=25")),
+    ("evaluator", "train_evaluator", "configs/evaluator.py", ("data.root={data}",)),
+    ("evaluation", "evaluate", "configs/evaluate.py:embedded",
+     ("checkpoints={diffusion}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
+      "num_prompts=16", "generate.seconds_total=1.4", "generate.steps=50")),
+)
+
+FAST = {
+    "data": ("num_clips=24", "seconds=4.0"),
+    "autoencoder": ("training.num_steps=20",),
+    "diffusion": ("training.num_steps=20", "training.checkpoint_every=20"),
+    "evaluator": ("training.num_steps=10",),
+    "evaluation": ("num_prompts=4", "generate.steps=4"),
+}
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg:
+        raise ValueError(f"configs/demo.py takes no preset, got '{arg}'")
+    return ml_collections.ConfigDict(dict(
+        fast=False,
+        preview_clips=4,  # captions and spectrograms of this many rendered clips
+        stages=STAGES,
+        fast_overrides=FAST,
+    ))

@@ -1,0 +1,122 @@
+"""python -m launch.demo --workdir=demo_out [--config.fast=True]
+
+The whole pipeline on the embedded CC0 set (configs/demo.py): render the music, inspect it, train the tiny
+autoencoder and evaluate its reconstructions, precompute latents, train the tiny DiT, train the embedded evaluator,
+generate from the DiT's first and last checkpoints and evaluate both. Every stage runs as its own CLI process with
+the command printed first, so any step can be rerun by hand. Ends with DEMO/summary.md: where to listen, the
+spectrograms, and the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from launch.common import run
+from musicdiff.errors import DataError
+
+
+def stage_command(cli: str, config_file: str, overrides: list[str], workdir: Path) -> list[str]:
+    return [sys.executable, "-m", f"launch.{cli}", f"--config={config_file}",
+            *[f"--config.{o}" for o in overrides], f"--workdir={workdir}"]
+
+
+def run_stage(name: str, command: list[str], log: Path) -> float:
+    print(f"\n=== {name}\n$ {shlex.join(command[2:] if command[1] == '-m' else command)}", flush=True)
+    began = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            out.write(line)
+            if "\r" not in line:
+                sys.stdout.write(line)
+        code = process.wait()
+    seconds = time.perf_counter() - began
+    if code != 0:
+        raise DataError(f"demo stage '{name}' failed with exit code {code}; its output is in {log}")
+    print(f"--- {name}: {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def preview_clips(data_dir: Path, out: Path, count: int) -> list[dict]:
+    """Captions and spectrogram PNGs of the first rendered clips."""
+    from musicdiff.audio.io import load_audio
+    from musicdiff.audio.spectrogram import save_spectrogram_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()[:count]]
+    for number, entry in enumerate(entries):
+        audio = load_audio(str(data_dir / entry["path"]), 44100, 2)
+        save_spectrogram_png(audio, 44100, out / f"clip_{number}.png", title=entry["caption"][:80])
+        print(f"  clip {number}: {entry['caption']}")
+    return entries
+
+
+def loss_summary(metrics_file: Path, window: int = 100) -> dict:
+    from musicdiff.training.metrics import read_metrics
+
+    records = [r for r in read_metrics(metrics_file) if "loss" in r]
+    losses = np.array([r["loss"] for r in records])
+    steps = np.array([r["step"] for r in records])
+    first, last = losses[steps <= window], losses[steps > steps.max() - window]
+    return {"first_steps_mean": float(first.mean()), "last_steps_mean": float(last.mean()), "window": window,
+            "final_step": int(steps.max())}
+
+
+def demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    workdir = Path(workdir).resolve()
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    folders = {name: str(workdir / name) for name, *_ in config.stages}
+    timings = {}
+    for name, cli, config_file, overrides in config.stages:
+        filled = [o.format(**folders) for o in overrides]
+        if config.fast:
+            filled += list(config.fast_overrides.get(name, ()))
+        timings[name] = run_stage(name, stage_command(cli, config_file, filled, workdir / name), logs / f"{name}.log")
+        if name == "data":
+            print("\nrendered clips:")
+            preview_clips(Path(folders["data"]), workdir / "preview", int(config.preview_clips))
+    summary = {"seconds": timings, "total_seconds": sum(timings.values())}
+    summary["autoencoder"] = json.loads((workdir / "autoencoder_eval" / "report.json").read_text())
+    summary["diffusion_loss"] = loss_summary(workdir / "diffusion" / "metrics.jsonl")
+    summary["evaluation"] = json.loads((workdir / "evaluation" / "series.json").read_text())
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (workdir / "summary.md").write_text(summary_markdown(summary, workdir))
+    print("\n" + (workdir / "summary.md").read_text())
+    return summary
+
+
+def summary_markdown(summary: dict, workdir: Path) -> str:
+    loss = summary["diffusion_loss"]
+    lines = ["# musicdiff demo", "",
+             f"Total {summary['total_seconds'] / 60:.1f} min: " + ", ".join(
+                 f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items()), "",
+             f"- Rendered clips and spectrograms: {workdir / 'data'}, {workdir / 'preview'}",
+             f"- Autoencoder reconstruction report: {workdir / 'autoencoder_eval' / 'report.md'}",
+             f"- Diffusion loss: mean of the first {loss['window']} steps {loss['first_steps_mean']:.4f}, of the last "
+             f"{loss['window']} steps {loss['last_steps_mean']:.4f} (step {loss['final_step']})",
+             f"- Generated audio (listen here) and spectrograms: {workdir / 'evaluation' / 'generations'}/step_*/",
+             f"- Evaluation per checkpoint step: {workdir / 'evaluation' / 'series.png'}", ""]
+    series = summary["evaluation"]
+    if series:
+        metrics = sorted({k for values in series.values() for k in values})
+        lines += ["| step | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for step in sorted(series, key=int):
+            lines.append(f"| {step} | " + " | ".join(_cell(series[step].get(m)) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    run(demo, default_config="configs/demo.py", needs_devices=False)
