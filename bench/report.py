@@ -1,4 +1,10 @@
-"""Turns measured rows into bench/results/<host>-<date>.json and a markdown table (ratio = musicdiff / reference)."""
+"""Turns measured rows into bench/results/<host>-<date>.json and a markdown table (ratio = musicdiff / reference).
+
+    python -m bench.report RESULTS.json [--conditions="..."]
+
+re-renders a results file's markdown with the current bench/analysis.py texts (and a note on the run's conditions),
+leaving every measured number as it is.
+"""
 
 from __future__ import annotations
 
@@ -68,6 +74,9 @@ def markdown_table(report: dict[str, Any]) -> str:
              f"Medians of {report['repeats']} alternating runs per side after warm-up; load average over the run "
              f"{report['load_average_range'][0]:.1f}–{report['load_average_range'][1]:.1f} (shared machine)."
              + (" **Quick mode: small shapes, not a result.**" if report["quick"] else ""), "",
+             "Both sides alternate run by run on the same cores, so load from other work on the machine falls on both "
+             "and the ratios stay comparable; absolute rates vary with that load."
+             + (f" Conditions of this run: {report['conditions']}" if report.get("conditions") else ""), "",
              "| row | musicdiff | reference | ratio (musicdiff/ref) | target | efficiency musicdiff / ref | "
              "compile (musicdiff) |",
              "|---|---|---|---|---|---|---|"]
@@ -93,6 +102,28 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def apply_analysis(rows: list[dict[str, Any]], analysis: dict[str, str]) -> None:
+    for row in rows:
+        if row["name"] in analysis:
+            row["analysis"] = analysis[row["name"]]
+        else:
+            row.pop("analysis", None)
+
+
+def rerender(json_path: Path, conditions: str | None = None, analysis: dict[str, str] | None = None) -> Path:
+    """Rewrites a results file's analysis texts (and conditions, when given) and its markdown next to it."""
+    from bench.analysis import ROW_ANALYSIS
+
+    report = json.loads(Path(json_path).read_text())
+    apply_analysis(report["rows"], ROW_ANALYSIS if analysis is None else analysis)
+    if conditions is not None:
+        report["conditions"] = conditions
+    md_path = Path(json_path).with_suffix(".md")
+    atomic_write_json(Path(json_path), report)
+    atomic_write_bytes(md_path, markdown_table(report).encode())
+    return md_path
+
+
 def write_report(report: dict[str, Any], measured: list, out_dir: Path,
                  analysis: dict[str, str] | None = None) -> tuple[Path, Path]:
     from bench.analysis import ROW_ANALYSIS
@@ -100,12 +131,8 @@ def write_report(report: dict[str, Any], measured: list, out_dir: Path,
     analysis = ROW_ANALYSIS if analysis is None else analysis
     peak = max(max(p.values()) for p in report["peak_measurements"])
     report["peak_flops_per_second"] = peak
-    rows = []
-    for row, result in measured:
-        summary = summarize_row(row, result, peak)
-        if row.name in analysis:
-            summary["analysis"] = analysis[row.name]
-        rows.append(summary)
+    rows = [summarize_row(row, result, peak) for row, result in measured]
+    apply_analysis(rows, analysis)
     report["rows"] = rows
     loads = [v for r in rows if "load_average" in r for v in (r["load_average"]["before"][0],
                                                                r["load_average"]["after"][0])]
@@ -118,3 +145,13 @@ def write_report(report: dict[str, Any], measured: list, out_dir: Path,
     atomic_write_json(json_path, report)
     atomic_write_bytes(md_path, markdown_table(report).encode())
     return json_path, md_path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="re-render a bench results file's markdown")
+    parser.add_argument("results_json", type=Path)
+    parser.add_argument("--conditions", default=None, help="a note on the machine's conditions during the run")
+    args = parser.parse_args()
+    print(rerender(args.results_json, args.conditions))

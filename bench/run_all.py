@@ -1,7 +1,7 @@
 """`make bench`: every CPU row for musicdiff and the reference (stable-audio-tools 0.0.19, CPU PyTorch) side by side.
 
     python -m bench.run_all [--quick] [--rows=ae_encode,ae_decode,...] [--repeats=5] [--threads=N]
-                            [--reference_python=.venv-ref/bin/python]
+                            [--reference_python=.venv-ref/bin/python] [--conditions="..."]
 
 The reference runs in its own venv as a worker process (bench/reference_side.py, JSON lines over pipes). For each
 row both sides build the same model and inputs (shapes, batch, fp32), warm up (our side: ahead-of-time compile,
@@ -61,6 +61,8 @@ flags.DEFINE_integer("threads", THREADS, "cores both sides run on (default: all 
 REFERENCE_PYTHON = flags.DEFINE_string("reference_python", str(REPO / ".venv-ref" / "bin" / "python"),
                                        "python of the reference venv (make bench creates it)")
 OUT = flags.DEFINE_string("out", str(RESULTS), "folder for the results")
+CONDITIONS = flags.DEFINE_string("conditions", "", "a note on the machine's conditions (other work running, ...), "
+                                 "written into the results")
 PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "n of the n×n fp32 matmuls that measure the peak")
 
 
@@ -202,7 +204,7 @@ def main(argv: list[str]) -> None:
             reference.close()
     report = dict(
         benchmark="musicdiff vs stable-audio-tools (CPU, fp32)", quick=quick, repeats=repeats,
-        rows_selected=list(ROWS.value),
+        rows_selected=list(ROWS.value), conditions=CONDITIONS.value,
         date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(reference_info),
         peak_measurements=peaks, wall_seconds=time.perf_counter() - started)
     json_path, md_path = write_report(report, measured, Path(OUT.value))

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from bench import flops
-from bench.report import markdown_table, summarize_row
+from bench.report import markdown_table, rerender, summarize_row
 
 
 def small_autoencoder_section(**overrides) -> ml_collections.ConfigDict:
@@ -96,6 +96,23 @@ def test_markdown_lists_every_row_and_failures():
     text = markdown_table(report)
     assert "| x | 0.50 s/step (50 s total) | 1.25 s/step (125 s total) | 2.50× |" in text
     assert "| broken | failed: boom |" in text
+
+
+def test_rerender_replaces_analysis_and_conditions_but_not_numbers(tmp_path):
+    rows = [summarize_row(_row(name="ae_encode", extrapolate_steps=0), _measured(2.0, 5.0), 1e10)]
+    rows[0]["analysis"] = "stale text"
+    report = dict(machine=dict(host="h", cpu="c", cores_used=2, jax="0", reference=dict(torch="t")), date="2026-01-01",
+                  peak_flops_per_second=1e10, repeats=5, load_average_range=[1.0, 2.0], quick=False, rows=rows,
+                  accelerator="not run")
+    path = tmp_path / "h-2026-01-01.json"
+    path.write_text(json.dumps(report))
+    md_path = rerender(path, conditions="a demo ran alongside.", analysis={"ae_encode": "fresh text"})
+    text = md_path.read_text()
+    assert "Analysis: fresh text" in text and "stale text" not in text
+    assert "Conditions of this run: a demo ran alongside." in text
+    again = json.loads(path.read_text())
+    assert again["rows"][0]["ratio"] == pytest.approx(2.5) and again["rows"][0]["analysis"] == "fresh text"
+    assert again["conditions"] == "a demo ran alongside."
 
 
 def test_reference_worker_protocol():
