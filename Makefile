@@ -4,8 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
+# The reference implementation of `make bench` lives in its own venv (bench/reference_requirements.txt says what).
+REF_VENV ?= .venv-ref
+REF_PY := $(REF_VENV)/bin/python
+BENCH_ARGS ?=
+# `make bench-gpu` installs jax for this accelerator: cuda (NVIDIA GPUs) or tpu.
+ACCELERATOR ?= cuda
 
-.PHONY: venv venv-dev demo test bench clean
+.PHONY: venv venv-dev demo test bench bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +39,28 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
-	$(PY) -m bench.run_all
+$(REF_PY):
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+$(REF_VENV)/.installed: bench/reference_requirements.txt tests/reference/requirements.txt | $(REF_PY)
+	$(REF_PY) -m pip install --quiet -r bench/reference_requirements.txt
+	$(REF_PY) -m pip install --quiet --no-deps -r tests/reference/requirements.txt
+	$(REF_PY) tests/reference/strip_cuda_extensions.py
+	touch $@
+
+# CPU table, musicdiff vs stable-audio-tools: bench/results/<host>-<date>.{json,md}. BENCH_ARGS=--quick for a fast
+# development pass (small shapes, not a result).
+bench: $(VENV)/.installed $(REF_VENV)/.installed
+	$(PY) -m bench.run_all --reference_python=$(REF_PY) $(BENCH_ARGS)
+
+$(VENV)/.installed-$(ACCELERATOR): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[$(ACCELERATOR)]'
+	touch $@ $(VENV)/.installed
+
+# Accelerator rows on one GPU/TPU device (bf16): bench/results/accelerator-<device>-<host>-<date>.{json,md}.
+bench-gpu: $(VENV)/.installed-$(ACCELERATOR)
+	$(PY) -m bench.accelerator $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -13,7 +13,7 @@ from flax import nnx
 from musicdiff.config import load_config
 from musicdiff.describe import abstract_params, count
 from musicdiff.models import registry
-from musicdiff.models.attention import apply_rotary, rotary_angles
+from musicdiff.models.attention import CrossAttention, apply_rotary, attention, heads_major_attention, rotary_angles
 from musicdiff.models.dit import dit_forward_flops, dit_train_flops, drop_cross_conditioning
 
 SPEC_SHAPES = "/work/shared/spec/sao_1_0_state_dict_shapes.json"
@@ -128,6 +128,48 @@ def test_padded_cross_tokens_do_not_change_the_output():
     none = jnp.zeros_like(mask)
     np.testing.assert_allclose(forward(masked, x, t, cross, none, glob), forward(masked, x, t, None, None, glob),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "full"])
+def test_heads_major_attention_equals_jax_dot_product_attention(num_heads, kv_heads, mask_kind):
+    batch, queries, keys, head_dim = 3, 7, 5, 16
+    q, k, v = normal(20, (batch, queries, num_heads, head_dim)), normal(21, (batch, keys, kv_heads, head_dim)), \
+        normal(22, (batch, keys, kv_heads, head_dim))
+    rng = np.random.default_rng(23)
+    mask = {"none": None,
+            # Key padding as cross-attention passes it; the last sample has no valid key (the CFG null condition).
+            "keys": jnp.asarray(np.arange(keys)[None, None, None, :] < np.array([3, 5, 0])[:, None, None, None]),
+            "full": jnp.asarray(rng.uniform(size=(batch, num_heads, queries, keys)) < 0.6)}[mask_kind]
+    got = jax.jit(heads_major_attention)(q, k, v, mask)
+    expected = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The closed form for the grouping: query head i reads kv head i // (num_heads // kv_heads).
+    kv_of = np.arange(num_heads) // (num_heads // kv_heads)
+    logits = np.einsum("btnh,bsnh->bnts", np.asarray(q), np.asarray(k)[:, :, kv_of]) / math.sqrt(head_dim)
+    if mask is not None:
+        logits = np.where(np.broadcast_to(np.asarray(mask), logits.shape), logits, -np.inf)
+        logits = np.where(np.isinf(logits).all(-1, keepdims=True), 0.0, logits)  # all masked: uniform, as jax
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.einsum("bnts,bsnh->btnh", probs, np.asarray(v)[:, :, kv_of]),
+                               rtol=1e-5, atol=1e-5)
+    assert jax.default_backend() != "cpu" or np.array_equal(attention(q, k, v, mask), got)  # the CPU default
+
+
+def test_cross_attention_default_matches_xla_and_zeroes_the_null_condition():
+    dim, context_dim, num_heads = 32, 16, 4  # 2 kv heads for 4 query heads (grouped)
+    layer = randomize(CrossAttention(dim, context_dim, num_heads, rngs=nnx.Rngs(0), zero_init_out=False))
+    x, context = normal(30, (3, 6, dim)), normal(31, (3, 5, context_dim))
+    mask = jnp.asarray(np.arange(5)[None, :] < np.array([[2], [5], [0]]))
+    got = forward(layer, x, context, mask)
+    q = layer.q_norm(layer.to_q(x)) if layer.q_norm is not None else layer.to_q(x)
+    kv = layer.to_kv(context)
+    k = layer.k_norm(kv[:, :, 0]) if layer.k_norm is not None else kv[:, :, 0]
+    reference = jax.nn.dot_product_attention(q, k, kv[:, :, 1], mask=mask[:, None, None, :], implementation="xla")
+    reference = layer.to_out(reference.at[2].set(0.0))
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[2], np.zeros_like(got[2]))  # no valid token: no contribution (no bias)
 
 
 def test_cfg_dropout_zeroes_tokens_and_mask():

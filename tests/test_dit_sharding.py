@@ -95,7 +95,7 @@ def test_sharded_forward_matches_single_device(devices):
     t = jnp.asarray(rng.uniform(size=4), jnp.float32)
     cross = jnp.asarray(rng.normal(size=(4, 8, 32)), jnp.float32)
     mask = jnp.asarray(np.arange(8)[None] < np.array([[3], [8], [5], [1]]))
-    glob = jnp.asarray(rng.normal(size=(4, config.model.global_cond_dim)), jnp.float32)
+    glob = jnp.asarray(rng.normal(size=(4, int(config.model.global_cond_dim))), jnp.float32)
 
     def apply(params, *args):
         return nnx.merge(graphdef, params)(*args)

@@ -159,6 +159,17 @@ def sharding_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def split_count(logical_axis: str | None) -> int:
+    """How many ways the active sharding context splits a dimension named `logical_axis` (1 outside a context, for
+    None, and for names mapped to no mesh axis or to axes of size 1). An upper bound: divisibility is not checked."""
+    active = _ACTIVE.get()
+    if active is None or logical_axis is None:
+        return 1
+    mesh, rules = active
+    axes = _rule_table(rules).get(logical_axis, ())
+    return math.prod(mesh.shape.get(axis, 1) for axis in axes)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside `sharding_context`."""
     active = _ACTIVE.get()
