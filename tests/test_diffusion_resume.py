@@ -2,7 +2,6 @@
 N+1..2N in metrics.jsonl and the final parameters), through the real CLI on real precomputed latents."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 from data_pipelines.latent_source import read_manifest
 from musicdiff.inference.loading import find_checkpoint, load_model
 from musicdiff.training.metrics import read_metrics
+from tests.process_fixtures import FAST_CODEGEN, compile_cache_env, device_env
 
 N = 3
 TRAIN_FLAGS = ["--config=configs/diffusion.py:tiny", "--config.batch_size=8", "--config.mesh.data=2",
@@ -47,7 +47,10 @@ def latents(tiny_latents):
 
 
 def train(args, workdir, env_extra=None, script=None):
-    env = dict(os.environ, **(env_extra or {}))
+    # The three runs share compiled programs (a persistent cache beside the workdirs) and unoptimised LLVM codegen:
+    # every run compiles or loads the same programs, so bit-exactness between them is unaffected.
+    cache = compile_cache_env(workdir.parent / "compile_cache")
+    env = device_env(8, FAST_CODEGEN, **cache, **(env_extra or {}))
     command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "launch.train_diffusion"]
     return subprocess.run(command + args + [f"--workdir={workdir}"], capture_output=True, text=True, timeout=600,
                           env=env)
