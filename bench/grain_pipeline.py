@@ -16,10 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import soundfile
 from absl import app, flags
 
+from bench.fixtures import write_wav_folder
 from data_pipelines.audio_folder import scan
 from data_pipelines.grain_pipeline import AudioFolderSource, training_dataset
 from musicdiff.audio.io import load_audio
@@ -35,18 +34,6 @@ SECONDS = flags.DEFINE_float("seconds", 10.0, "length of each fixture clip")
 RATE = flags.DEFINE_integer("rate", 48000, "fixture sample rate (the pipeline resamples to 44.1 kHz)")
 MEASURE_CLIPS = flags.DEFINE_integer("measure_clips", 512, "clips timed per setting, after two warm-up batches")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "examples per batch")
-
-
-def write_fixture(root: Path, clips: int, seconds: float, rate: int) -> None:
-    rng = np.random.default_rng(0)
-    t = np.arange(int(seconds * rate)) / rate
-    lines = []
-    for k in range(clips):
-        tone = 0.3 * np.sin(2 * np.pi * (110.0 + 7 * k) * t)
-        audio = np.stack([tone, np.roll(tone, 100)], 1) + rng.normal(0, 0.01, (len(t), 2))
-        soundfile.write(root / f"clip{k:03d}.wav", audio.astype(np.float32), rate, subtype="PCM_16")
-        lines.append(json.dumps({"path": f"clip{k:03d}.wav", "caption": f"bench clip {k}", "license": "CC0-1.0"}))
-    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def measure(source, config, measure_clips: int) -> float:
@@ -78,7 +65,7 @@ def main(argv: list[str]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="grain_bench_") as tmp:
         root = Path(tmp)
-        write_fixture(root, CLIPS.value, SECONDS.value, RATE.value)
+        write_wav_folder(root, CLIPS.value, SECONDS.value, RATE.value)
         base = [f"root={root}", f"data.batch_size={BATCH_SIZE.value}"]
         start = time.perf_counter()
         result = scan(load_config(str(CONFIG), base))

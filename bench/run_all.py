@@ -32,6 +32,7 @@ THREADS = _threads_from_argv(sys.argv)
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -162,11 +163,9 @@ def measure_row(row: Row, reference: Reference, repeats: int) -> dict:
 
 def machine_info(reference_info: dict) -> dict:
     cpu = ""
-    try:
+    with contextlib.suppress(OSError, StopIteration):  # no /proc/cpuinfo (macOS) or no model line: left blank
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return dict(host=socket.gethostname(), cpu=cpu, cores_used=THREADS, cores_total=os.cpu_count(),
                 platform=platform.platform(), python=platform.python_version(), jax=jax.__version__,
                 jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
