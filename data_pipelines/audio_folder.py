@@ -152,8 +152,13 @@ def data_root(config: ml_collections.ConfigDict) -> Path:
     """The folder to read: the top-level `root` alias when set (for `--config.root=ROOT`), else `data.root`."""
     root = config.get("root", "") or config.data.get("root", "")
     if not root:
-        raise ConfigError("config.data.root is empty: pass the audio folder as --config.root=ROOT")
+        raise ConfigError(f"config.data.root is empty: pass the audio folder as {root_flag(config)}=ROOT")
     return Path(root)
+
+
+def root_flag(config: ml_collections.ConfigDict) -> str:
+    """The command-line flag that names the audio folder in this stage's config."""
+    return "--config.root" if "root" in config else "--config.data.root"
 
 
 def scan(config: ml_collections.ConfigDict) -> ScanResult:
@@ -164,6 +169,7 @@ def scan(config: ml_collections.ConfigDict) -> ScanResult:
         license_allowlist=tuple(data.license_allowlist),
         silence_threshold_db=float(data.silence_threshold_db),
         min_seconds=float(data.min_seconds),
+        root_flag=root_flag(config),
     )
 
 
@@ -174,11 +180,12 @@ def scan_folder(
     silence_threshold_db: float = DEFAULT_SILENCE_THRESHOLD_DB,
     min_seconds: float = DEFAULT_MIN_SECONDS,
     max_threads: int | None = None,
+    root_flag: str = "--config.data.root",
 ) -> ScanResult:
     """Reads and validates `root/manifest.jsonl`; never raises for bad entries, only for a missing folder/manifest."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such directory; pass an audio folder as --config.root=ROOT")
+        raise DataError(f"{root}: no such directory; pass an audio folder as {root_flag}=ROOT")
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         raise DataError(f"{manifest}: missing; an audio folder needs a {MANIFEST_NAME} with one JSON object a line")
