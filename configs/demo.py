@@ -44,7 +44,7 @@ FAST = {
     "data": ("num_clips=24", "seconds=4.0"),
     "autoencoder": ("training.num_steps=20", "training.warmup_steps=20", "training.checkpoint_every=20",
                     "training.demo_every=20"),
-    "diffusion": ("training.num_steps=20", "training.checkpoint_every=20"),
+    "diffusion": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5"),
     "evaluator": ("training.num_steps=10",),
     "evaluation": ("num_prompts=4", "generate.steps=4"),
 }

@@ -63,6 +63,9 @@ def loss_summary(metrics_file: Path, window: int = 100) -> dict:
     from musicdiff.training.metrics import read_metrics
 
     records = [r for r in read_metrics(metrics_file) if "loss" in r]
+    if not records:
+        raise DataError(f"{metrics_file}: no training loss was logged; set the diffusion stage's "
+                        f"training.log_every below its training.num_steps in configs/demo.py")
     losses = np.array([r["loss"] for r in records])
     steps = np.array([r["step"] for r in records])
     first, last = losses[steps <= window], losses[steps > steps.max() - window]
