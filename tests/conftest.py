@@ -4,7 +4,10 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Unoptimised LLVM codegen (tests/process_fixtures.FAST_CODEGEN) compiles CPU programs about twice as fast; the
+# suite's tiny programs spend far longer compiling than running.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
