@@ -18,6 +18,7 @@ This file imports only the standard library, numpy, soundfile, torch and the ref
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -281,10 +282,8 @@ def matmul_peak(size: int, repeats: int) -> float:
 
 def info(threads: int) -> dict:
     torch.set_num_threads(threads)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set by an earlier request
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set by an earlier request
-        pass
     import importlib.metadata as metadata
 
     return {"torch": torch.__version__, "stable_audio_tools": metadata.version("stable-audio-tools"),
