@@ -48,6 +48,7 @@ from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser, v_
 from musicdiff.diffusion.samplers import sample_dpmpp_3m_sde  # noqa: E402
 from musicdiff.errors import DataError  # noqa: E402
 from musicdiff.inference.loading import find_checkpoint, load_model  # noqa: E402
+from musicdiff.inference.generate import guided_model  # noqa: E402
 from musicdiff.models.conditioning import null_condition  # noqa: E402
 from musicdiff.models.text_encoder import TextTokenizer, build_caption_tokenizer, load_t5_encoder  # noqa: E402
 
@@ -269,13 +270,18 @@ def _dit_inputs(io_channels: int, seed: int = 3):
     return x, t
 
 
-def guided_dit(model, scale: float = 1.0, rescale: float = 0.0):
-    """(params, x, t, cond) -> our DiT output with classifier-free guidance (batch doubling, as the reference)."""
+def guided_dit(model, scale: float = 1.0, rescale: float = 0.0, implicit_null: bool = False):
+    """(params, x, t, cond) -> our DiT output with classifier-free guidance (batch doubling, as the reference):
+    explicit zero tokens through cfg_denoiser, or `implicit_null` as the samplers run it (generate.guided_model)."""
     graphdef = nnx.graphdef(model)
 
     def run(params, x, t, cond):
+        model = nnx.merge(graphdef, params)
+        if implicit_null:
+            return guided_model(model, cond, scale, rescale)(x, t)
+
         def denoise_fn(x, t, c):
-            return nnx.merge(graphdef, params)(x, t, c.cross_tokens, c.cross_mask, c.global_embed)
+            return model(x, t, c.cross_tokens, c.cross_mask, c.global_embed)
         return cfg_denoiser(denoise_fn, cond, null_condition(cond), scale, rescale=rescale)(x, t)
 
     return run
@@ -316,12 +322,13 @@ def test_dit_forward_parity_with_and_without_cfg(measurement, layout, converted,
         print(f"{layout}: removing/changing {name} moves the reference output by {change / scale:.3f} x max")
         measurement(f"{layout}: reference output change without/with other {name} / max", change / scale)
         assert change > 0.05 * scale
-    variants = (("", plain, 1.0, 0.0), (", CFG 7 (batch doubling)", guided, 7.0, 0.0),
-                (", CFG 7 + rescale 0.5", rescaled, 7.0, 0.5))
-    runs = [guided_dit(model, scale, rescale) for _, _, scale, rescale in variants]
+    variants = (("", plain, 1.0, 0.0, False), (", CFG 7 (batch doubling)", guided, 7.0, 0.0, False),
+                (", CFG 7 + rescale 0.5", rescaled, 7.0, 0.5, False),
+                (", CFG 7, implicit null context (samplers)", guided, 7.0, 0.0, True))
+    runs = [guided_dit(model, scale, rescale, implicit) for _, _, scale, rescale, implicit in variants]
     outputs = jax.jit(lambda *args: [run(*args) for run in runs])(nnx.state(model), jnp.asarray(x), jnp.asarray(t),
                                                                   cond)
-    for (name, expected, _, _), ours in zip(variants, outputs):
+    for (name, expected, *_), ours in zip(variants, outputs):
         assert_parity(measurement, f"{layout} DiT forward{name}", ours, expected, DIT_TOL)
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from musicdiff.config import load_config
 from musicdiff.describe import abstract_params, count
+from musicdiff.models import attention as attention_module
 from musicdiff.models import registry
 from musicdiff.models.attention import CrossAttention, apply_rotary, attention, heads_major_attention, rotary_angles
 from musicdiff.models.dit import dit_forward_flops, dit_train_flops, drop_cross_conditioning
@@ -132,7 +133,11 @@ def test_padded_cross_tokens_do_not_change_the_output():
 
 @pytest.mark.parametrize("num_heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "full"])
-def test_heads_major_attention_equals_jax_dot_product_attention(num_heads, kv_heads, mask_kind):
+@pytest.mark.parametrize("per_head", [False, True], ids=["batched", "per_head"])
+def test_heads_major_attention_equals_jax_dot_product_attention(num_heads, kv_heads, mask_kind, per_head,
+                                                               monkeypatch):
+    # 0 bytes: every (batch, head) goes through the head-by-head loop that long sequences take.
+    monkeypatch.setattr(attention_module, "PER_HEAD_SCORES_BYTES", 0 if per_head else 1 << 40)
     batch, queries, keys, head_dim = 3, 7, 5, 16
     q, k, v = normal(20, (batch, queries, num_heads, head_dim)), normal(21, (batch, keys, kv_heads, head_dim)), \
         normal(22, (batch, keys, kv_heads, head_dim))
@@ -141,7 +146,7 @@ def test_heads_major_attention_equals_jax_dot_product_attention(num_heads, kv_he
             # Key padding as cross-attention passes it; the last sample has no valid key (the CFG null condition).
             "keys": jnp.asarray(np.arange(keys)[None, None, None, :] < np.array([3, 5, 0])[:, None, None, None]),
             "full": jnp.asarray(rng.uniform(size=(batch, num_heads, queries, keys)) < 0.6)}[mask_kind]
-    got = jax.jit(heads_major_attention)(q, k, v, mask)
+    got = jax.jit(lambda *args: heads_major_attention(*args))(q, k, v, mask)  # a fresh trace per threshold
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # The closed form for the grouping: query head i reads kv head i // (num_heads // kv_heads).
@@ -250,3 +255,21 @@ def test_flops_hand_computed_tiny_case():
 def test_sao_train_flops_match_the_analytic_estimate():
     # jax_anchors §6.2: ~6.84 TFLOP per 1024-frame clip with 130 cross tokens (its k/v term is 0.3% larger).
     assert dit_train_flops(model_config("sao"), 1, 1024, 130) == pytest.approx(6.84e12, rel=0.01)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(block_type="adaln_zero"), dict(qk_norm="ln"),
+                                       dict(use_cross_attn_mask=False)])
+def test_rows_past_the_context_equal_the_all_zero_null_context(overrides):
+    """The CFG batch [cond; null] with the null half implicit equals the explicit zero tokens (mask kept), the
+    null condition the reference and null_condition use."""
+    model = randomize(registry.build(model_config(**overrides), nnx.Rngs(0)))
+    x, t, cross, mask, glob = inputs()
+    x2, t2, glob2 = (jnp.concatenate([a, a], axis=0) for a in (x, t, glob))
+    explicit = forward(model, x2, t2, jnp.concatenate([cross, jnp.zeros_like(cross)]),
+                       jnp.concatenate([mask, mask]), glob2)
+    implicit = forward(model, x2, t2, cross, mask, glob2)
+    np.testing.assert_allclose(implicit, explicit, rtol=1e-5, atol=1e-5)
+    # The null rows differ from the conditional ones: the context reaches the output.
+    assert not np.allclose(implicit[:2], implicit[2:], atol=1e-3)
+    with pytest.raises(ValueError, match="cross_mask"):
+        forward(model, x2, t2, cross, mask[:1], glob2)

@@ -107,3 +107,10 @@ def test_sharded_forward_matches_single_device(devices):
     with sharding_context(mesh, DEFAULT_SHARDING_RULES):
         out = jax.jit(apply)(sharded, x, t, cross, mask, glob)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    # A CFG batch with the null half implicit (2 context rows for 4 samples): on a batch-split mesh the DiT pads the
+    # context with the null rows instead of skipping them, and gives the explicit zero-token result.
+    explicit_null = jnp.concatenate([cross[:2], jnp.zeros_like(cross[:2])])
+    expected_cfg = jax.jit(apply)(params, x, t, explicit_null, mask, glob)
+    with sharding_context(mesh, DEFAULT_SHARDING_RULES):
+        out_cfg = jax.jit(apply)(sharded, x, t, cross[:2], mask[:2], glob)
+    np.testing.assert_allclose(out_cfg, expected_cfg, rtol=1e-4, atol=1e-5)

@@ -189,7 +189,7 @@ def make_denoiser(model_fn: ModelFn, parameterization: Parameterization) -> Deno
 
 
 def cfg_denoiser(denoise_fn: Callable[..., jax.Array], cond: Any, null_cond: Any, scale: float | jax.Array,
-                 rescale: float = 0.0, rescale_axis: int = 1) -> ModelFn:
+                 rescale: float = 0.0, rescale_axis: int = 1, doubled_fn: ModelFn | None = None) -> ModelFn:
     """Classifier-free guidance on the raw model output, as the reference does inside the DiT forward.
 
     denoise_fn(x, t, cond) -> output. Conditional and unconditional passes run as ONE call on a doubled batch
@@ -199,15 +199,21 @@ def cfg_denoiser(denoise_fn: Callable[..., jax.Array], cond: Any, null_cond: Any
     default 1 is the channel axis of the [B, C, L] latents that the reference and our DiT use.
     A Python `scale == 1` calls the conditional model alone. A traced scale equal to 1 selects the conditional half
     of the doubled batch, so the result is exact either way.
+    `doubled_fn(x2, t2)`, if given, replaces the doubled call: the model on [x; x] with cond for the first half and
+    null_cond for the second, in whatever cheaper form the caller has (the DiT's implicit null context).
     """
     if not isinstance(scale, jax.Array) and float(scale) == 1.0:
         return lambda x, t: denoise_fn(x, t, cond)
 
-    def guided(x, t):
+    def concatenated(x2, t2):
         null = jax.tree.map(lambda c, n: jnp.broadcast_to(jnp.asarray(n, jnp.asarray(c).dtype), jnp.shape(c)),
                             cond, null_cond)
-        both_cond = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null)
-        both = denoise_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_cond)
+        return denoise_fn(x2, t2, jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null))
+
+    run_doubled = doubled_fn or concatenated
+
+    def guided(x, t):
+        both = run_doubled(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0))
         conditional, unconditional = jnp.split(both, 2, axis=0)
         guided_out = unconditional + scale * (conditional - unconditional)
         if rescale:

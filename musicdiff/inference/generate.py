@@ -35,7 +35,8 @@ from musicdiff.diffusion.parameterization import (Parameterization, cfg_denoiser
 from musicdiff.diffusion.samplers import RF_SAMPLERS, SAMPLERS, Inpaint, sample
 from musicdiff.diffusion.schedules import DiscreteSchedule
 from musicdiff.errors import ConfigError, DataError
-from musicdiff.models.conditioning import null_condition
+from musicdiff.models.conditioning import ConditioningInputs, null_condition
+from musicdiff.models.dit import DiT
 
 SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
 INPAINT_METHOD = "repaint_fallback"
@@ -87,6 +88,24 @@ def check_sampler_fits(sampler: str, objective: str) -> None:
                           f"{objective!r} objective: use ddim, euler, heun, dpmpp-* or rf-euler/pingpong")
 
 
+def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax.Array,
+                 rescale: float = 0.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(x, t) -> the model's output under classifier-free guidance with conditioner outputs `cond` and the null
+    condition (`null_condition`: zero cross tokens, mask and global embedding kept), as one doubled batch."""
+
+    def model_out(x, t, c):
+        return model(x, t, c.cross_tokens, c.cross_mask, c.global_embed)
+
+    def cond_and_null(x2, t2):
+        # null_condition zeroes only the cross tokens: the DiT takes them implicitly for the rows past the
+        # context's and skips their cross-attention, which zero tokens make exactly zero.
+        double = None if cond.global_embed is None else jnp.concatenate([cond.global_embed] * 2, axis=0)
+        return model(x2, t2, cond.cross_tokens, cond.cross_mask, double)
+
+    return cfg_denoiser(model_out, cond, null_condition(cond), scale, rescale,
+                        doubled_fn=cond_and_null if isinstance(model, DiT) else None)
+
+
 def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
                  shape: tuple[int, int, int]) -> Callable[..., jax.Array]:
     """A pure `sample_fn(params, inputs, key, init=None, inpaint=None) -> latents [B, C, L]`.
@@ -105,10 +124,7 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
         cond = conditioner.condition(inputs)
 
-        def model_out(x, t, c):
-            return model(x, t, c.cross_tokens, c.cross_mask, c.global_embed)
-
-        guided = cfg_denoiser(model_out, cond, null_condition(cond), settings.cfg_scale, settings.cfg_rescale)
+        guided = guided_model(model, cond, settings.cfg_scale, settings.cfg_rescale)
         denoise = make_denoiser(guided, parameterization)
         inpaint_arg = None if inpaint is None else Inpaint(*inpaint)
         return sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,

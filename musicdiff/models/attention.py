@@ -167,21 +167,42 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
 
 
-def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """softmax(q·kᵀ/√d)·v for q [B, T, N, d], k/v [B, S, K, d] (K divides N; query head i reads kv head i // (N/K),
-    as `jax.nn.dot_product_attention` groups them), mask [B, 1|N, 1|T, S] bool. The same arithmetic as jax's XLA
-    implementation (fp32 logits and softmax, probabilities cast to v's dtype) with the heads moved in front first:
-    XLA:CPU runs the [B, N, T, S] score tensor of the BTNH einsums as strided passes, 2x slower at 1025 tokens."""
-    num_heads, kv_heads = q.shape[2], k.shape[2]
-    if kv_heads != num_heads:
-        k, v = (jnp.repeat(a, num_heads // kv_heads, axis=2) for a in (k, v))
-    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, N, T, d]
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+# Above this many bytes of fp32 scores, heads_major_attention runs one (batch, head) at a time: each head's [T, S]
+# scores then stay in cache from q·kᵀ through softmax to p·v. Materialised over all heads, those passes are
+# memory-bound on CPU (1025 tokens, SAO: 290 -> 150 ms per self-attention); short sequences keep one batched pass.
+PER_HEAD_SCORES_BYTES = 8 << 20
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax(q·kᵀ/√d)·v over the last two dims of q [..., T, d], k/v [..., S, d]; mask broadcasts to [..., T, S]."""
+    logits = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(1.0 / math.sqrt(q.shape[-1]))
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.float32(-0.7 * np.finfo(np.float32).max))
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs, v), 1, 2)
+    return jnp.einsum("...ts,...sh->...th", probs, v)
+
+
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q·kᵀ/√d)·v for q [B, T, N, d], k/v [B, S, K, d] (K divides N; query head i reads kv head i // (N/K),
+    as `jax.nn.dot_product_attention` groups them), mask [B, 1|N, 1|T, S] bool. The same arithmetic as jax's XLA
+    implementation (fp32 logits and softmax, probabilities cast to v's dtype) with the heads moved in front first:
+    XLA:CPU runs the [B, N, T, S] score tensor of the BTNH einsums as strided passes, 2x slower at 1025 tokens.
+    Long sequences go head by head (PER_HEAD_SCORES_BYTES), with the same arithmetic per head."""
+    (batch, length, num_heads, head_dim), kv_heads, keys = q.shape, k.shape[2], k.shape[1]
+    if kv_heads != num_heads:
+        k, v = (jnp.repeat(a, num_heads // kv_heads, axis=2) for a in (k, v))
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, N, T, d]
+    if batch * num_heads * length * keys * 4 <= PER_HEAD_SCORES_BYTES:
+        return jnp.swapaxes(_softmax_attention(q, k, v, mask), 1, 2)
+    heads = batch * num_heads
+    q, k, v = (a.reshape(heads, *a.shape[2:]) for a in (q, k, v))
+    if mask is None:
+        out = jax.lax.map(lambda qkv: _softmax_attention(*qkv, None), (q, k, v))
+    else:
+        mask = jnp.broadcast_to(mask, (batch, num_heads, *mask.shape[2:])).reshape(heads, *mask.shape[2:])
+        out = jax.lax.map(lambda qkvm: _softmax_attention(*qkvm), (q, k, v, mask))
+    return jnp.swapaxes(out.reshape(batch, num_heads, length, head_dim), 1, 2)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,

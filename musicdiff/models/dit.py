@@ -8,6 +8,11 @@ x += preprocess_conv(x); transformer (cond prepended as one token for "sao" bloc
 blocks); out += postprocess_conv(out). Classifier-free guidance stays outside: samplers batch [cond; uncond] and
 `drop_cross_conditioning` gives the training-time null condition (cross tokens dropped, global embedding kept).
 
+cross_tokens (and cross_mask) may have fewer rows than x: rows past them get the null context (all-zero tokens).
+The context MLP and the cross-attention's kv and output projections have no bias, so zero tokens give zero values and
+an exactly zero cross-attention branch, whatever the mask. Those rows skip cross-attention: the unconditional half
+of a CFG batch costs one cross-attention less per block.
+
 Parameter tree and the SAO checkpoint keys it maps to (prefix `model.model.`, spec §9.2; kernels are the transposed
 PyTorch weights, split heads reshaped head-major):
     timestep_features.weight [128]                  timestep_features.weight [128, 1]
@@ -39,6 +44,7 @@ from musicdiff.errors import ConfigError
 from musicdiff.models.attention import QK_NORMS, Linear, rotary_dim
 from musicdiff.models.registry import register
 from musicdiff.models.transformer import BLOCK_TYPES, REMAT_POLICIES, ContinuousTransformer
+from musicdiff.parallel.sharding import split_count
 
 ATTENTION_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 
@@ -186,12 +192,29 @@ class DiT(nnx.Module):
             cond = cond + self.to_global_embed(global_embed)
         context = None
         if cross_tokens is not None and self.to_cond_embed is not None:
+            cross_tokens, cross_mask = _rows_for_null_context(cross_tokens, cross_mask, x.shape[0])
             context = self.to_cond_embed(cross_tokens)
         h = jnp.swapaxes(x, 1, 2)  # [B, L, C]
         h = h + self.preprocess_conv(h)
         out = self.transformer(h, cond, context, cross_mask)
         out = out + self.postprocess_conv(out)
         return jnp.swapaxes(out, 1, 2).astype(x.dtype)
+
+
+def _rows_for_null_context(cross_tokens: jax.Array, cross_mask: jax.Array | None,
+                           batch: int) -> tuple[jax.Array, jax.Array | None]:
+    """Checks the rows of a short context; pads it with the null context when the batch is split over devices (the
+    skipped rows would leave the devices that hold them idle and reshard the first rows)."""
+    rows = cross_tokens.shape[0]
+    if rows > batch or (cross_mask is not None and cross_mask.shape[0] != rows):
+        mask_rows = None if cross_mask is None else cross_mask.shape[0]
+        raise ValueError(f"DiT: cross_tokens has {rows} rows and cross_mask {mask_rows} for a batch of {batch}; "
+                         f"the context needs at most one row per sample and the mask one row per context row")
+    if rows == batch or split_count("activation_batch") == 1:
+        return cross_tokens, cross_mask
+    pad = ((0, batch - rows),)
+    cross_tokens = jnp.pad(cross_tokens, pad + ((0, 0),) * (cross_tokens.ndim - 1))
+    return cross_tokens, None if cross_mask is None else jnp.pad(cross_mask, pad + ((0, 0),))
 
 
 @register("dit")

@@ -84,12 +84,19 @@ class TransformerBlock(nnx.Module):
         else:
             h = h + self.self_attn(self.pre_norm(h), cos, sin)
         if self.cross_attn is not None and context is not None:
-            h = h + self.cross_attn(self.cross_attend_norm(h), context, context_mask)
+            h = self._add_cross_attention(h, context, context_mask)
         if self.modulation is not None:
             h = h + gate_ff * self.ff(self.ff_norm(h) * (1 + scale_ff) + shift_ff)
         else:
             h = h + self.ff(self.ff_norm(h))
         return constrain(h, ACTIVATION)
+
+    def _add_cross_attention(self, h: jax.Array, context: jax.Array, context_mask: jax.Array | None) -> jax.Array:
+        rows = context.shape[0]
+        if rows == h.shape[0]:
+            return h + self.cross_attn(self.cross_attend_norm(h), context, context_mask)
+        # Rows past the context's have the null context (DiT.__call__): their branch is exactly zero, so it is skipped.
+        return h.at[:rows].add(self.cross_attn(self.cross_attend_norm(h[:rows]), context, context_mask))
 
 
 def _run_block(block: TransformerBlock, h, cond, context, context_mask, cos, sin):
