@@ -406,11 +406,21 @@ def _open_checkpoint(path: str) -> CheckpointRef:
     return ref
 
 
-def _encode_shards(config: ml_collections.ConfigDict, out: Path, ref: CheckpointRef, dataset: Dataset,
-                   layout: ShardLayout, windows: list[tuple[int, int]], pending: list[int], digest: str) -> int:
+@functools.lru_cache(maxsize=1)
+def _restored_autoencoder(step_dir: str, fingerprint: str, mesh: jax.sharding.Mesh, rules: tuple) -> nnx.Module:
+    """The autoencoder restored onto `mesh`, kept for the next call with the same weights (the content fingerprint)
+    and layout: further runs in one process (several folders, a benchmark) skip the restore, seconds even for a
+    small model. `fingerprint` is only the cache key."""
+    del fingerprint
+    return load_model(find_checkpoint(step_dir), "autoencoder", mesh=mesh, rules=rules)
+
+
+def _encode_shards(config: ml_collections.ConfigDict, out: Path, ref: CheckpointRef, fingerprint: str,
+                   dataset: Dataset, layout: ShardLayout, windows: list[tuple[int, int]], pending: list[int],
+                   digest: str) -> int:
     """Encodes and writes the `pending` shards of this process; returns the number of windows written."""
     mesh, rules = mesh_and_rules(config, jax.local_devices())
-    encoder = WindowEncoder(load_model(ref, "autoencoder", mesh=mesh, rules=rules), mesh, rules, config)
+    encoder = WindowEncoder(_restored_autoencoder(str(ref.step_dir), fingerprint, mesh, rules), mesh, rules, config)
     text = TextFields(config, out, mesh, rules)
     spec = ClipSpec.from_config(config.data)
     batch_size = int(config.batch_size)
@@ -542,7 +552,8 @@ def precompute_latents(config: ml_collections.ConfigDict, workdir: str | Path) -
         log.info("%s: %d of this process's %d shards are finished; skipping them", out, len(owned) - len(pending),
                  len(owned))
     encode_started = time.perf_counter()
-    written = _encode_shards(config, out, ref, dataset, layout, windows, pending, digest) if pending else 0
+    written = (_encode_shards(config, out, ref, plan["autoencoder"]["fingerprint"], dataset, layout, windows, pending,
+                              digest) if pending else 0)
     encode_seconds = time.perf_counter() - encode_started
     barrier(f"musicdiff_precompute_{digest[:16]}_encoded", float(config.barrier_timeout_s))
     if process == 0:
