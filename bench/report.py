@@ -74,8 +74,10 @@ def markdown_table(report: dict[str, Any]) -> str:
              f"Medians of {report['repeats']} alternating runs per side after warm-up; load average over the run "
              f"{report['load_average_range'][0]:.1f}–{report['load_average_range'][1]:.1f} (shared machine)."
              + (" **Quick mode: small shapes, not a result.**" if report["quick"] else ""), "",
-             "Both sides alternate run by run on the same cores, so load from other work on the machine falls on both "
-             "and the ratios stay comparable; absolute rates vary with that load."
+             "Both sides alternate run by run on the same cores, but load from other work does not fall on them "
+             "equally: it slows the reference's eager per-op thread-pool regions more than our compiled programs "
+             "(on 2026-12-01 a run under load 3.6-5.8 read 1.3-9x higher ratios on the DiT rows than quiet runs), so "
+             "only runs on a quiet machine are results."
              + (f" Conditions of this run: {report['conditions']}" if report.get("conditions") else ""), "",
              "| row | musicdiff | reference | ratio (musicdiff/ref) | target | efficiency musicdiff / ref | "
              "compile (musicdiff) |",
@@ -141,7 +143,11 @@ def write_report(report: dict[str, Any], measured: list, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = (f"{socket.gethostname()}-{datetime.date.today().isoformat()}" + ("-quick" if report["quick"] else "")
             + ("-rows" if report.get("rows_selected") else ""))
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path, run = out_dir / f"{stem}.json", 1
+    while json_path.exists():  # another run of the same day: keep it
+        run += 1
+        json_path = out_dir / f"{stem}-{run}.json"
+    md_path = json_path.with_suffix(".md")
     atomic_write_json(json_path, report)
     atomic_write_bytes(md_path, markdown_table(report).encode())
     return json_path, md_path

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from bench import flops
-from bench.report import markdown_table, rerender, summarize_row
+from bench.report import markdown_table, rerender, summarize_row, write_report
 
 
 def small_autoencoder_section(**overrides) -> ml_collections.ConfigDict:
@@ -113,6 +113,16 @@ def test_rerender_replaces_analysis_and_conditions_but_not_numbers(tmp_path):
     again = json.loads(path.read_text())
     assert again["rows"][0]["ratio"] == pytest.approx(2.5) and again["rows"][0]["analysis"] == "fresh text"
     assert again["conditions"] == "a demo ran alongside."
+
+
+def test_a_second_run_of_the_day_keeps_the_first(tmp_path):
+    report = dict(machine=dict(host="h", cpu="c", cores_used=2, jax="0", reference=dict(torch="t")), date="2026-01-01",
+                  repeats=5, quick=False, peak_measurements=[{"jax": 1e10, "torch": 2e10}])
+    measured = [(_row(), _measured(2.0, 5.0))]
+    first, _ = write_report(dict(report), measured, tmp_path)
+    second, second_md = write_report(dict(report), measured, tmp_path)
+    assert first != second and second.stem == first.stem + "-2" and second_md.suffix == ".md"
+    assert first.exists() and second.exists()
 
 
 def test_reference_worker_protocol():
