@@ -76,8 +76,8 @@ def markdown_table(report: dict[str, Any]) -> str:
              + (" **Quick mode: small shapes, not a result.**" if report["quick"] else ""), "",
              "Both sides alternate run by run on the same cores, but load from other work does not fall on them "
              "equally: it slows the reference's eager per-op thread-pool regions more than our compiled programs "
-             "(on 2026-12-01 a run under load 3.6-5.8 read 1.3-9x higher ratios on the DiT rows than quiet runs), so "
-             "only runs on a quiet machine are results."
+             "(on 2026-12-01 a run under load 3.6-5.8 read 1.4-9x the quiet runs' ratios on the DiT training and "
+             "ping-pong rows), so only runs on a quiet machine are results."
              + (f" Conditions of this run: {report['conditions']}" if report.get("conditions") else ""), "",
              "| row | musicdiff | reference | ratio (musicdiff/ref) | target | efficiency musicdiff / ref | "
              "compile (musicdiff) |",
