@@ -14,7 +14,7 @@ from flax import nnx
 
 from musicdiff.config import load_config
 from musicdiff.models import registry
-from musicdiff.training.checkpoint import Checkpointer
+from musicdiff.checkpoints import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 

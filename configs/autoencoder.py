@@ -13,7 +13,7 @@
 import ml_collections
 
 from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.parallel.distributed import distributed_config
 
 SAO_STFT_FFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # hops are fft / 4, windows = fft (spec §1.9)

@@ -19,7 +19,7 @@ lr(step) = lr · (1 - warmup^(step+1)) · (1 + step/inv_gamma)^(-power), EMA 0.9
 
 import ml_collections
 
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.parallel.distributed import distributed_config
 
 PRESETS = {

@@ -20,7 +20,7 @@ import ml_collections
 
 from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
 from data_pipelines.synthetic.render import ALL_INSTRUMENTS
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 
 PRESETS = {
     "default": dict(num_steps=250, batch_size=32, channels=(12, 24, 24), log_every=20, checkpoint_every=250),

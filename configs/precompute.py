@@ -35,7 +35,7 @@ from pathlib import Path
 import ml_collections
 
 from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.parallel.distributed import distributed_config
 
 

@@ -6,7 +6,7 @@ is the small encoder trained with the denoiser over a tokenizer built from the d
 
 import ml_collections
 
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 
 
 def t5_base() -> ml_collections.ConfigDict:

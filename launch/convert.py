@@ -55,7 +55,7 @@ def convert() -> None:
 
 
 def main(_argv: list[str]) -> None:
-    from musicdiff.training.checkpoint import CheckpointError
+    from musicdiff.checkpoints import CheckpointError
 
     logging.getLogger().setLevel(logging.INFO)
     try:

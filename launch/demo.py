@@ -60,7 +60,7 @@ def preview_clips(data_dir: Path, out: Path, count: int) -> list[dict]:
 
 
 def loss_summary(metrics_file: Path, window: int = 100) -> dict:
-    from musicdiff.training.metrics import read_metrics
+    from musicdiff.metrics import read_metrics
 
     records = [r for r in read_metrics(metrics_file) if "loss" in r]
     if not records:

@@ -2,13 +2,13 @@
 
 Trains the embedded evaluator (the metric backbone that needs no download) on a synthetic audio folder rendered by
 launch.prepare_data; checkpoints in DIR/checkpoints/<step> (section "evaluator"), held-out attribute accuracy in
-DIR/heldout_accuracy.json (see musicdiff.eval.evaluator_training). Rerunning the same command resumes.
+DIR/heldout_accuracy.json (see musicdiff.training.evaluator). Rerunning the same command resumes.
 """
 
 import json
 
 from launch.common import run
-from musicdiff.eval.evaluator_training import train_evaluator
+from musicdiff.training.evaluator import train_evaluator
 
 
 def main(config, workdir):

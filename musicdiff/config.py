@@ -19,37 +19,8 @@ from typing import Any
 import ml_collections
 
 from musicdiff.errors import ConfigError
-
-# Model code names logical axes; these rules place them on the mesh (data, fsdp, tensor, sequence).
-DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", "sequence"),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("cond_embed", None),
-    ("conv_out", "fsdp"),
-    ("conv_in", None),
-    ("kernel", None),
-    ("norm", None),
-    ("layers", None),
-    ("codebook", None),
-)
-
-
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, *,
-                dcn_shape: dict[str, int] | None = None) -> ml_collections.ConfigDict:
-    """The mesh section: total axis sizes (one may be -1) and `dcn_shape`, how many ways each axis spans slices
-    (multi-slice TPU) or hosts (GPU clusters) over the slower data-centre network; all 1 = one slice."""
-    dcn = {**dict(data=1, fsdp=1, tensor=1, sequence=1), **(dcn_shape or {})}
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence, dcn_shape=dcn))
-
+from musicdiff.parallel.mesh import mesh_config
+from musicdiff.parallel.sharding import DEFAULT_SHARDING_RULES
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]` and applies `a.b=value` overrides; returns a locked ConfigDict."""

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from musicdiff.config import DEFAULT_SHARDING_RULES
+from musicdiff.parallel import DEFAULT_SHARDING_RULES
 from musicdiff.models import registry
 from musicdiff.parallel import make_mesh, param_shardings, per_device_bytes
 

@@ -11,7 +11,7 @@ from flax import nnx
 from musicdiff.config import load_config
 from musicdiff.models import registry
 from musicdiff.models.text_encoder import build_caption_tokenizer
-from musicdiff.training.checkpoint import Checkpointer
+from musicdiff.checkpoints import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["an upbeat track in A minor at 128 BPM with plucked bass and drums",

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from musicdiff.config import mesh_config
+from musicdiff.parallel import mesh_config
 from musicdiff.parallel import make_mesh
 from musicdiff.training import loop
 from musicdiff.training.autoencoder import (DISCRIMINATOR, GENERATOR, GENERATOR_WARMUP, AlternatingStep,
                                             AutoencoderTrainer, generator_updates_before, reachable_kinds, step_kind)
 from musicdiff.training.autoencoder_stage import GUARDED_METRICS
-from musicdiff.training.metrics import MetricLogger, NanGuard, NonFiniteLossError
+from musicdiff.metrics import MetricLogger, NanGuard, NonFiniteLossError
 from tests.autoencoder_fixtures import small_config
 
 STEPS = 4

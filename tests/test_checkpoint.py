@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.parallel import make_mesh, param_shardings
-from musicdiff.training.checkpoint import CheckpointError, Checkpointer, abstract_target, restore_params_only
+from musicdiff.checkpoints import CheckpointError, Checkpointer, abstract_target, restore_params_only
 
 
 class TinyModel(nnx.Module):
@@ -113,12 +113,13 @@ def test_keep_n_and_keep_period(tmp_path, mesh):
 def test_interval_and_forced_saves(tmp_path):
     state = dict(w=jnp.ones(4))
     with Checkpointer(tmp_path, save_interval_steps=100) as ckpt:
-        assert not ckpt.should_save(7) and ckpt.should_save(200)
-        assert not ckpt.save(7, state)
-        assert ckpt.save(7, state, force=True)  # e.g. on reached_preemption(7)
+        assert not ckpt.save(7, state)  # not a multiple of the interval
+        assert ckpt.save(7, state, force=True)  # e.g. the loop's save before a preemption exit
         ckpt.wait_until_finished()
         assert not ckpt.save(7, state, force=True)  # a saved step is never rewritten
-        assert ckpt.all_steps() == [7] and not ckpt.reached_preemption(7)
+        assert ckpt.save(200, state)
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [7, 200]
 
 
 def test_incompatible_restores_raise_clearly(tmp_path, mesh):

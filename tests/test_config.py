@@ -12,7 +12,7 @@ from musicdiff.errors import ConfigError
 CONFIG = textwrap.dedent(
     """
     import ml_collections
-    from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+    from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 
     def get_config(arg=None):
         c = ml_collections.ConfigDict()

@@ -47,7 +47,7 @@ from musicdiff.convert.stable_audio import (  # noqa: E402
 from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser, v_parameterization  # noqa: E402
 from musicdiff.diffusion.samplers import sample_dpmpp_3m_sde  # noqa: E402
 from musicdiff.errors import DataError  # noqa: E402
-from musicdiff.inference.loading import find_checkpoint, load_model  # noqa: E402
+from musicdiff.checkpoints import find_checkpoint, load_model  # noqa: E402
 from musicdiff.inference.generate import guided_model  # noqa: E402
 from musicdiff.models.conditioning import null_condition  # noqa: E402
 from musicdiff.models.text_encoder import TextTokenizer, build_caption_tokenizer, load_t5_encoder  # noqa: E402

@@ -3,7 +3,7 @@
 import ml_collections
 from flax import nnx
 
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.describe import describe_config, format_report
 from musicdiff.models import registry
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from data_pipelines.latent_source import read_manifest
-from musicdiff.inference.loading import find_checkpoint, load_model
-from musicdiff.training.metrics import read_metrics
+from musicdiff.checkpoints import find_checkpoint, load_model
+from musicdiff.metrics import read_metrics
 from tests.process_fixtures import FAST_CODEGEN, compile_cache_env, device_env
 
 N = 3

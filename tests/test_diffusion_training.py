@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from musicdiff.config import load_config
+from musicdiff.parallel import mesh_and_rules
 from musicdiff.parallel.sharding import sharding_context
 from musicdiff.training import loop
 from musicdiff.training.diffusion import DiffusionTask
@@ -30,7 +31,7 @@ def synthetic_batch(config, batch_size=8, seed=0, embedded=True):
 
 def two_steps(batch, mesh_shape, devices):
     config = load_config("configs/diffusion.py:tiny", [f"mesh.{k}={v}" for k, v in mesh_shape.items()])
-    mesh, rules = loop.mesh_and_rules(config, devices)
+    mesh, rules = mesh_and_rules(config, devices)
     task = DiffusionTask.from_config(config)
     with sharding_context(mesh, rules):
         state, shardings = loop.init_state(task.init_state, mesh, rules, jax.random.key(0))
@@ -63,7 +64,7 @@ FAST_LR = ["training.cfg_dropout_prob=0.0", "training.lr_warmup=0.5", "training.
 def single_device():
     """(config, initial state, jit'ed step) on one device, compiled once for the tests below."""
     config = load_config("configs/diffusion.py:tiny", FAST_LR)
-    mesh, rules = loop.mesh_and_rules(config, jax.devices()[:1])
+    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
     task = DiffusionTask.from_config(config)
     state, _ = loop.init_state(task.init_state, mesh, rules, jax.random.key(0))
     return config, state, jax.jit(task.train_step)

@@ -12,10 +12,10 @@ from data_pipelines.synthetic.writer import write_dataset
 from musicdiff.audio.io import write_audio
 from musicdiff.config import load_config
 from musicdiff.eval.backbones.embedded import EmbeddedBackbone
-from musicdiff.eval.evaluator_training import train_evaluator
+from musicdiff.training.evaluator import train_evaluator
 from musicdiff.eval.generation_eval import evaluate_generations, evaluate_series
-from musicdiff.inference.loading import find_checkpoint
-from musicdiff.training.metrics import read_metrics
+from musicdiff.checkpoints import find_checkpoint
+from musicdiff.metrics import read_metrics
 
 EVALUATE_CONFIG = "configs/evaluate.py"
 

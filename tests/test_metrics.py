@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from musicdiff.training.metrics import MetricLogger, NanGuard, NonFiniteLossError, read_metrics
+from musicdiff.metrics import MetricLogger, NanGuard, NonFiniteLossError, read_metrics
 
 
 class Probe:

@@ -25,7 +25,7 @@ from musicdiff.config import load_config
 from musicdiff.parallel import make_mesh, shard_batch
 from musicdiff.training import loop
 from musicdiff.training.diffusion import latent_batches
-from musicdiff.training.metrics import read_metrics
+from musicdiff.metrics import read_metrics
 from tests.precompute_fixtures import REPO
 from tests.process_fixtures import (FAST_CODEGEN, cluster_flags, compile_cache_env, device_env, read_state,
                                    start_cluster, tail, wait_all)
@@ -53,11 +53,11 @@ def dump_global_batches(config, path, count):
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
-    from musicdiff.parallel import shard_batch
+    from musicdiff.parallel import mesh_and_rules, shard_batch
     from musicdiff.training import loop
     from musicdiff.training.diffusion import latent_batches
 
-    mesh, rules = loop.mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     batches = iter(latent_batches(config, mesh, rules))
     out = {}
     for index in range(count):

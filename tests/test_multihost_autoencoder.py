@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from musicdiff.training.metrics import read_metrics
+from musicdiff.metrics import read_metrics
 from tests.autoencoder_fixtures import SMALL_MODEL, render_folder
 from tests.precompute_fixtures import REPO
 from tests.process_fixtures import (FAST_CODEGEN, cluster_flags, compile_cache_env, device_env, read_state,

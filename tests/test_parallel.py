@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.errors import ConfigError
 from musicdiff.parallel import make_mesh, mesh_shape_from_config, param_shardings, per_device_bytes, shard_batch
 from musicdiff.parallel.sharding import constrain, logical_to_mesh_spec, sharding_context

@@ -20,7 +20,7 @@ from flax import nnx
 
 from data_pipelines.latent_source import LatentRecords, iterate_records, read_manifest
 from musicdiff.errors import ConfigError
-from musicdiff.inference.loading import find_checkpoint, load_model
+from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.inference.precompute import KILL_AFTER_ENV, precompute_latents
 from musicdiff.models.text_encoder import TextTokenizer, load_text_encoder
 from tests.precompute_fixtures import (CLIPS, EXPECTED_WINDOWS, RATE, REPO, SAMPLE_SIZE, cli_args, output_files,

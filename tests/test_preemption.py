@@ -13,14 +13,14 @@ import time
 
 import numpy as np
 
-from musicdiff.training.metrics import read_metrics
+from musicdiff.metrics import read_metrics
 from tests.process_fixtures import REPO, device_env, read_state
 
 STEPS = 12
 
 CONFIG = """
 import ml_collections
-from musicdiff.config import mesh_config
+from musicdiff.parallel import mesh_config
 
 def get_config():
     return ml_collections.ConfigDict(dict(
@@ -38,13 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from launch.common import run
+from musicdiff.metrics import MetricLogger
+from musicdiff.parallel import mesh_and_rules
 from musicdiff.training import loop
-from musicdiff.training.metrics import MetricLogger
 
 
 def stage(config, workdir):
     schedule = loop.Schedule.from_config(config.training)
-    mesh, rules = loop.mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     target = np.linspace(-1.0, 1.0, 16).astype(np.float32)
 
     def example(index):

@@ -7,15 +7,8 @@ import librosa
 import numpy as np
 import pytest
 
-from musicdiff.eval.reconstruction import (
-    aggregate,
-    mel_distance,
-    reconstruction_metrics,
-    si_sdr,
-    stft_distance,
-    stft_magnitude,
-    write_report,
-)
+from musicdiff.audio.metrics import mel_distance, reconstruction_metrics, si_sdr, stft_distance, stft_magnitude
+from musicdiff.eval.reconstruction import aggregate, write_report
 
 SR = 44100
 

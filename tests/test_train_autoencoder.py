@@ -14,10 +14,10 @@ from flax import nnx
 from musicdiff.config import load_config
 from musicdiff.errors import ConfigError
 from musicdiff.eval.autoencoder_eval import evaluate_autoencoder
-from musicdiff.inference.loading import find_checkpoint, load_model
+from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.training.autoencoder_stage import split_folder, train_autoencoder
-from musicdiff.training.checkpoint import flatten_with_names
-from musicdiff.training.metrics import read_metrics
+from musicdiff.checkpoints import flatten_with_names
+from musicdiff.metrics import read_metrics
 from tests.autoencoder_fixtures import SMALL_MODEL, compilation_cache, render_folder, small_config
 
 # Warm-up 0 in "adv" mode: generator and discriminator steps alternate from step 0. heldout_fraction 0.1 holds out

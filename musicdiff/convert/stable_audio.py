@@ -7,7 +7,7 @@
     export_stable_audio("EXPORT", diffusion="OUT/diffusion")  -> EXPORT/model.safetensors + EXPORT/model_config.json
 
 Both directories are ordinary musicdiff checkpoints (`WORKDIR/checkpoints/0/{state,config}`), read by
-`musicdiff.inference.loading.load_model` and by `--config.init_from` for fine-tuning. T5 is not part of a Stable
+`musicdiff.checkpoints.load_model` and by `--config.init_from` for fine-tuning. T5 is not part of a Stable
 Audio checkpoint: the diffusion config's `prompt_encoder.path` names the Hugging Face T5 directory (default the
 reference's `t5_model_name`, e.g. "t5-base"), loaded separately at generation time as the reference does.
 
@@ -48,10 +48,10 @@ from musicdiff.convert.stable_audio_keys import (
     prefixed,
 )
 from musicdiff.errors import ConfigError, DataError
-from musicdiff.inference.loading import find_checkpoint, load_model
+from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.models import registry
-from musicdiff.training.checkpoint import Checkpointer
-from musicdiff.training.loop import CHECKPOINT_DIR
+from musicdiff.checkpoints import Checkpointer
+from musicdiff.checkpoints import CHECKPOINT_DIR
 
 MAX_LISTED = 12
 CHECKPOINT_STEP = 0

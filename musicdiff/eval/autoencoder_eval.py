@@ -38,8 +38,8 @@ def _inherited(value: Any, fallback: Any, unset: Any) -> Any:
 
 
 def _checkpoint(config: ml_collections.ConfigDict):
-    from musicdiff.inference.loading import find_checkpoint
-    from musicdiff.training.checkpoint import CheckpointError
+    from musicdiff.checkpoints import find_checkpoint
+    from musicdiff.checkpoints import CheckpointError
 
     if not str(config.checkpoint):
         raise ConfigError("config.checkpoint is empty: pass --config.checkpoint=RUN (a training workdir, its "
@@ -52,9 +52,10 @@ def _checkpoint(config: ml_collections.ConfigDict):
 
 def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """The `autoencoder` kind of launch.evaluate (see the module docstring); returns the report's metrics."""
-    from musicdiff.eval.reconstruction import ASSUMPTIONS, aggregate, reconstruction_metrics, write_report
+    from musicdiff.audio.metrics import reconstruction_metrics
+    from musicdiff.eval.reconstruction import ASSUMPTIONS, aggregate, write_report
     from musicdiff.files import atomic_write_json
-    from musicdiff.inference.loading import load_model
+    from musicdiff.checkpoints import load_model
     from musicdiff.models.chunking import chunked_decode, chunked_encode
 
     ref = _checkpoint(config)

@@ -35,7 +35,7 @@ def saved_steps(run: str | Path) -> dict[int, Path]:
     import orbax.checkpoint as ocp
     from etils import epath
 
-    from musicdiff.training.loop import CHECKPOINT_DIR
+    from musicdiff.checkpoints import CHECKPOINT_DIR
 
     path = Path(run)
     if (path / CHECKPOINT_DIR).is_dir():

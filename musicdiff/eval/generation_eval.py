@@ -238,7 +238,7 @@ class GenerationEvaluator:
 
     def _write(self, out_dir: Path, metrics: Mapping[str, Any], per_clip: Sequence[Mapping[str, Any]],
                clips: Sequence[generation_sets.AudioClip], step: int) -> None:
-        from musicdiff.training.metrics import MetricLogger
+        from musicdiff.metrics import MetricLogger
 
         settings = generation_sets.generation_settings(clips)
         notes = [f"{len(clips)} generated clips from {clips[0].path.parent}; step {step}."]
@@ -276,7 +276,7 @@ def evaluate_generations(config: Any, workdir: Path) -> dict[str, Any]:
 def evaluate_series(config: Any, workdir: Path, folders: Mapping[int, str | Path]) -> dict[int, dict[str, float]]:
     """Evaluates each {step: generations folder} into WORKDIR/step_<step>/, then writes WORKDIR/series.json, the
     metric-vs-step plot WORKDIR/series.png and TensorBoard scalars per step in WORKDIR."""
-    from musicdiff.training.metrics import MetricLogger
+    from musicdiff.metrics import MetricLogger
 
     workdir = Path(workdir)
     evaluator = GenerationEvaluator(config, workdir)

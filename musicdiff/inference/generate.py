@@ -174,7 +174,7 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path: str, *, autoencoder_checkpoint: str = "", prefer_ema: bool = True) -> Generator:
-        from musicdiff.inference.loading import find_checkpoint, load_model
+        from musicdiff.checkpoints import find_checkpoint, load_model
         from musicdiff.inference.prompts import PromptEncoder
 
         ref = find_checkpoint(path)

@@ -56,15 +56,14 @@ from data_pipelines.latent_source import (FORMAT, MANIFEST_NAME, PLAN_NAME, TOKE
 from musicdiff.config import downsampling_ratio, to_dict, validate
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.files import atomic_write_json, default_mode, fsync_file
-from musicdiff.inference.loading import CheckpointRef, find_checkpoint, load_model
+from musicdiff.checkpoints import CheckpointError, CheckpointRef, find_checkpoint, load_model
 from musicdiff.models.autoencoder import VAEBottleneck
 from musicdiff.models.chunking import chunked_encode_features
 from musicdiff.models.text_encoder import (build_caption_tokenizer, encode_captions, encoder_config_from,
                                            load_caption_tokenizer, load_text_encoder)
 from musicdiff.parallel.distributed import barrier, initialize_distributed
+from musicdiff.parallel.mesh import mesh_and_rules
 from musicdiff.parallel.sharding import batch_sharding, sharding_context
-from musicdiff.training.checkpoint import CheckpointError
-from musicdiff.training.loop import mesh_and_rules
 
 KILL_AFTER_ENV = "MUSICDIFF_PRECOMPUTE_KILL_AFTER_WINDOWS"
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.registry import register
 from musicdiff.parallel import make_mesh, param_shardings

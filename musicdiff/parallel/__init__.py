@@ -1,8 +1,10 @@
 """Device mesh and logical-axis sharding: the single source of truth for how arrays are laid out (over all
 processes of a multi-host job: distributed.py joins them)."""
 
-from musicdiff.parallel.mesh import MESH_AXES, make_mesh, mesh_shape_from_config
+from musicdiff.parallel.mesh import MESH_AXES, make_mesh, mesh_and_rules, mesh_config, mesh_shape_from_config
 from musicdiff.parallel.sharding import (
+    DEFAULT_SHARDING_RULES,
+    Rules,
     batch_sharding,
     logical_specs,
     logical_to_mesh_spec,
@@ -11,9 +13,16 @@ from musicdiff.parallel.sharding import (
     process_batch_rows,
     shard_batch,
     tree_logical_to_mesh,
+    rules_from_config,
+    sharding_context,
+    constrain,
 )
 
 __all__ = [
+    "DEFAULT_SHARDING_RULES",
+    "Rules",
+    "mesh_and_rules",
+    "mesh_config",
     "MESH_AXES",
     "make_mesh",
     "mesh_shape_from_config",
@@ -25,4 +34,7 @@ __all__ = [
     "process_batch_rows",
     "shard_batch",
     "tree_logical_to_mesh",
+    "rules_from_config",
+    "sharding_context",
+    "constrain",
 ]

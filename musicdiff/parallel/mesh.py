@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from musicdiff.errors import ConfigError
+from musicdiff.parallel.distributed import log_topology
+from musicdiff.parallel.sharding import Rules, rules_from_config
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "sequence")
 DCN_KEY = "dcn_shape"
@@ -102,3 +106,19 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[axis] for axis in MESH_AXES), devices,
                                                 process_is_granule=by_process)
     return Mesh(np.asarray(grid), MESH_AXES, axis_types=axis_types)
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, *,
+                dcn_shape: dict[str, int] | None = None) -> ml_collections.ConfigDict:
+    """The mesh section: total axis sizes (one may be -1) and `dcn_shape`, how many ways each axis spans slices
+    (multi-slice TPU) or hosts (GPU clusters) over the slower data-centre network; all 1 = one slice."""
+    dcn = {**dict(data=1, fsdp=1, tensor=1, sequence=1), **(dcn_shape or {})}
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence, dcn_shape=dcn))
+
+
+def mesh_and_rules(config: Any, devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Rules]:
+    """The mesh of `config.mesh` over all processes' devices (default) and the config's sharding rules; logs the
+    topology once."""
+    mesh = make_mesh(config.mesh, devices)
+    log_topology(mesh)
+    return mesh, rules_from_config(config)

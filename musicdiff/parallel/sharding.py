@@ -24,6 +24,33 @@ from musicdiff.errors import ConfigError
 nnx.use_eager_sharding(False)
 
 Rules = Sequence[tuple[str, Any]]
+
+# Model code names logical axes; these rules place them on the mesh (data, fsdp, tensor, sequence).
+DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("cond_embed", None),
+    ("conv_out", "fsdp"),
+    ("conv_in", None),
+    ("kernel", None),
+    ("norm", None),
+    ("layers", None),
+    ("codebook", None),
+)
+
+
+def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
+    """`config.sharding_rules` (the defaults when the config has none) as a tuple of pairs."""
+    return tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("musicdiff_sharding", default=None)
 
 

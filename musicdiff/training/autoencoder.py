@@ -53,7 +53,7 @@ from musicdiff.errors import ConfigError
 from musicdiff.models import registry
 from musicdiff.models.discriminator import adversarial_losses
 from musicdiff.parallel.sharding import Rules, sharding_context
-from musicdiff.training.checkpoint import restore_params_only
+from musicdiff.checkpoints import restore_params_only
 from musicdiff.training.loop import compile_step
 from musicdiff.training.optim import (all_finite, ema_decay_from, ema_update, learning_rate_schedule, make_optimizer,
                                       select_tree)
@@ -165,7 +165,7 @@ class AutoencoderTrainer:
         """`state` with its weights read from checkpoint `path` (fine-tuning): the autoencoder from the source's
         EMA when it has one, else its params; the discriminator from its params when present, else kept fresh.
         The EMA restarts at the loaded weights; optimiser states, step and data position stay fresh."""
-        from musicdiff.inference.loading import find_checkpoint
+        from musicdiff.checkpoints import find_checkpoint
 
         ref = find_checkpoint(path)
         params = dict(state["params"])

@@ -11,7 +11,7 @@
 - Checkpoints: WORKDIR/checkpoints/<step>/{state, data_iter, config} every `checkpoint_every` steps and at the end
   (keep the last `keep_checkpoints`); rerunning the same command resumes from the latest one, data position
   included. `init_from` starts a new run from another checkpoint's weights with fresh optimisers.
-- Logging: metrics.jsonl, TensorBoard scalars and a progress bar (musicdiff.training.metrics). Every `demo_every`
+- Logging: metrics.jsonl, TensorBoard scalars and a progress bar (musicdiff.metrics). Every `demo_every`
   steps the first `demo_seconds` of the first held-out clip are reconstructed with the current and the EMA weights:
   WAVs in WORKDIR/demos/<step>/, audio and log-mel spectrogram images in TensorBoard, and its reconstruction scores
   (musicdiff.eval.reconstruction) in TensorBoard and WORKDIR/demos/metrics.jsonl.
@@ -39,7 +39,7 @@ from musicdiff.errors import ConfigError, DataError
 from musicdiff.parallel.sharding import process_batch_rows
 from musicdiff.training import loop
 from musicdiff.training.autoencoder import AlternatingStep, AutoencoderTrainer
-from musicdiff.training.metrics import MetricLogger, NanGuard
+from musicdiff.metrics import MetricLogger, NanGuard
 
 log = logging.getLogger(__name__)
 GUARDED_METRICS = ("loss", "discriminator_loss", "grad_norm")
@@ -114,7 +114,7 @@ class ReconstructionDemo:
 
     def __call__(self, step: int, state: Any) -> None:
         from musicdiff.audio.io import write_audio
-        from musicdiff.eval.reconstruction import reconstruction_metrics
+        from musicdiff.audio.metrics import reconstruction_metrics
         from musicdiff.files import atomic_write_bytes
 
         outputs = {"reconstruction": state["params"]["autoencoder"], "reconstruction_ema": state["ema"]["autoencoder"]}

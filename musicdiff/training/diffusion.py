@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from musicdiff.config import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
 from musicdiff.diffusion.objectives import Objective, make_objective
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.errors import ConfigError, DataError
@@ -48,8 +48,8 @@ from musicdiff.parallel import make_mesh, param_shardings
 from musicdiff.parallel.distributed import on_main_process
 from musicdiff.parallel.sharding import Rules, process_batch_rows, sharding_context
 from musicdiff.training import loop
-from musicdiff.training.checkpoint import restore_params_only
-from musicdiff.training.metrics import MetricLogger, NanGuard
+from musicdiff.checkpoints import restore_params_only
+from musicdiff.metrics import MetricLogger, NanGuard
 from musicdiff.training.optim import (all_finite, ema_decay_from, ema_update, learning_rate_schedule, make_optimizer,
                                      select_tree)
 
@@ -181,7 +181,7 @@ def resolve_config(config: ml_collections.ConfigDict, manifest: Mapping[str, Any
 
 def _init_params_from(task: DiffusionTask, path: str, mesh, rules: Rules) -> dict[str, Any]:
     """Weights for fine-tuning: EMA of `path` when it has one, else its params; sharded straight from disk."""
-    from musicdiff.inference.loading import find_checkpoint
+    from musicdiff.checkpoints import find_checkpoint
 
     ref = find_checkpoint(path)
     abstract = jax.eval_shape(task.init_params, jax.random.key(0))
@@ -206,7 +206,7 @@ def make_demo_fn(task: DiffusionTask, config: ml_collections.ConfigDict, workdir
         return None
     from musicdiff.audio.io import write_audio
     from musicdiff.inference.generate import SamplerSettings, make_sampler
-    from musicdiff.inference.loading import find_checkpoint, load_model
+    from musicdiff.checkpoints import find_checkpoint, load_model
     from musicdiff.inference.prompts import PromptEncoder
     from musicdiff.models.chunking import chunked_decode
 

@@ -25,23 +25,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from musicdiff.config import DEFAULT_SHARDING_RULES
-from musicdiff.parallel import make_mesh, param_shardings
-from musicdiff.parallel.distributed import log_topology
+from musicdiff.parallel import DEFAULT_SHARDING_RULES
+from musicdiff.parallel import mesh_and_rules, param_shardings
 from musicdiff.parallel.sharding import Rules, batch_sharding, shard_batch
-from musicdiff.training.checkpoint import Checkpointer, abstract_target
-from musicdiff.training.metrics import MetricLogger
+from musicdiff.checkpoints import CHECKPOINT_DIR, Checkpointer, abstract_target
+from musicdiff.metrics import MetricLogger
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoints"
-
-
-def mesh_and_rules(config: Any, devices: list[jax.Device] | None = None) -> tuple[Mesh, Rules]:
-    """The mesh over all processes' devices (default) and the sharding rules; logs the topology once."""
-    rules = tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
-    mesh = make_mesh(config.mesh, devices)
-    log_topology(mesh)
-    return mesh, rules
 
 
 def init_state(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args: Any) -> tuple[Any, Any]:

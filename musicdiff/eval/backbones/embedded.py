@@ -47,8 +47,8 @@ class EmbeddedBackbone(Backbone):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> EmbeddedBackbone:
         """The evaluator of a launch.train_evaluator workdir (its latest step) or of one step directory."""
-        from musicdiff.inference.loading import find_checkpoint, load_model
-        from musicdiff.training.checkpoint import CheckpointError
+        from musicdiff.checkpoints import find_checkpoint, load_model
+        from musicdiff.checkpoints import CheckpointError
 
         if not str(path):
             raise ConfigError("config.backbones.embedded.checkpoint is empty: train the embedded evaluator with "

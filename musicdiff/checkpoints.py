@@ -1,4 +1,11 @@
-"""Checkpoints for every trainer: an Orbax CheckpointManager with three items per step.
+"""The checkpoint layer below training and inference: where checkpoints live, how they are written and read.
+
+Every trainer writes `WORKDIR/checkpoints/<step>/{state, data_iter, config}` (CHECKPOINT_DIR); `state` holds
+`params/<section>/...` and, when the trainer keeps one, `ema/<section>/...` (section = the config key of the model:
+"autoencoder", "model", "conditioner", ...). The `config` item is the resolved training config, so a checkpoint says by
+itself how to rebuild its models (`find_checkpoint`, `load_model`).
+
+The Orbax CheckpointManager (`Checkpointer`) has three items per step:
 
 - `state`: the train state, any pytree of jax arrays (params, optimiser state, EMA, step, RNG key). It is stored as
   a flat dict keyed by readable paths ("params/encoder/layers/0/conv/kernel"), so checkpoints do not depend on the
@@ -24,6 +31,7 @@ only sees finished ones. Call `wait_until_finished` before exiting.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,10 +39,16 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
+from musicdiff.models import registry
+from musicdiff.parallel.sharding import DEFAULT_SHARDING_RULES, Rules, param_shardings
+
+CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoints: WORKDIR/checkpoints/<step>/
 _ITEMS = ("state", "data_iter", "config")
 _MAX_LISTED = 20
 
@@ -144,7 +158,7 @@ def _jsonable(config: Any) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Orbax CheckpointManager for a trainer's workdir: interval + preemption saves, keep-N, sharded restore."""
+    """Orbax CheckpointManager for a trainer's workdir: interval saves (and forced ones), keep-N, sharded restore."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, save_interval_steps: int = 1000,
                  keep_period: int | None = None, async_save: bool = True):
@@ -157,9 +171,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             create=True,
             enable_async_checkpointing=async_save,
-            save_decision_policy=policies.AnySavePolicy(
-                [policies.FixedIntervalPolicy(save_interval_steps), policies.PreemptionCheckpointingPolicy()]
-            ),
+            # Preemption is the training loop's (a SIGTERM flag agreed across processes, then a forced save).
+            save_decision_policy=policies.FixedIntervalPolicy(save_interval_steps),
             preservation_policy=preservation,
         )
         self._manager = ocp.CheckpointManager(
@@ -170,14 +183,6 @@ class Checkpointer:
         )
 
     # ---- saving ---------------------------------------------------------------------------------------------
-
-    def should_save(self, step: int) -> bool:
-        """Whether `save(step, ...)` would write (save interval or preemption)."""
-        return self._manager.should_save(step)
-
-    def reached_preemption(self, step: int) -> bool:
-        """True once a preemption notice reached all processes: save with force=True, wait, then exit cleanly."""
-        return self._manager.reached_preemption(step)
 
     def save(self, step: int, state: Any, *, data_iter: Any = None, config: Any = None, force: bool = False) -> bool:
         """Saves if the policy says so (or `force`); returns whether a save started. A saved step is not rewritten."""
@@ -257,7 +262,7 @@ class Checkpointer:
         self.close()
 
 
-def _step_directory(path: epath.Path, step: int | None) -> epath.Path:
+def step_directory(path: epath.Path, step: int | None) -> epath.Path:
     if (path / "state").is_dir():
         if step is not None:
             raise CheckpointError(f"{path} is already one step's checkpoint; pass its parent directory with a step")
@@ -282,7 +287,7 @@ def restore_params_only(path: str | Path, abstract_params: Any, *, subtree: str 
     match (else `CheckpointError` listing the differences); dtypes are cast to the target's, so fp32 weights can
     initialise a bf16 model. The optimiser state, step and data position are not read.
     """
-    step_dir = _step_directory(epath.Path(path), step)
+    step_dir = step_directory(epath.Path(path), step)
     inner, treedef, keys = _flat_target(abstract_params)
     target = {f"{subtree}/{name}": struct for name, struct in inner.items()}
     handler = ocp.PyTreeCheckpointHandler()  # the format StandardCheckpointHandler writes; allows partial reads
@@ -304,5 +309,84 @@ def restore_params_only(path: str | Path, abstract_params: Any, *, subtree: str 
                       keys)
 
 
-__all__ = ["CheckpointError", "Checkpointer", "Restored", "abstract_target", "flatten_with_names",
-           "restore_params_only"]
+# ------------------------------------------------------------------------------------------ finding and loading
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    step_dir: Path
+    step: int
+    config: ml_collections.ConfigDict
+
+    def has_subtree(self, name: str) -> bool:
+        """Whether the checkpoint state stores arrays under `name/` (e.g. "ema/model")."""
+        return any(key.startswith(name + "/") for key in stored_names(self.step_dir))
+
+    def fingerprint(self) -> str:
+        """Identifies these weights (precompute manifests): sha256 over the step, the arrays' names, shapes and
+        dtypes, and the bytes of every file of the saved state. A copied checkpoint keeps it; another training run
+        of the same size and step does not."""
+        digest = hashlib.sha256(json.dumps({"step": self.step,
+                                            "arrays": sorted(stored_names(self.step_dir).items())}).encode())
+        for file in sorted(p for p in (self.step_dir / "state").rglob("*") if p.is_file()):
+            digest.update(file.relative_to(self.step_dir).as_posix().encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:32]
+
+
+def stored_names(step_dir: Path) -> dict[str, str]:
+    """{array name: "shape dtype"} of a step's state, from its metadata (no array is read)."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(epath.Path(step_dir) / "state")
+    finally:
+        handler.close()
+    tree = getattr(tree, "tree", tree)
+    return {name: f"{tuple(meta.shape)} {meta.dtype}" for name, meta in dict(tree).items()}
+
+
+def find_checkpoint(path: str | Path, step: int | None = None) -> CheckpointRef:
+    """Resolves a workdir / checkpoints dir / step dir to one step and its config."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such directory; pass a training workdir or a checkpoint step "
+                              f"directory")
+    if (path / CHECKPOINT_DIR).is_dir() and not (path / "state").is_dir():
+        path = path / CHECKPOINT_DIR
+    step_dir = Path(str(step_directory(epath.Path(path), step)))
+    config_file = step_dir / "config" / "metadata"
+    if not config_file.is_file():
+        raise CheckpointError(f"checkpoint {step_dir}: has no config item, so its models cannot be rebuilt; it was "
+                              f"not written by a musicdiff trainer or launch.convert")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    return CheckpointRef(step_dir=step_dir, step=int(step_dir.name) if step_dir.name.isdigit() else -1,
+                         config=config)
+
+
+def load_model(ref: CheckpointRef, section: str, *, mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
+               prefer_ema: bool = True, model_config: ml_collections.ConfigDict | None = None) -> nnx.Module:
+    """The model of config section `section`, with EMA weights when the checkpoint has them (and `prefer_ema`).
+
+    With a mesh the weights are read straight into their sharded layout (Orbax reads only each device's shards).
+    """
+    model_config = model_config if model_config is not None else ref.config[section]
+    abstract = nnx.eval_shape(lambda: registry.build(model_config, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    if mesh is not None:
+        shardings = param_shardings(abstract_params, rules or DEFAULT_SHARDING_RULES, mesh)
+        abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       abstract_params, shardings)
+    subtree = f"ema/{section}" if prefer_ema and ref.has_subtree(f"ema/{section}") else f"params/{section}"
+    if not ref.has_subtree(subtree):
+        raise CheckpointError(f"checkpoint {ref.step_dir}: holds no '{section}' model (no {subtree}/ arrays)")
+    params = restore_params_only(ref.step_dir, abstract_params, subtree=subtree)
+    return nnx.merge(graphdef, params)
+
+
+__all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointRef", "Checkpointer", "Restored", "abstract_target",
+           "find_checkpoint", "flatten_with_names", "load_model", "restore_params_only", "step_directory",
+           "stored_names"]

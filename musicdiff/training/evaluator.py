@@ -35,7 +35,7 @@ from musicdiff.eval.attribute_labels import attribute_scores, encode_targets, su
 from musicdiff.eval.prompt_following import prompt_targets
 from musicdiff.models import registry
 from musicdiff.training import loop
-from musicdiff.training.metrics import MetricLogger
+from musicdiff.metrics import MetricLogger
 from musicdiff.training.optim import make_optimizer
 
 log = logging.getLogger(__name__)
