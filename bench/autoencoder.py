@@ -80,8 +80,8 @@ def codec_throughput(seconds: float = 4.0, batch: int = 1, repeats: int = 5, pre
 
 def train_step_times(preset: str = "tiny", repeats: int = 5) -> dict[str, Any]:
     """Seconds per train step of `preset` at its batch and crop size, for each kind of step, on one device."""
-    from musicdiff.config import load_config, mesh_config
-    from musicdiff.parallel import make_mesh
+    from musicdiff.config import load_config
+    from musicdiff.parallel import make_mesh, mesh_config
     from musicdiff.training import loop
     from musicdiff.training.autoencoder import STEP_KINDS, AutoencoderTrainer
 
@@ -90,7 +90,7 @@ def train_step_times(preset: str = "tiny", repeats: int = 5) -> dict[str, Any]:
     trainer = AutoencoderTrainer(config)
     mesh = make_mesh(mesh_config(data=1), jax.devices()[:1])
     rules = config.sharding_rules
-    state, shardings = loop.init_state(trainer.init, mesh, rules, jax.random.key(0))
+    state, shardings = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
     batch_size, samples = int(config.batch_size), int(config.data.sample_size)
     t = np.arange(samples) / float(config.data.sample_rate)
     freqs = np.random.default_rng(0).uniform(100, 4000, (batch_size, 2, 1))
@@ -100,7 +100,7 @@ def train_step_times(preset: str = "tiny", repeats: int = 5) -> dict[str, Any]:
     result = {"preset": preset, "batch_size": batch_size, "sample_size": samples,
               "audio_seconds_per_step": batch_size * samples / float(config.data.sample_rate)}
     for kind in sorted(trainer.kinds):
-        step = loop.compile_step(trainer.kind_step(kind), shardings, batch_sharding, mesh)
+        step = loop.compile_step(trainer.step(kind), shardings, batch_sharding, mesh, rules)
         start = time.perf_counter()
         compiled = step.lower(state, device_batch).compile()
         compile_seconds = time.perf_counter() - start

@@ -24,6 +24,7 @@ from musicdiff.diffusion.objectives import make_objective
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.inference.generate import SamplerSettings, make_sampler
 from musicdiff.models import registry
+from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.models.dit import drop_cross_conditioning
 from musicdiff.training.optim import make_optimizer
 
@@ -71,7 +72,7 @@ class AutoencoderDecode:
 
 def conditioning_arrays(batch: int, cond_tokens: int, valid_tokens: int, cond_dim: int,
                         global_dim: int) -> dict[str, jax.Array]:
-    """Precomputed conditioner outputs (what DiffusionTask's conditioner hands the DiT): cross tokens with the first
+    """Precomputed conditioner outputs (what the diffusion trainer's conditioner hands the DiT): cross tokens with the first
     `valid_tokens` valid, their mask, and the global embedding."""
     mask = jnp.arange(cond_tokens)[None, :] < valid_tokens
     mask = jnp.broadcast_to(mask, (batch, cond_tokens))
@@ -83,7 +84,7 @@ def conditioning_arrays(batch: int, cond_tokens: int, valid_tokens: int, cond_di
 
 
 class DiTTrainStep:
-    """The DiT part of DiffusionTask.train_step on precomputed conditioning: draw t and ε, noise the latents, DiT
+    """The DiT part of DiffusionTrainer.train_step on precomputed conditioning: draw t and ε, noise the latents, DiT
     forward with 10% CFG dropout of the cross tokens, the objective's MSE, backward, AdamW (the config's optimiser
     with its InverseLR schedule). One jit'ed step with the state donated; `steps_per_run` steps per run."""
 
@@ -108,8 +109,8 @@ class DiTTrainStep:
             t = sample_timesteps(t_key, x0.shape[0], objective_config)
             noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
             tokens, mask = drop_cross_conditioning(drop_key, batch["cross_tokens"], batch["cross_mask"], dropout)
-            output = nnx.merge(graphdef, params)(objective.add_noise(x0, noise, t), objective.model_time(t), tokens,
-                                                 mask, batch.get("global_embed"))
+            cond = ConditioningInputs(tokens, mask, batch.get("global_embed"))
+            output = nnx.merge(graphdef, params)(objective.add_noise(x0, noise, t), objective.model_time(t), cond)
             return objective.loss(output, objective.target(x0, noise, t))
 
         def step(state, batch):

@@ -86,6 +86,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[arg]
     c = ml_collections.ConfigDict()
+    c.trainer = "diffusion"  # a registered trainer (musicdiff/training/trainer.py)
     c.seed = 0
     c.batch_size = preset["batch_size"]
     c.mesh = mesh_config()
@@ -145,7 +146,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         ema_inv_gamma=1.0,
         ema_update_after_step=1,
         cfg_dropout_prob=0.1,
-        max_nonfinite_steps=5,  # halt after this many consecutive skipped (non-finite) steps
+        max_nonfinite_steps=20,  # halt after this many consecutive skipped updates (non-finite loss or gradients)
+        trainable=(),  # glob patterns of parameters to train (inside params/, e.g. "model/transformer/*"); () = all
+        frozen=(),  # glob patterns of parameters to freeze (no optimiser state, no update)
         peak_flops_per_device=0.0,  # device peak FLOP/s for the MFU metric (0 = unknown: no MFU); H100 bf16 ~989e12
         log_every=100 if arg != "tiny" else 10,
         checkpoint_every=10_000 if arg != "tiny" else 100,

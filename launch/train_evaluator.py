@@ -2,20 +2,14 @@
 
 Trains the embedded evaluator (the metric backbone that needs no download) on a synthetic audio folder rendered by
 launch.prepare_data; checkpoints in DIR/checkpoints/<step> (section "evaluator"), held-out attribute accuracy in
-DIR/heldout_accuracy.json (see musicdiff.training.evaluator). Rerunning the same command resumes.
+DIR/heldout_accuracy.json and printed (see musicdiff.training.evaluator, trainer "evaluator"). Rerunning the same
+command resumes.
 """
 
-import json
+import functools
 
 from launch.common import run
-from musicdiff.training.evaluator import train_evaluator
-
-
-def main(config, workdir):
-    summary = train_evaluator(config, workdir)
-    print(json.dumps(summary, indent=2))
-    return summary
-
+from musicdiff.training.runner import train
 
 if __name__ == "__main__":
-    run(main, default_config="configs/evaluator.py")
+    run(functools.partial(train, default_trainer="evaluator"), default_config="configs/evaluator.py")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +76,17 @@ def _key_name(key: Any) -> str | None:
     return str(key)
 
 
+def path_name(path: tuple[Any, ...]) -> str:
+    """A pytree path as the name checkpoints store it under: parts joined with '/' ("model/transformer/...")."""
+    return "/".join(part for part in map(_key_name, path) if part is not None) or "root"
+
+
 def flatten_with_names(tree: Any) -> tuple[dict[str, Any], Any]:
     """({path name: leaf}, treedef). Names join path parts with '/'; two leaves with one name are refused."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     flat: dict[str, Any] = {}
     for path, leaf in leaves_with_paths:
-        name = "/".join(part for part in map(_key_name, path) if part is not None) or "root"
+        name = path_name(path)
         if name in flat:
             raise CheckpointError(f"two leaves of the state share the checkpoint name '{name}'; rename one of them")
         flat[name] = leaf
@@ -280,12 +285,15 @@ def step_directory(path: epath.Path, step: int | None) -> epath.Path:
 
 
 def restore_params_only(path: str | Path, abstract_params: Any, *, subtree: str = "params",
-                        step: int | None = None) -> Any:
+                        step: int | None = None, fresh: Any = None,
+                        missing_ok: Callable[[str], bool] | None = None) -> Any:
     """Reads one subtree of a checkpoint's `state` (default "params") into `abstract_params`, for fine-tuning.
 
     `path` is a checkpoint directory (its latest step, or `step`) or one step's directory. Names and shapes must
     match (else `CheckpointError` listing the differences); dtypes are cast to the target's, so fp32 weights can
     initialise a bf16 model. The optimiser state, step and data position are not read.
+    With `fresh` (concrete arrays shaped like the target) and `missing_ok(name)`, arrays the checkpoint lacks whose
+    names (relative to the subtree) `missing_ok` accepts are taken from `fresh`: new adapter weights on a base model.
     """
     step_dir = step_directory(epath.Path(path), step)
     inner, treedef, keys = _flat_target(abstract_params)
@@ -296,6 +304,10 @@ def restore_params_only(path: str | Path, abstract_params: Any, *, subtree: str 
                   if name.startswith(f"{subtree}/")}
         if not stored:
             raise CheckpointError(f"init_from={step_dir}: the checkpoint state has no '{subtree}/' subtree")
+        kept_fresh = set()
+        if fresh is not None and missing_ok is not None:
+            kept_fresh = {name for name in inner if f"{subtree}/{name}" not in stored and missing_ok(name)}
+            target = {name: struct for name, struct in target.items() if name[len(subtree) + 1:] not in kept_fresh}
         _raise_if_incompatible(_compare(stored, target, check_dtype=False), f"init_from={step_dir} ({subtree})",
                                "The checkpoint was written for another model configuration.")
         try:
@@ -305,8 +317,11 @@ def restore_params_only(path: str | Path, abstract_params: Any, *, subtree: str 
             raise CheckpointError(f"init_from={step_dir}: reading '{subtree}' failed: {err}") from err
     finally:
         handler.close()
-    return _unflatten({name[len(subtree) + 1:]: value for name, value in restored.items()}, list(inner), treedef,
-                      keys)
+    values = {name[len(subtree) + 1:]: value for name, value in restored.items()}
+    if kept_fresh:
+        fresh_flat, _ = flatten_with_names(fresh)
+        values.update({name: fresh_flat[name] for name in kept_fresh})
+    return _unflatten(values, list(inner), treedef, keys)
 
 
 # ------------------------------------------------------------------------------------------ finding and loading
@@ -388,5 +403,5 @@ def load_model(ref: CheckpointRef, section: str, *, mesh: jax.sharding.Mesh | No
 
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointRef", "Checkpointer", "Restored", "abstract_target",
-           "find_checkpoint", "flatten_with_names", "load_model", "restore_params_only", "step_directory",
+           "find_checkpoint", "flatten_with_names", "load_model", "path_name", "restore_params_only", "step_directory",
            "stored_names"]

@@ -25,38 +25,46 @@ import numpy as np
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced non-finite metrics for too many consecutive steps."""
+    """Training skipped its update (non-finite loss or gradients) for too many consecutive steps."""
+
+
+SKIPPED_METRIC = "update_skipped"  # 1.0 on a step whose update a trainer skipped (training/trainer.py)
 
 
 class NanGuard:
-    """Counts steps with non-finite metrics; raises after `max_consecutive` in a row, resets on a finite step."""
+    """Counts skipped updates: a step is bad when it reports `update_skipped` > 0 or a watched metric is not finite.
+    Raises after `max_consecutive` bad steps in a row (naming the step); a good step resets the count. A skipped
+    update leaves the parameters as they were, so the checkpoints written meanwhile keep the last good weights."""
 
-    def __init__(self, max_consecutive: int = 5, keys: Sequence[str] | None = None):
-        """`keys`: the metrics to watch (default: all of them)."""
+    def __init__(self, max_consecutive: int = 20, keys: Sequence[str] | None = None):
+        """`keys`: the metrics that must be finite (default: all of them)."""
         if max_consecutive < 1:
             raise ValueError(f"NanGuard: max_consecutive={max_consecutive} must be at least 1")
         self.max_consecutive = max_consecutive
         self.keys = tuple(keys) if keys is not None else None
         self.consecutive = 0
         self.total = 0
-        self.last_finite_step: int | None = None
+        self.last_good_step: int | None = None
 
     def check(self, step: int, metrics: Mapping[str, float]) -> bool:
-        """Returns whether `metrics` are finite; raises NonFiniteLossError on the `max_consecutive`-th bad step."""
+        """Returns whether the step's update was applied; raises NonFiniteLossError on the `max_consecutive`-th
+        skipped update in a row."""
         watched = metrics if self.keys is None else {k: metrics[k] for k in self.keys if k in metrics}
         bad = sorted(name for name, value in watched.items() if not math.isfinite(value))
-        if not bad:
+        skipped = metrics.get(SKIPPED_METRIC, 0.0)
+        if not bad and not (skipped > 0 or not math.isfinite(skipped)):
             self.consecutive = 0
-            self.last_finite_step = step
+            self.last_good_step = step
             return True
         self.consecutive += 1
         self.total += 1
         if self.consecutive >= self.max_consecutive:
-            since = f"since step {self.last_finite_step}" if self.last_finite_step is not None else "from the start"
+            since = f"since step {self.last_good_step}" if self.last_good_step is not None else "from the start"
+            what = f"non-finite {', '.join(bad)}" if bad else "non-finite gradients (finite loss)"
             raise NonFiniteLossError(
-                f"step {step}: non-finite {', '.join(bad)} for {self.consecutive} consecutive steps ({since}; "
-                f"{self.total} non-finite steps in all). Lower the learning rates (autoencoders: ~10x, as in "
-                f"stable-audio-tools #144) or resume from an earlier checkpoint."
+                f"step {step}: update skipped for {self.consecutive} consecutive steps ({what}; {since}; {self.total} "
+                f"skipped in all); the checkpoints hold the last good weights. Lower the learning rates "
+                f"(autoencoders: ~10x, as in stable-audio-tools #144) or resume from an earlier checkpoint."
             )
         return False
 

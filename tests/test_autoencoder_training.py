@@ -11,9 +11,8 @@ import pytest
 from musicdiff.parallel import mesh_config
 from musicdiff.parallel import make_mesh
 from musicdiff.training import loop
-from musicdiff.training.autoencoder import (DISCRIMINATOR, GENERATOR, GENERATOR_WARMUP, AlternatingStep,
-                                            AutoencoderTrainer, generator_updates_before, reachable_kinds, step_kind)
-from musicdiff.training.autoencoder_stage import GUARDED_METRICS
+from musicdiff.training.autoencoder import (DISCRIMINATOR, GENERATOR, GENERATOR_WARMUP, AutoencoderTrainer,
+                                            generator_updates_before, reachable_kinds, step_kind)
 from musicdiff.metrics import MetricLogger, NanGuard, NonFiniteLossError
 from tests.autoencoder_fixtures import small_config
 
@@ -55,6 +54,12 @@ def test_step_kinds_follow_the_reference_schedule(mode, warmup):
 # ---------------------------------------------------------------------------------------------- 1-device run
 
 
+def step_programs(trainer, shardings, batch_shardings, mesh, rules, start_step):
+    """What the runner compiles for the trainer: one program per reachable kind of step."""
+    return loop.StepPrograms(trainer.step_kinds(), trainer.step, trainer.step_kind, shardings, batch_shardings, mesh,
+                             rules, start_step)
+
+
 def make_batches(count):
     """Stereo tones with noise (what an autoencoder sees), one batch per step."""
     t = np.arange(2048) / 44100.0
@@ -88,9 +93,9 @@ def one_device_run(devices):
     trainer = AutoencoderTrainer(config)
     mesh = make_mesh(mesh_config(data=1), devices[:1])
     rules = config.sharding_rules
-    state, shardings = loop.init_state(trainer.init, mesh, rules, jax.random.key(0))
+    state, shardings = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
     batches = make_batches(STEPS)
-    step_fn = AlternatingStep(trainer, shardings, loop.batch_shardings(batches[0], mesh, rules), mesh, rules, 0)
+    step_fn = step_programs(trainer, shardings, loop.batch_shardings(batches[0], mesh, rules), mesh, rules, 0)
     states, metrics, inputs = [host(state)], [], {}
     for step, batch in enumerate(batches):
         if step:
@@ -140,10 +145,9 @@ def test_sharded_step_matches_one_device(one_device_run, devices, measurement):
     run = one_device_run
     trainer, rules = run["trainer"], run["config"].sharding_rules
     mesh = make_mesh(mesh_config(data=2, fsdp=4), devices)
-    _, shardings = loop.state_shardings(trainer.init, mesh, rules, jax.random.key(0))
+    _, shardings = loop.state_shardings(trainer.init_state, mesh, rules, jax.random.key(0))
     assert any(len(s.device_set) == 8 and not s.is_fully_replicated for s in jax.tree.leaves(shardings))
-    step_fn = AlternatingStep(trainer, shardings, loop.batch_shardings(run["batches"][0], mesh, rules), mesh, rules,
-                              start_step=1)
+    step_fn = step_programs(trainer, shardings, loop.batch_shardings(run["batches"][0], mesh, rules), mesh, rules, 1)
     worst = dict(loss=0.0, grad_norm=0.0, param=0.0, moment=0.0)
     for step in range(1, STEPS):
         step_fn.next_step = step
@@ -180,7 +184,7 @@ def test_nan_batch_is_skipped_and_the_guard_stops_after_k(one_device_run, tmp_pa
     poisoned = {"audio": run["batches"][0]["audio"].copy()}
     poisoned["audio"][3, 1, 100] = np.nan
     before = host(state)
-    logger = MetricLogger(tmp_path, nan_guard=NanGuard(2, keys=GUARDED_METRICS), progress=False, tensorboard=False)
+    logger = MetricLogger(tmp_path, nan_guard=NanGuard(2, keys=AutoencoderTrainer.guarded_metrics), progress=False, tensorboard=False)
     with pytest.raises(NonFiniteLossError, match="2 consecutive"):
         with logger:
             for step in (STEPS, STEPS + 1):  # a generator step, then a discriminator step

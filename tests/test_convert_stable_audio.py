@@ -44,7 +44,8 @@ from musicdiff.convert.stable_audio import (  # noqa: E402
     import_stable_audio,
     read_model_config,
 )
-from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser, v_parameterization  # noqa: E402
+from musicdiff.diffusion.objectives import make_objective  # noqa: E402
+from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser  # noqa: E402
 from musicdiff.diffusion.samplers import sample_dpmpp_3m_sde  # noqa: E402
 from musicdiff.errors import DataError  # noqa: E402
 from musicdiff.checkpoints import find_checkpoint, load_model  # noqa: E402
@@ -280,9 +281,7 @@ def guided_dit(model, scale: float = 1.0, rescale: float = 0.0, implicit_null: b
         if implicit_null:
             return guided_model(model, cond, scale, rescale)(x, t)
 
-        def denoise_fn(x, t, c):
-            return model(x, t, c.cross_tokens, c.cross_mask, c.global_embed)
-        return cfg_denoiser(denoise_fn, cond, null_condition(cond), scale, rescale=rescale)(x, t)
+        return cfg_denoiser(model, cond, null_condition(cond), scale, rescale=rescale)(x, t)
 
     return run
 
@@ -370,7 +369,7 @@ def test_sampler_steps_parity_dpmpp_3m_sde(measurement, converted, t5_dir):
     @jax.jit
     def sample(params, start, cond):
         model_fn = lambda x, t: guided(params, x, t, cond)
-        return sample_dpmpp_3m_sde(make_denoiser(model_fn, v_parameterization()), start, our_sigmas, key)
+        return sample_dpmpp_3m_sde(make_denoiser(model_fn, make_objective({"name": "v"}).parameterization), start, our_sigmas, key)
 
     ours = sample(nnx.state(model), jnp.asarray(start), cond)
     assert_parity(measurement, "two DPM++ 3M SDE steps with CFG 7", ours, expected, DIT_TOL)

@@ -23,7 +23,7 @@ KILL_AFTER_CHECKPOINT = """
 import os, signal, sys, time
 import orbax.checkpoint as ocp
 from launch.common import run
-from musicdiff.training.diffusion import train_diffusion
+from musicdiff.training.runner import train
 N = int(os.environ["KILL_AT_STEP"])
 
 def stage(config, workdir):
@@ -33,7 +33,7 @@ def stage(config, workdir):
             while N not in ocp.step.checkpoint_steps(workdir / "checkpoints") and time.time() < deadline:
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
-    train_diffusion(config, workdir, on_state=on_state)
+    train(config, workdir, default_trainer="diffusion", on_state=on_state)
 
 sys.argv = ["train"] + sys.argv[1:]
 run(stage)

@@ -9,7 +9,7 @@ from musicdiff.config import load_config
 from musicdiff.parallel import mesh_and_rules
 from musicdiff.parallel.sharding import sharding_context
 from musicdiff.training import loop
-from musicdiff.training.diffusion import DiffusionTask
+from musicdiff.training.diffusion import DiffusionTrainer
 from musicdiff.training.optim import ema_decay, inverse_lr
 
 
@@ -32,10 +32,10 @@ def synthetic_batch(config, batch_size=8, seed=0, embedded=True):
 def two_steps(batch, mesh_shape, devices):
     config = load_config("configs/diffusion.py:tiny", [f"mesh.{k}={v}" for k, v in mesh_shape.items()])
     mesh, rules = mesh_and_rules(config, devices)
-    task = DiffusionTask.from_config(config)
+    trainer = DiffusionTrainer(config)
     with sharding_context(mesh, rules):
-        state, shardings = loop.init_state(task.init_state, mesh, rules, jax.random.key(0))
-        step = loop.compile_step(task.train_step, shardings, loop.batch_shardings(batch, mesh, rules), mesh)
+        state, shardings = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+        step = loop.compile_step(trainer.train_step, shardings, loop.batch_shardings(batch, mesh, rules), mesh, rules)
         from musicdiff.parallel.sharding import shard_batch
 
         state, metrics = step(state, shard_batch(batch, mesh, rules))
@@ -65,9 +65,15 @@ def single_device():
     """(config, initial state, jit'ed step) on one device, compiled once for the tests below."""
     config = load_config("configs/diffusion.py:tiny", FAST_LR)
     mesh, rules = mesh_and_rules(config, jax.devices()[:1])
-    task = DiffusionTask.from_config(config)
-    state, _ = loop.init_state(task.init_state, mesh, rules, jax.random.key(0))
-    return config, state, jax.jit(task.train_step)
+    trainer = DiffusionTrainer(config)
+    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+
+    @jax.jit  # not donating: the tests share the initial state
+    def step(state, batch):
+        with sharding_context(mesh, rules):
+            return trainer.train_step(state, batch)
+
+    return config, state, step
 
 
 def test_nonfinite_batch_skips_the_update(single_device):
@@ -76,13 +82,13 @@ def test_nonfinite_batch_skips_the_update(single_device):
     poisoned = dict(batch, latents=np.full_like(batch["latents"], np.nan))
     before = {name: jax.tree.map(np.asarray, state[name]) for name in ("params", "ema")}
     after, metrics = step(state, poisoned)
-    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    assert float(metrics["update_skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
     for name in ("params", "ema"):
         for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
             np.testing.assert_array_equal(a, np.asarray(b))
     assert int(after["step"]) == 1
     good, metrics = step(after, batch)
-    assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+    assert float(metrics["update_skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
 
 
 def test_loss_falls_and_learning_rate_follows_inverse_lr(single_device):

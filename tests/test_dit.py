@@ -15,6 +15,7 @@ from musicdiff.describe import abstract_params, count
 from musicdiff.models import attention as attention_module
 from musicdiff.models import registry
 from musicdiff.models.attention import CrossAttention, apply_rotary, attention, heads_major_attention, rotary_angles
+from musicdiff.models.denoiser import ConditioningInputs, train_flops
 from musicdiff.models.dit import dit_forward_flops, dit_train_flops, drop_cross_conditioning
 
 SPEC_SHAPES = "/work/shared/spec/sao_1_0_state_dict_shapes.json"
@@ -37,6 +38,12 @@ def model_config(preset="tiny", **overrides):
 
 # Whole forward passes are jitted: op-by-op dispatch of a DiT costs far more CPU time than one compile.
 forward = nnx.jit(lambda model, *args: model(*args))
+
+
+@nnx.jit
+def dit_forward(model, x, t, cross, mask, glob):
+    """The denoiser protocol's call: model(x, t, cond)."""
+    return model(x, t, ConditioningInputs(cross, mask, glob))
 
 
 def normal(seed, shape):
@@ -87,8 +94,8 @@ def test_param_tree_maps_onto_checkpoint_keys():
 def test_output_shape_and_optional_conditions(block_type):
     model = randomize(registry.build(model_config(block_type=block_type), nnx.Rngs(0)))
     x, t, cross, mask, glob = inputs()
-    assert forward(model, x, t, cross, mask, glob).shape == x.shape
-    out = forward(model, x, t, None, None, None)
+    assert dit_forward(model, x, t, cross, mask, glob).shape == x.shape
+    out = dit_forward(model, x, t, None, None, None)
     assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -99,7 +106,7 @@ def test_sao_init_is_project_out_of_project_in():
     w_in = model.transformer.project_in.kernel[...]
     w_out = model.transformer.project_out.kernel[...]
     expected = jnp.einsum("bcl,ce,ed->bdl", x, w_in, w_out)
-    np.testing.assert_allclose(forward(model, x, t, cross, mask, glob), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dit_forward(model, x, t, cross, mask, glob), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_adaln_zero_blocks_start_as_identity():
@@ -120,14 +127,14 @@ def test_padded_cross_tokens_do_not_change_the_output():
     x, t, cross, mask, glob = inputs()
     changed = jnp.where(mask[:, :, None], cross, 100.0 * jnp.ones_like(cross))
     masked = randomize(registry.build(model_config(), nnx.Rngs(0)))
-    np.testing.assert_allclose(forward(masked, x, t, cross, mask, glob), forward(masked, x, t, changed, mask, glob),
+    np.testing.assert_allclose(dit_forward(masked, x, t, cross, mask, glob), dit_forward(masked, x, t, changed, mask, glob),
                                atol=1e-5)
     unmasked = randomize(registry.build(model_config(use_cross_attn_mask=False), nnx.Rngs(0)))
-    assert not np.allclose(forward(unmasked, x, t, cross, mask, glob), forward(unmasked, x, t, changed, mask, glob),
+    assert not np.allclose(dit_forward(unmasked, x, t, cross, mask, glob), dit_forward(unmasked, x, t, changed, mask, glob),
                            atol=1e-3)
     # A fully masked context is the null condition: the same as no cross-attention at all.
     none = jnp.zeros_like(mask)
-    np.testing.assert_allclose(forward(masked, x, t, cross, none, glob), forward(masked, x, t, None, None, glob),
+    np.testing.assert_allclose(dit_forward(masked, x, t, cross, none, glob), dit_forward(masked, x, t, None, None, glob),
                                atol=1e-5)
 
 
@@ -224,7 +231,7 @@ def test_bf16_compute_is_close_to_fp32():
     for dtype in ("float32", "bfloat16"):
         model = randomize(registry.build(model_config(dtype=dtype), nnx.Rngs(0)))
         assert model.transformer.project_in.kernel[...].dtype == jnp.float32  # params stay fp32
-        outs[dtype] = np.asarray(forward(model, x, t, cross, mask, glob), np.float32)
+        outs[dtype] = np.asarray(dit_forward(model, x, t, cross, mask, glob), np.float32)
     error = np.linalg.norm(outs["bfloat16"] - outs["float32"]) / np.linalg.norm(outs["float32"])
     assert error < 3e-2
 
@@ -234,7 +241,7 @@ def test_remat_policies_keep_the_gradients():
     grads = {}
     for remat in ("none", "full", "dots"):
         model = randomize(registry.build(model_config(remat=remat, depth=1), nnx.Rngs(0)))
-        grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x, t, cross, mask, glob) ** 2)))
+        grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x, t, ConditioningInputs(cross, mask, glob)) ** 2)))
         grads[remat] = jax.tree.leaves(nnx.state(grad(model), nnx.Param))
     for remat in ("full", "dots"):
         for a, b in zip(grads["none"], grads[remat]):
@@ -255,6 +262,64 @@ def test_flops_hand_computed_tiny_case():
 def test_sao_train_flops_match_the_analytic_estimate():
     # jax_anchors §6.2: ~6.84 TFLOP per 1024-frame clip with 130 cross tokens (its k/v term is 0.3% larger).
     assert dit_train_flops(model_config("sao"), 1, 1024, 130) == pytest.approx(6.84e12, rel=0.01)
+    # The denoiser protocol: the model reports its own count (what training's MFU uses).
+    model = nnx.eval_shape(lambda: registry.build(model_config("sao"), nnx.Rngs(0)))
+    assert train_flops(model, 1, 1024, 130) == dit_train_flops(model_config("sao"), 1, 1024, 130)
+
+
+def test_block_residuals_are_added_after_their_block():
+    """ControlNet's extension point: residual i joins the hidden state right after block i."""
+    model = randomize(registry.build(model_config(), nnx.Rngs(0)))
+    x, t, cross, mask, glob = inputs()
+    cond = ConditioningInputs(cross, mask, glob)
+    frames = x.shape[2] + 1  # the prepended conditioning token
+    residual = normal(20, (x.shape[0], frames, 64))
+    plain = forward(model, x, t, cond)
+    with_zero = nnx.jit(lambda m: m(x, t, cond, block_residuals=[jnp.zeros_like(residual)]))(model)
+    np.testing.assert_array_equal(with_zero, plain)
+    captured = {}
+    first = model.transformer.layers[0]
+    original = type(first).__call__
+
+    def record(block, h, *args, **kwargs):  # the hidden state entering block 1 is block 0's output + residual
+        out = original(block, h, *args, **kwargs)
+        captured.setdefault(id(block), out)
+        return out
+
+    type(first).__call__ = record
+    try:
+        with_residual = model(x, t, cond, block_residuals=[residual])
+        entering = {}
+
+        def record_input(block, h, *args, **kwargs):
+            entering.setdefault(id(block), h)
+            return original(block, h, *args, **kwargs)
+
+        type(first).__call__ = record_input
+        model(x, t, cond, block_residuals=[residual])
+    finally:
+        type(first).__call__ = original
+    second = model.transformer.layers[1]
+    np.testing.assert_allclose(entering[id(second)], captured[id(first)] + residual, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(with_residual, plain)
+
+
+def test_adapters_live_in_their_own_subtree_and_start_as_the_identity():
+    base = registry.build(model_config(), nnx.Rngs(0))
+    adapted = registry.build(model_config(adapter=dict(name="cross_attention", width=16)), nnx.Rngs(0))
+    names = lambda m: {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    extra = names(adapted) - names(base)
+    assert names(base) <= names(adapted) and extra
+    assert all(name.startswith("transformer/adapters/") for name in extra)  # the converter's keys are untouched
+    x, t, cross, mask, glob = inputs()
+    cond = ConditioningInputs(cross, mask, glob)
+    nnx.update(adapted, nnx.state(base, nnx.Param))  # same base weights; the adapters keep their zero output init
+    tokens = normal(21, (x.shape[0], 5, 16))
+    out = nnx.jit(lambda m: m(x, t, cond, adapter_inputs={"tokens": tokens}))(adapted)
+    np.testing.assert_array_equal(out, forward(base, x, t, cond))
+    randomize(adapted)
+    assert not np.allclose(nnx.jit(lambda m: m(x, t, cond, adapter_inputs={"tokens": tokens}))(adapted),
+                           nnx.jit(lambda m: m(x, t, cond, adapter_inputs={"tokens": tokens * 0}))(adapted))
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(block_type="adaln_zero"), dict(qk_norm="ln"),
@@ -265,11 +330,11 @@ def test_rows_past_the_context_equal_the_all_zero_null_context(overrides):
     model = randomize(registry.build(model_config(**overrides), nnx.Rngs(0)))
     x, t, cross, mask, glob = inputs()
     x2, t2, glob2 = (jnp.concatenate([a, a], axis=0) for a in (x, t, glob))
-    explicit = forward(model, x2, t2, jnp.concatenate([cross, jnp.zeros_like(cross)]),
+    explicit = dit_forward(model, x2, t2, jnp.concatenate([cross, jnp.zeros_like(cross)]),
                        jnp.concatenate([mask, mask]), glob2)
-    implicit = forward(model, x2, t2, cross, mask, glob2)
+    implicit = dit_forward(model, x2, t2, cross, mask, glob2)
     np.testing.assert_allclose(implicit, explicit, rtol=1e-5, atol=1e-5)
     # The null rows differ from the conditional ones: the context reaches the output.
     assert not np.allclose(implicit[:2], implicit[2:], atol=1e-3)
     with pytest.raises(ValueError, match="cross_mask"):
-        forward(model, x2, t2, cross, mask[:1], glob2)
+        dit_forward(model, x2, t2, cross, mask[:1], glob2)

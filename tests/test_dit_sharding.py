@@ -13,6 +13,7 @@ from musicdiff.config import DEFAULT_SHARDING_RULES, load_config, mesh_config
 from musicdiff.describe import abstract_params
 from musicdiff.models import registry
 from musicdiff.parallel import make_mesh, param_shardings, per_device_bytes
+from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.parallel.sharding import sharding_context
 
 
@@ -97,8 +98,8 @@ def test_sharded_forward_matches_single_device(devices):
     mask = jnp.asarray(np.arange(8)[None] < np.array([[3], [8], [5], [1]]))
     glob = jnp.asarray(rng.normal(size=(4, int(config.model.global_cond_dim))), jnp.float32)
 
-    def apply(params, *args):
-        return nnx.merge(graphdef, params)(*args)
+    def apply(params, x, t, cross, mask, glob):
+        return nnx.merge(graphdef, params)(x, t, ConditioningInputs(cross, mask, glob))
 
     expected = jax.jit(apply)(params, x, t, cross, mask, glob)
     shardings = param_shardings(params, DEFAULT_SHARDING_RULES, mesh)

@@ -12,7 +12,7 @@ from data_pipelines.synthetic.writer import write_dataset
 from musicdiff.audio.io import write_audio
 from musicdiff.config import load_config
 from musicdiff.eval.backbones.embedded import EmbeddedBackbone
-from musicdiff.training.evaluator import train_evaluator
+from musicdiff.training.runner import train
 from musicdiff.eval.generation_eval import evaluate_generations, evaluate_series
 from musicdiff.checkpoints import find_checkpoint
 from musicdiff.metrics import read_metrics
@@ -33,7 +33,7 @@ def synthetic_root(tmp_path_factory):
 def evaluator_dir(synthetic_root, tmp_path_factory, devices):
     workdir = tmp_path_factory.mktemp("evaluator")
     config = load_config("configs/evaluator.py:tiny", [f"data.root={synthetic_root}"])
-    summary = train_evaluator(config, workdir)
+    summary = train(config, workdir, default_trainer="evaluator")
     return workdir, summary
 
 

@@ -135,12 +135,12 @@ def test_rematerialised_models_sample_and_decode_inside_loops():
     from musicdiff.inference.generate import make_sampler
     from musicdiff.models import registry
     from musicdiff.models.chunking import chunked_decode
-    from musicdiff.training.diffusion import DiffusionTask
+    from musicdiff.training.diffusion import DiffusionTrainer
 
     config = load_config("configs/diffusion.py:tiny", ["model.remat=full"])
-    task = DiffusionTask.from_config(config)
-    params = task.init_params(jax.random.key(0))
-    sample_fn = make_sampler(task.graphdefs, config.objective, SamplerSettings(sampler="ddim", steps=2, cfg_scale=3.0),
+    trainer = DiffusionTrainer(config)
+    params = trainer.init_params(jax.random.key(0))
+    sample_fn = make_sampler(trainer.graphdefs, config.objective, SamplerSettings(sampler="ddim", steps=2, cfg_scale=3.0),
                              (1, 64, 16))
     inputs = {"prompt": {"input_ids": jnp.ones((1, 32), jnp.int32), "attention_mask": jnp.ones((1, 32), bool)},
               "seconds_start": jnp.zeros(1), "seconds_total": jnp.ones(1)}

@@ -74,13 +74,24 @@ def test_nan_guard_halts_after_k_in_a_row_and_resets():
     assert guard.check(4, {"loss": 0.5}) and guard.consecutive == 0  # a finite step resets the run
     assert not guard.check(5, {"loss": math.nan})
     assert not guard.check(6, {"loss": math.nan, "kl": 1.0})
-    with pytest.raises(NonFiniteLossError, match=r"step 7: non-finite kl, loss for 3 consecutive steps "
-                                                 r"\(since step 4; 5 non-finite steps in all\)"):
+    with pytest.raises(NonFiniteLossError, match=r"step 7: update skipped for 3 consecutive steps \(non-finite kl, "
+                                                 r"loss; since step 4; 5 skipped in all\)"):
         guard.check(7, {"loss": math.nan, "kl": -math.inf})
     watched = NanGuard(max_consecutive=1, keys=["loss"])
     assert watched.check(1, {"loss": 1.0, "disc_loss": math.nan})  # unwatched metrics are ignored
     with pytest.raises(NonFiniteLossError, match="step 2"):
         watched.check(2, {"loss": math.nan})
+
+
+def test_nan_guard_counts_skipped_updates_with_a_finite_loss():
+    """A step with a finite loss whose gradients were not finite is skipped by the trainer (update_skipped = 1): the
+    guard counts it like a non-finite loss, so such a run cannot skip forever."""
+    guard = NanGuard(max_consecutive=2)
+    assert guard.check(1, {"loss": 1.0, "update_skipped": 0.0})
+    assert not guard.check(2, {"loss": 1.0, "update_skipped": 1.0}) and guard.total == 1
+    with pytest.raises(NonFiniteLossError, match=r"step 3: update skipped for 2 consecutive steps \(non-finite "
+                                                 r"gradients \(finite loss\); since step 1"):
+        guard.check(3, {"loss": 0.5, "update_skipped": 1.0})
 
 
 def test_logger_guard_writes_the_bad_values_then_raises(tmp_path):

@@ -44,7 +44,7 @@ import os, signal, sys, time
 from pathlib import Path
 
 from launch.common import run
-from musicdiff.training.diffusion import train_diffusion
+from musicdiff.training.runner import train
 
 SIGNAL_AT_STEP = int(os.environ.get("SIGNAL_AT_STEP", "0"))
 
@@ -80,7 +80,7 @@ def stage(config, workdir):
             Path(os.environ["SIGNAL_MARKER"]).write_text(repr(time.time()))
             os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL_NAME"]))
 
-    return train_diffusion(config, workdir, on_state=on_state if SIGNAL_AT_STEP else None)
+    return train(config, workdir, default_trainer="diffusion", on_state=on_state if SIGNAL_AT_STEP else None)
 
 
 sys.argv = ["train"] + sys.argv[1:]

@@ -38,7 +38,7 @@ CHILD = """
 import os, signal, sys
 
 from launch.common import run
-from musicdiff.training.autoencoder_stage import train_autoencoder
+from musicdiff.training.runner import train
 
 SIGNAL_AT_STEP = int(os.environ.get("SIGNAL_AT_STEP", "0"))
 
@@ -48,7 +48,7 @@ def stage(config, workdir):
         if step == SIGNAL_AT_STEP:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    return train_autoencoder(config, workdir, on_state=on_state if SIGNAL_AT_STEP else None)
+    return train(config, workdir, default_trainer="autoencoder", on_state=on_state if SIGNAL_AT_STEP else None)
 
 
 sys.argv = ["train"] + sys.argv[1:]

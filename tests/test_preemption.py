@@ -75,7 +75,7 @@ def stage(config, workdir):
         state, shardings, start = loop.restore_or_init(checkpointer, init, mesh, rules, (jax.random.key(0),),
                                                        data_iter=data_iter)
         spec = loop.device_arrays(next(iter(dataset)))
-        compiled = loop.compile_step(step_fn, shardings, loop.batch_shardings(spec, mesh, rules), mesh)
+        compiled = loop.compile_step(step_fn, shardings, loop.batch_shardings(spec, mesh, rules), mesh, rules)
         with MetricLogger(workdir, total_steps=schedule.num_steps, initial_step=start, log_every=1,
                           progress=False, tensorboard=False) as logger:
             _, result = loop.run(state=state, step_fn=compiled, batches=data_iter, start_step=start,

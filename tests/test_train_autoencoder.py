@@ -15,13 +15,18 @@ from musicdiff.config import load_config
 from musicdiff.errors import ConfigError
 from musicdiff.eval.autoencoder_eval import evaluate_autoencoder
 from musicdiff.checkpoints import find_checkpoint, load_model
-from musicdiff.training.autoencoder_stage import split_folder, train_autoencoder
+from musicdiff.training.autoencoder_data import split_folder
+from musicdiff.training.runner import train
 from musicdiff.checkpoints import flatten_with_names
 from musicdiff.metrics import read_metrics
 from tests.autoencoder_fixtures import SMALL_MODEL, compilation_cache, render_folder, small_config
 
 # Warm-up 0 in "adv" mode: generator and discriminator steps alternate from step 0. heldout_fraction 0.1 holds out
 # audio/000000.wav of the 8 clips (SHA-256 of the path / 2^64 = 0.014).
+def train_autoencoder(config, workdir, **kwargs):
+    return train(config, workdir, default_trainer="autoencoder", **kwargs)
+
+
 RUN = ("training.checkpoint_every=2", "training.log_every=1", "training.demo_every=0", "data.heldout_fraction=0.1",
        "data.read_threads=0")
 

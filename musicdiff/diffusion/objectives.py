@@ -1,30 +1,39 @@
-"""Diffusion training objectives: what is noised, what the model predicts, and how to read its output back.
+"""Diffusion training objectives, registered by name: what is noised, what the model predicts, the time the model
+sees, and the matching sampler-side parameterisation.
 
-Every objective uses continuous time t ∈ [0, 1] from data (0) to noise (1), x_t = α(t)·x0 + σ(t)·ε, and offers
-    add_noise(x0, noise, t) -> x_t            target(x0, noise, t) -> regression target
-    model_time(t) -> the time fed to the model  loss(model_out, target, mask) -> masked MSE
-    to_x0(x_t, model_out, t), to_eps(x_t, model_out, t) -> estimates of x0 and ε for samplers
+Every objective uses continuous training time t ∈ [0, 1] from data (0) to noise (1), x_t = α(t)·x0 + σ(t)·ε, and
+offers
+    add_noise(x0, noise, t) -> x_t       target(x0, noise, t) -> regression target    loss(out, target, mask)
+    model_time(t) -> the time fed to the model         parameterization -> what samplers use (diffusion/parameterization)
 Arrays are [B, C, L] latents, t is [B]; the padding mask is [B, L] (True/1 = a real latent frame).
 
-- VPrediction (SAO, spec §3.1): α = cos(πt/2), σ = sin(πt/2), target v = α·ε - σ·x0.
-- RectifiedFlow (spec §3.2): x_t = (1 - t)·x0 + t·ε, target ε - x0, i.e. the velocity dx_t/dt pointing from data to
-  noise; a sampler integrates it from t = 1 down to 0 (x_{t-dt} = x_t - dt·v̂).
-- DDPMEpsilon (Ho et al. 2020, Algorithm 1): T discrete steps with linear or cosine β, x_t = sqrt(ᾱ_n)·x0 +
-  sqrt(1 - ᾱ_n)·ε at step n = floor(t·T) (clipped to T - 1), target ε; the model sees n/(T - 1), so samplers that
-  count integer timesteps k = 0..T-1 pass k/(T - 1).
+Model time has one definition per objective, shared by training and sampling: the parameterisation's
+`model_time(s)` maps its interpolant's own time s to the model's input, and training calls it at
+`interpolant_time(t)`, so a model trained with `model_time(t)` is sampled at exactly the times it was trained at.
+
+- "v" (SAO, spec §3.1): α = cos(πt/2), σ = sin(πt/2), target v = α·ε − σ·x0; model time t.
+- "rectified_flow" (spec §3.2): x_t = (1 − t)·x0 + t·ε, target ε − x0 (the velocity dx_t/dt from data to noise);
+  model time t. "rf_denoiser" is the reference's name for the same training objective on models meant for few-step
+  sampling (SAO Small / ARC), so its default sampler is ping-pong.
+- "ddpm_eps" (Ho et al. 2020, Algorithm 1): T discrete steps with linear or cosine β, x_t = sqrt(ᾱ_n)·x0 +
+  sqrt(1 − ᾱ_n)·ε at step n = floor(t·T) (clipped to T − 1), target ε; the model sees n/(T − 1). Samplers move
+  along the fractional index s ∈ [0, T − 1] of the same table and feed the model s/(T − 1).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+import numpy as np
 
-from musicdiff.errors import ConfigError
-
+from musicdiff.diffusion.parameterization import (CosineInterpolant, DiscreteVPInterpolant, LinearInterpolant,
+                                                  Parameterization)
 from musicdiff.diffusion.schedules import DiscreteSchedule, cosine_alpha_sigma, flow_alpha_sigma
+from musicdiff.errors import ConfigError
 
 
 def _expand(t: jax.Array, like: jax.Array) -> jax.Array:
@@ -43,9 +52,11 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None
 
 
 class Objective(abc.ABC):
-    """Shared algebra: subclasses define alpha_sigma, target and the two estimates."""
+    """Shared algebra: subclasses define alpha_sigma, target and their parameterisation."""
 
     name = ""
+    default_sampler = ""  # what previews and `launch.generate` use when nothing else is asked for
+    parameterization: Parameterization
 
     @abc.abstractmethod
     def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,27 +66,31 @@ class Objective(abc.ABC):
     def target(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
         """What the model regresses."""
 
-    @abc.abstractmethod
-    def to_x0(self, x_t: jax.Array, model_out: jax.Array, t: jax.Array) -> jax.Array:
-        """The clean-latent estimate implied by a model output."""
+    def interpolant_time(self, t: jax.Array) -> jax.Array:
+        """Training time t -> the parameterisation interpolant's time at the same noise level."""
+        return jnp.asarray(t, jnp.float32)
 
-    @abc.abstractmethod
-    def to_eps(self, x_t: jax.Array, model_out: jax.Array, t: jax.Array) -> jax.Array:
-        """The noise estimate implied by a model output."""
+    def model_time(self, t: jax.Array) -> jax.Array:
+        """The time the model sees in training: the parameterisation's model time, the one samplers use."""
+        return self.parameterization.model_time(self.interpolant_time(t))
 
     def add_noise(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
         alpha, sigma = self.alpha_sigma(t)
         return _expand(alpha, x0) * x0 + _expand(sigma, x0) * noise
 
-    def model_time(self, t: jax.Array) -> jax.Array:
-        return t
-
     def loss(self, model_out: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         return masked_mse(model_out, target, mask)
+
+    @property
+    def betas(self) -> np.ndarray | None:
+        """The discrete β schedule (DDPM ancestral sampling needs it), or None for continuous objectives."""
+        return None
 
 
 class VPrediction(Objective):
     name = "v"
+    default_sampler = "ddim"
+    parameterization = Parameterization(CosineInterpolant(), "v")
 
     def alpha_sigma(self, t):
         return cosine_alpha_sigma(jnp.asarray(t, jnp.float32))
@@ -84,17 +99,11 @@ class VPrediction(Objective):
         alpha, sigma = self.alpha_sigma(t)
         return _expand(alpha, x0) * noise - _expand(sigma, x0) * x0
 
-    def to_x0(self, x_t, model_out, t):
-        alpha, sigma = self.alpha_sigma(t)
-        return _expand(alpha, x_t) * x_t - _expand(sigma, x_t) * model_out
-
-    def to_eps(self, x_t, model_out, t):
-        alpha, sigma = self.alpha_sigma(t)
-        return _expand(sigma, x_t) * x_t + _expand(alpha, x_t) * model_out
-
 
 class RectifiedFlow(Objective):
     name = "rectified_flow"
+    default_sampler = "rf-euler"
+    parameterization = Parameterization(LinearInterpolant(), "velocity")
 
     def alpha_sigma(self, t):
         return flow_alpha_sigma(jnp.asarray(t, jnp.float32))
@@ -102,45 +111,61 @@ class RectifiedFlow(Objective):
     def target(self, x0, noise, t):
         return noise - x0
 
-    def to_x0(self, x_t, model_out, t):
-        return x_t - _expand(t, x_t) * model_out
 
-    def to_eps(self, x_t, model_out, t):
-        return x_t + (1.0 - _expand(t, x_t)) * model_out
+class RectifiedFlowDenoiser(RectifiedFlow):
+    name = "rf_denoiser"
+    default_sampler = "pingpong"
 
 
 class DDPMEpsilon(Objective):
     name = "ddpm_eps"
+    default_sampler = "ddpm"
 
     def __init__(self, schedule: DiscreteSchedule):
         self.schedule = schedule
+        interpolant = DiscreteVPInterpolant.from_betas(schedule.betas)
+        self.parameterization = Parameterization(interpolant, "eps", model_time=schedule.model_time)
 
     def alpha_sigma(self, t):
         return self.schedule.alpha_sigma(jnp.asarray(t, jnp.float32))
 
-    def model_time(self, t):
-        return self.schedule.model_time(self.schedule.index(jnp.asarray(t, jnp.float32)))
+    def interpolant_time(self, t):
+        return self.schedule.index(jnp.asarray(t, jnp.float32)).astype(jnp.float32)
 
     def target(self, x0, noise, t):
         return noise
 
-    def to_x0(self, x_t, model_out, t):
-        alpha, sigma = self.alpha_sigma(t)
-        return (x_t - _expand(sigma, x_t) * model_out) / _expand(alpha, x_t)
-
-    def to_eps(self, x_t, model_out, t):
-        return model_out
+    @property
+    def betas(self) -> np.ndarray:
+        return np.asarray(self.schedule.betas)
 
 
-def make_objective(objective_config: ml_collections.ConfigDict) -> Objective:
-    """The objective named by `config.objective.name` ("rf_denoiser" trains like "rectified_flow")."""
-    name = objective_config.name
-    if name == "v":
-        return VPrediction()
-    if name in ("rectified_flow", "rf_denoiser"):
-        return RectifiedFlow()
-    if name == "ddpm_eps":
-        return DDPMEpsilon(DiscreteSchedule.make(
-            objective_config.get("ddpm_schedule", "linear"), objective_config.get("ddpm_num_steps", 1000),
-            objective_config.get("ddpm_beta_start", 1e-4), objective_config.get("ddpm_beta_end", 0.02)))
-    raise ConfigError(f"config.objective.name='{name}': expected v, rectified_flow, rf_denoiser or ddpm_eps")
+def _ddpm(config: Mapping[str, Any]) -> DDPMEpsilon:
+    return DDPMEpsilon(DiscreteSchedule.make(config.get("ddpm_schedule", "linear"), config.get("ddpm_num_steps", 1000),
+                                             config.get("ddpm_beta_start", 1e-4), config.get("ddpm_beta_end", 0.02)))
+
+
+OBJECTIVES: dict[str, Callable[[Mapping[str, Any]], Objective]] = {}
+
+
+def register_objective(name: str, factory: Callable[[Mapping[str, Any]], Objective]) -> None:
+    """Makes `config.objective.name = name` build `factory(config.objective)` for training and sampling."""
+    OBJECTIVES[name] = factory
+
+
+register_objective("v", lambda config: VPrediction())
+register_objective("rectified_flow", lambda config: RectifiedFlow())
+register_objective("rf_denoiser", lambda config: RectifiedFlowDenoiser())
+register_objective("ddpm_eps", _ddpm)
+
+
+def make_objective(objective_config: Mapping[str, Any]) -> Objective:
+    """The objective named by `config.objective.name`, with its options from the same section."""
+    name = objective_config["name"]
+    if name not in OBJECTIVES:
+        raise ConfigError(f"config.objective.name='{name}': expected one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](objective_config)
+
+
+__all__ = ["OBJECTIVES", "DDPMEpsilon", "Objective", "RectifiedFlow", "RectifiedFlowDenoiser", "VPrediction",
+           "make_objective", "masked_mse", "register_objective"]

@@ -3,8 +3,9 @@
 Samplers never see an objective. A sampler keeps its state in its own interpolant, x = a·x0 + s·ε:
 a = 1 for k-diffusion's σ-space (x = x0 + σε), (cos, sin) for the v-DDIM grid, (1 − t, t) for rectified flow.
 It asks `denoise(x, a, s)` for the estimate of x0. The adapter rescales x to the model's own interpolant at the same
-signal-to-noise ratio (SNR), finds the model time t, calls the model and converts its output (ε, v, rectified-flow
-velocity or x0) to x0.
+signal-to-noise ratio (SNR), finds that interpolant's time t, feeds the model `model_time(t)` (the objective's
+definition, diffusion/objectives.py, the same function its training uses) and converts the output (ε, v,
+rectified-flow velocity or x0) to x0.
 
 For the v-objective with a = 1 this is k-diffusion's VDenoiser: x_model = x/√(1+σ²), t = atan(σ)·2/π.
 Interpolants are compared through their SNR. Rescaling by the norms √(a²+s²) therefore stays finite at pure noise
@@ -25,7 +26,7 @@ import numpy as np
 from musicdiff.errors import ConfigError
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-"""model_fn(x_model [B, ...], t [B]) -> raw model output, in the model's own input scaling and time."""
+"""model_fn(x_model [B, ...], t [B]) -> raw model output, in the model's own input scaling and model time."""
 
 Denoiser = Callable[[jax.Array, jax.Array | float, jax.Array | float], jax.Array]
 """denoise(x, alpha, sigma) -> x0 estimate, for a state x = alpha·x0 + sigma·ε (alpha, sigma scalars or [B])."""
@@ -46,6 +47,10 @@ class CosineInterpolant:
     def time(self, alpha, sigma):
         return jnp.clip(jnp.arctan2(sigma, alpha) * (2.0 / math.pi), 0.0, 1.0)
 
+    @property
+    def max_sigma(self) -> float:
+        return math.inf
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearInterpolant:
@@ -60,6 +65,10 @@ class LinearInterpolant:
         # Same SNR: (1 − t)/t = alpha/sigma.
         return sigma / (alpha + sigma)
 
+    @property
+    def max_sigma(self) -> float:
+        return math.inf
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DiscreteVPInterpolant:
@@ -67,7 +76,7 @@ class DiscreteVPInterpolant:
 
     Between integer indices, log σ (σ² = (1 − ᾱ)/ᾱ) is interpolated linearly, as k-diffusion's DiscreteSchedule does.
     `quantize` rounds t to the nearest index, for models that only saw integer timesteps. Noise levels outside the
-    table clamp to its ends.
+    table clamp to its ends (`max_sigma`). Its time is the index itself; the objective maps it to model time.
     """
 
     alphas_cumprod: np.ndarray
@@ -94,6 +103,11 @@ class DiscreteVPInterpolant:
         t = jnp.interp(jnp.log(sigma) - jnp.log(alpha), log_sigmas, jnp.arange(log_sigmas.shape[0], dtype=jnp.float32))
         return jnp.round(t) if self.quantize else t
 
+    @property
+    def max_sigma(self) -> float:
+        """σ-space noise level of the last table entry: a sampler starting above it starts at this level instead."""
+        return float(np.exp(self.log_sigmas[-1]))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LogSNRInterpolant:
@@ -110,16 +124,22 @@ class LogSNRInterpolant:
     def time(self, alpha, sigma):
         return self.log_snr_inverse(2.0 * (jnp.log(alpha) - jnp.log(sigma)))
 
+    @property
+    def max_sigma(self) -> float:
+        return math.inf
+
 
 Interpolant = CosineInterpolant | LinearInterpolant | DiscreteVPInterpolant | LogSNRInterpolant
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Parameterization:
-    """What the model predicts (`prediction`) on which noise path (`interpolant`)."""
+    """What the model predicts (`prediction`) on which noise path (`interpolant`), and the model's input time at the
+    interpolant's time t (`model_time`, identity unless the objective says otherwise)."""
 
     interpolant: Interpolant
     prediction: str
+    model_time: Callable[[jax.Array], jax.Array] = lambda t: jnp.asarray(t, jnp.float32)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -141,34 +161,6 @@ class Parameterization:
         return output
 
 
-def v_parameterization() -> Parameterization:
-    """SAO's v-objective: alpha = cos(πt/2), sigma = sin(πt/2), target v = alpha·ε − sigma·x0."""
-    return Parameterization(CosineInterpolant(), "v")
-
-
-def rectified_flow_parameterization() -> Parameterization:
-    """`rectified_flow` and `rf_denoiser`: x_t = (1 − t)x0 + tε, target ε − x0."""
-    return Parameterization(LinearInterpolant(), "velocity")
-
-
-def eps_discrete_parameterization(betas, quantize: bool = False) -> Parameterization:
-    """A DDPM ε-model with integer timesteps 0..T−1 and the given β schedule."""
-    return Parameterization(DiscreteVPInterpolant.from_betas(betas, quantize), "eps")
-
-
-def parameterization_for_objective(objective: str, betas=None) -> Parameterization:
-    """The adapter for a config `diffusion_objective` ("v", "rectified_flow", "rf_denoiser", "eps")."""
-    if objective == "v":
-        return v_parameterization()
-    if objective in ("rectified_flow", "rf_denoiser"):
-        return rectified_flow_parameterization()
-    if objective == "eps":
-        if betas is not None:
-            return eps_discrete_parameterization(betas)
-        return Parameterization(CosineInterpolant(), "eps")
-    raise ConfigError(f"diffusion_objective={objective!r}: must be one of v, rectified_flow, rf_denoiser, eps")
-
-
 def make_denoiser(model_fn: ModelFn, parameterization: Parameterization) -> Denoiser:
     """Wraps a raw model as denoise(x, alpha, sigma) -> x0 estimate, for a state x = alpha·x0 + sigma·ε."""
     interpolant = parameterization.interpolant
@@ -182,7 +174,7 @@ def make_denoiser(model_fn: ModelFn, parameterization: Parameterization) -> Deno
         scale = jnp.hypot(model_alpha, model_sigma) / jnp.hypot(alpha, sigma)
         x_model = (x * _per_sample(scale, x)).astype(x.dtype)
         t_batch = jnp.broadcast_to(t, (x.shape[0],)).astype(jnp.float32)
-        output = model_fn(x_model, t_batch)
+        output = model_fn(x_model, parameterization.model_time(t_batch))
         return parameterization.to_x0(output, x_model, t_batch).astype(x.dtype)
 
     return denoise

@@ -1,19 +1,25 @@
-"""Sampling: noise grids, the `sample` entry point, and the sampler loops (re-exported from sampler_steps).
+"""Sampling: noise grids, the sampler registry and the `sample` entry point (loops in sampler_steps).
 
-Usage, for a v-model `model_fn(x_model, t, cond)`:
+Usage, for a v-model `model_fn(x_model, t, cond)` (latents [B, C, L]):
 
+    objective = make_objective({"name": "v"})
     model = cfg_denoiser(model_fn, cond, null_cond, scale=7.0)
-    denoise = make_denoiser(model, v_parameterization())
-    latents = jax.jit(lambda key: sample("dpmpp-3m-sde", denoise, key, (B, L, C)))(key)
+    denoise = make_denoiser(model, objective.parameterization)
+    latents = jax.jit(lambda key: sample("dpmpp-3m-sde", denoise, key, (B, C, L)))(key)
 
-The SAO defaults follow spec §4: DPM++ 3M SDE, 100 steps, σ from 500 down to 0.3 on a geometric grid
-(polyexponential, ρ = 1), then a final step to 0. Rectified-flow samplers clamp σ_max to t ≤ 1 and use the
-reference's log-SNR time grid (§4.2). v-DDIM uses t = linspace(t_max, 0) (§4.1).
+Every sampler is a registry entry (`SAMPLERS`, `register_sampler`): name -> its loop, the objectives it accepts
+(None: any, through the parameterisation adapter) and its default noise range. The SAO defaults follow spec §4:
+DPM++ 3M SDE, 100 steps, σ from 500 down to 0.3 on a geometric grid (polyexponential, ρ = 1), then a final step to 0.
+Samplers on a time grid (ddim, rf-euler, pingpong) read σ_max as the starting time and clamp it to t ≤ 1; the
+rectified-flow ones use the reference's log-SNR time grid (§4.2), v-DDIM t = linspace(t_max, 0) (§4.1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +44,12 @@ from musicdiff.diffusion.sampler_steps import (
 from musicdiff.errors import ConfigError
 
 __all__ = [
-    "Inpaint", "NoiseGrid", "SAMPLERS", "cosine_grid", "ddim_invert", "ddpm_posterior", "discrete_grid",
-    "karras_sigmas", "merge_known", "polyexponential_sigmas", "rf_linear_times", "rf_logsnr_times", "sample",
-    "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_euler",
-    "sample_pingpong", "sample_rf_euler", "ve_grid",
+    "Inpaint", "NoiseGrid", "SAMPLERS", "SampleOptions", "SamplerSpec", "check_compatible", "cosine_grid",
+    "ddim_invert", "ddpm_posterior", "discrete_grid", "karras_sigmas", "merge_known", "polyexponential_sigmas",
+    "register_sampler", "rf_logsnr_times", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_euler", "sample_pingpong", "sample_rf_euler",
+    "sampler_spec", "ve_grid",
 ]
-
-SIGMA_SAMPLERS = ("euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde")
-RF_SAMPLERS = ("rf-euler", "pingpong")
-SAMPLERS = ("ddpm", "ddim", *SIGMA_SAMPLERS, *RF_SAMPLERS)
-
 
 # ---- grids -----------------------------------------------------------------------------------------------------
 
@@ -97,69 +99,149 @@ def rf_logsnr_times(steps: int, t_max: float = 1.0, logsnr_end: float = 2.0) -> 
     return times.at[0].set(t_max).at[-1].set(0.0).astype(jnp.float32)
 
 
-def rf_linear_times(steps: int, t_max: float = 1.0) -> jax.Array:
-    """Uniform rectified-flow times t = linspace(t_max, 0, steps + 1)."""
-    return jnp.linspace(t_max, 0.0, steps + 1).astype(jnp.float32)
+# ---- the registry -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """What every sampler loop may read: its grid, noise options and inpainting (see `sample`)."""
+
+    steps: int
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    schedule: str
+    eta: float | None
+    s_noise: float
+    inpaint: Inpaint | None
+    betas: Any
+
+
+SamplerRun = Callable[[Denoiser, jax.Array, jax.Array, jax.Array, jax.Array, SampleOptions], jax.Array]
+"""run(denoise, noise, init, key, options) -> x0: draws from noise (and init latents, zeros when none) to clean."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    run: SamplerRun
+    objectives: tuple[str, ...] | None = None  # the training objectives it accepts; None: any
+    sigma_range: tuple[float, float] = (0.3, 500.0)  # default (σ_min, σ_max): SAO's for σ-space samplers
+    time_grid: bool = False  # σ_max is a start time t <= 1 (the reference's ddim / rectified-flow samplers)
+    starts_from_init: bool = True  # audio-to-audio: can start from noised init latents
+
+    def start_level(self, sigma_max: float, max_sigma: float = math.inf) -> float:
+        """The first level this sampler runs from: σ_max clamped to the time grid's t <= 1, or to the highest noise
+        level the model's schedule knows (`Parameterization.interpolant.max_sigma`)."""
+        return min(float(sigma_max), 1.0) if self.time_grid else min(float(sigma_max), max_sigma)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register_sampler(spec: SamplerSpec) -> SamplerSpec:
+    SAMPLERS[spec.name] = spec
+    return spec
+
+
+def sampler_spec(name: str, key: str = "config.sampler") -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ConfigError(f"{key}={name!r}: must be one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def check_compatible(name: str, objective: str, key: str = "config.sampler") -> SamplerSpec:
+    """The spec of sampler `name`, refusing one that cannot sample a model trained with `objective`."""
+    spec = sampler_spec(name, key)
+    if spec.objectives is not None and objective not in spec.objectives:
+        usable = [n for n, s in SAMPLERS.items() if s.objectives is None or objective in s.objectives]
+        raise ConfigError(f"{key}={name!r} samples models trained with {' or '.join(spec.objectives)}; this model "
+                          f"was trained with the {objective!r} objective: use one of {', '.join(usable)}")
+    return spec
+
+
+def _sigma_grid(options: SampleOptions) -> jax.Array:
+    grids = {"polyexponential": polyexponential_sigmas, "karras": karras_sigmas}
+    if options.schedule not in grids:
+        raise ConfigError(f"schedule={options.schedule!r}: must be one of {', '.join(grids)}")
+    return grids[options.schedule](options.steps, options.sigma_min, options.sigma_max, options.rho)
+
+
+def _sigma_sampler(loop: Callable[..., jax.Array], stochastic: bool, **fixed: Any) -> SamplerRun:
+    """A k-diffusion loop on the σ grid from σ_max to σ_min (then 0); SDE loops take η (default 1) and s_noise."""
+
+    def run(denoise, noise, init, key, options):
+        sigmas = _sigma_grid(options)
+        extra = dict(eta=1.0 if options.eta is None else options.eta, s_noise=options.s_noise) if stochastic else {}
+        return loop(denoise, init + sigmas[0] * noise, sigmas, key, inpaint=options.inpaint, **fixed, **extra)
+
+    return run
+
+
+def _run_ddim(denoise, noise, init, key, options):
+    grid = cosine_grid(options.steps, options.sigma_max)
+    return sample_ddim(denoise, grid.alpha[0] * init + grid.sigma[0] * noise, grid, key,
+                       eta=0.0 if options.eta is None else options.eta, inpaint=options.inpaint)
+
+
+def _rf_sampler(loop: Callable[..., jax.Array]) -> SamplerRun:
+    def run(denoise, noise, init, key, options):
+        times = rf_logsnr_times(options.steps, options.sigma_max)
+        return loop(denoise, (1.0 - times[0]) * init + times[0] * noise, times, key, inpaint=options.inpaint)
+
+    return run
+
+
+def _run_ddpm(denoise, noise, init, key, options):
+    if options.betas is None:
+        raise ConfigError("sampler 'ddpm' needs the model's β schedule: pass betas=")
+    x = ddpm_coefficients(options.betas)["sqrt_one_minus_alphas_cumprod"][-1] * noise
+    return sample_ddpm(denoise, x, options.betas, key, inpaint=options.inpaint)
+
+
+register_sampler(SamplerSpec("ddpm", _run_ddpm, objectives=("ddpm_eps",), starts_from_init=False))
+register_sampler(SamplerSpec("ddim", _run_ddim, sigma_range=(0.0, 1.0), time_grid=True))
+register_sampler(SamplerSpec("euler", _sigma_sampler(sample_euler, False)))
+register_sampler(SamplerSpec("heun", _sigma_sampler(sample_euler, False, heun=True)))
+register_sampler(SamplerSpec("dpmpp-2m", _sigma_sampler(sample_dpmpp_2m, False)))
+register_sampler(SamplerSpec("dpmpp-2m-sde", _sigma_sampler(sample_dpmpp_2m_sde, True)))
+register_sampler(SamplerSpec("dpmpp-3m-sde", _sigma_sampler(sample_dpmpp_3m_sde, True)))
+register_sampler(SamplerSpec("rf-euler", _rf_sampler(sample_rf_euler), sigma_range=(0.0, 1.0), time_grid=True))
+register_sampler(SamplerSpec("pingpong", _rf_sampler(sample_pingpong), sigma_range=(0.0, 1.0), time_grid=True))
 
 
 # ---- entry point -------------------------------------------------------------------------------------------------
 
 def sample(method: str, denoise: Denoiser, key: jax.Array, shape: tuple[int, ...], *, steps: int = 100,
-           sigma_min: float = 0.3, sigma_max: float = 500.0, rho: float = 1.0, schedule: str = "polyexponential",
-           eta: float | None = None, s_noise: float = 1.0, init: jax.Array | None = None,
-           init_sigma: float | None = None, inpaint: Inpaint | None = None, betas=None,
-           dtype=jnp.float32) -> jax.Array:
-    """Draws samples of `shape` with one of SAMPLERS. Pure JAX: jit it with `method`, `shape` and the grid
-    arguments static. The whole loop is one XLA while-loop.
+           sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 1.0,
+           schedule: str = "polyexponential", eta: float | None = None, s_noise: float = 1.0,
+           init: jax.Array | None = None, init_sigma: float | None = None, inpaint: Inpaint | None = None,
+           betas=None, max_sigma: float = math.inf, dtype=jnp.float32) -> jax.Array:
+    """Draws samples of `shape` with the registered sampler `method`. Pure JAX: jit it with `method`, `shape` and
+    the grid arguments static. The whole loop is one XLA while-loop.
 
     - σ-space samplers (euler, heun, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde) use a `schedule` grid
       ("polyexponential" with ρ, or "karras") from sigma_max to sigma_min, then 0.
     - ddim uses the cosine grid from t_max = min(sigma_max, 1) (the reference's v-DDIM). η defaults to 0.
     - rf-euler and pingpong use the log-SNR time grid from t_max = min(sigma_max, 1).
     - ddpm runs every step of `betas`. `steps` and the σ arguments do not apply, and neither does init.
+    - sigma_min / sigma_max default to the sampler's `sigma_range`; `max_sigma` (the model schedule's highest
+      level) caps σ_max of σ-space samplers.
     - init (audio-to-audio): start from alpha_0·init + sigma_0·ε at the first level. init_sigma replaces
       sigma_max: it is σ for σ-space samplers and t for ddim/rf, as in the reference.
     - eta: noise scale of the SDE samplers (default 1) and of ddim (default 0). s_noise scales SDE noise.
     """
-    if method not in SAMPLERS:
-        raise ConfigError(f"sampler_type={method!r}: must be one of {', '.join(SAMPLERS)}")
+    spec = sampler_spec(method, "sampler")
     if init_sigma is not None:
         if init is None:
             raise ConfigError("init_sigma is set but init is None; pass the init latents to start from")
         sigma_max = init_sigma
-    init_given = init is not None
+    if init is not None and not spec.starts_from_init:
+        raise ConfigError(f"sampler {method!r} always starts from pure noise; use ddim or a σ-space sampler for init")
+    default_min, default_max = spec.sigma_range
+    options = SampleOptions(steps=steps, sigma_min=default_min if sigma_min is None else sigma_min,
+                            sigma_max=spec.start_level(default_max if sigma_max is None else sigma_max, max_sigma),
+                            rho=rho, schedule=schedule, eta=eta, s_noise=s_noise, inpaint=inpaint, betas=betas)
     start_key, loop_key = jax.random.split(key)
     noise = jax.random.normal(start_key, shape, dtype)
     init = jnp.zeros(shape, dtype) if init is None else jnp.broadcast_to(jnp.asarray(init, dtype), shape)
-
-    if method in SIGMA_SAMPLERS:
-        if schedule not in ("polyexponential", "karras"):
-            raise ConfigError(f"schedule={schedule!r}: must be 'polyexponential' or 'karras'")
-        make_sigmas = polyexponential_sigmas if schedule == "polyexponential" else karras_sigmas
-        sigmas = make_sigmas(steps, sigma_min, sigma_max, rho)
-        x = init + sigmas[0] * noise
-        sde_eta = 1.0 if eta is None else eta
-        if method in ("euler", "heun"):
-            return sample_euler(denoise, x, sigmas, loop_key, heun=method == "heun", inpaint=inpaint)
-        if method == "dpmpp-2m":
-            return sample_dpmpp_2m(denoise, x, sigmas, loop_key, inpaint=inpaint)
-        step_fn = sample_dpmpp_2m_sde if method == "dpmpp-2m-sde" else sample_dpmpp_3m_sde
-        return step_fn(denoise, x, sigmas, loop_key, eta=sde_eta, s_noise=s_noise, inpaint=inpaint)
-
-    if method == "ddim":
-        grid = cosine_grid(steps, min(float(sigma_max), 1.0))
-        x = grid.alpha[0] * init + grid.sigma[0] * noise
-        return sample_ddim(denoise, x, grid, loop_key, eta=0.0 if eta is None else eta, inpaint=inpaint)
-
-    if method in RF_SAMPLERS:
-        times = rf_logsnr_times(steps, min(float(sigma_max), 1.0))
-        x = (1.0 - times[0]) * init + times[0] * noise
-        step_fn = sample_rf_euler if method == "rf-euler" else sample_pingpong
-        return step_fn(denoise, x, times, loop_key, inpaint=inpaint)
-
-    if betas is None:
-        raise ConfigError("sampler_type='ddpm' needs the model's β schedule: pass betas=")
-    if init_sigma is not None or init_given:
-        raise ConfigError("sampler_type='ddpm' always starts from pure noise; use ddim or a σ-space sampler for init")
-    x = ddpm_coefficients(betas)["sqrt_one_minus_alphas_cumprod"][-1] * noise
-    return sample_ddpm(denoise, x, betas, loop_key, inpaint=inpaint)
+    return spec.run(denoise, noise, init, loop_key, options)

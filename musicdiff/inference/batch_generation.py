@@ -23,7 +23,8 @@ import numpy as np
 
 from musicdiff.audio.io import load_audio, write_audio
 from musicdiff.errors import ConfigError
-from musicdiff.inference.generate import (INPAINT_METHOD, Generator, SamplerSettings, check_sampler_fits,
+from musicdiff.diffusion.samplers import check_compatible
+from musicdiff.inference.generate import (INPAINT_METHOD, Generator, SamplerSettings,
                                           mask_from_spans, read_prompts_file)
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def generate_to_folder(config: ml_collections.ConfigDict, workdir: Path) -> list
     settings = SamplerSettings.from_config(config)
     generator = Generator.from_checkpoint(config.checkpoint, autoencoder_checkpoint=config.autoencoder_checkpoint,
                                           prefer_ema=bool(config.use_ema))
-    check_sampler_fits(settings.sampler, generator.config.objective.name)
+    check_compatible(settings.sampler, generator.config.objective.name)
     clips = plan_clips(config)
     init = inpaint = None
     extra: dict[str, Any] = {}

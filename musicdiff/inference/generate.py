@@ -30,13 +30,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from musicdiff.diffusion.parameterization import (Parameterization, cfg_denoiser, eps_discrete_parameterization,
-                                                  make_denoiser, parameterization_for_objective)
-from musicdiff.diffusion.samplers import RF_SAMPLERS, SAMPLERS, Inpaint, sample
-from musicdiff.diffusion.schedules import DiscreteSchedule
+from musicdiff.checkpoints import find_checkpoint, load_model
+from musicdiff.diffusion.objectives import make_objective
+from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser
+from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
 from musicdiff.errors import ConfigError, DataError
-from musicdiff.models.conditioning import ConditioningInputs, null_condition
-from musicdiff.models.dit import DiT
+from musicdiff.models.conditioning import null_condition
+from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
 
 SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
 INPAINT_METHOD = "repaint_fallback"
@@ -55,13 +55,17 @@ class SamplerSettings:
     init_noise_level: float | None = None  # audio-to-audio: σ (or t for ddim / rectified-flow samplers)
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"config.sampler={self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        sampler_spec(self.sampler)
         if self.steps < 1:
             raise ConfigError(f"config.steps={self.steps}: must be at least 1")
+        if self.init_noise_level is not None and not self.init_noise_level > 0:
+            raise ConfigError(f"config.init_noise_level={self.init_noise_level}: audio-to-audio needs a positive "
+                              f"noise level to start from (σ, or t in (0, 1] for ddim / rf samplers)")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SamplerSettings:
+        """From a generate config, where init_noise_level <= 0 means "no audio-to-audio" and eta < 0 the sampler's
+        default."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: config[k] for k in names if k in config}
         if values.get("init_noise_level", None) is not None and float(values["init_noise_level"]) <= 0:
@@ -71,39 +75,36 @@ class SamplerSettings:
         return cls(**values)
 
 
-def objective_parameterization(objective: Mapping[str, Any]) -> tuple[Parameterization, np.ndarray | None]:
-    """(the denoiser adapter for the training objective, the β schedule for DDPM sampling or None)."""
-    name = objective["name"]
-    if name == "ddpm_eps":
-        schedule = DiscreteSchedule.make(objective.get("ddpm_schedule", "linear"),
-                                         objective.get("ddpm_num_steps", 1000), objective.get("ddpm_beta_start", 1e-4),
-                                         objective.get("ddpm_beta_end", 0.02))
-        return eps_discrete_parameterization(schedule.betas), np.asarray(schedule.betas)
-    return parameterization_for_objective(name), None
-
-
-def check_sampler_fits(sampler: str, objective: str) -> None:
-    if sampler == "ddpm" and objective != "ddpm_eps":
-        raise ConfigError(f"config.sampler='ddpm' runs a discrete β schedule; this model was trained with the "
-                          f"{objective!r} objective: use ddim, euler, heun, dpmpp-* or rf-euler/pingpong")
-
-
-def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax.Array,
-                 rescale: float = 0.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """(x, t) -> the model's output under classifier-free guidance with conditioner outputs `cond` and the null
-    condition (`null_condition`: zero cross tokens, mask and global embedding kept), as one doubled batch."""
+def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax.Array, rescale: float = 0.0,
+                 **extras: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(x, t) -> the denoiser's output under classifier-free guidance with conditioner outputs `cond` and the null
+    condition (`null_condition`: zero cross tokens, mask and global embedding kept), as one doubled batch.
+    `extras` (the denoiser's keyword inputs, e.g. adapter_inputs) go to both halves alike."""
 
     def model_out(x, t, c):
-        return model(x, t, c.cross_tokens, c.cross_mask, c.global_embed)
+        return model(x, t, c, **_doubled(extras, x.shape[0]))
 
     def cond_and_null(x2, t2):
-        # null_condition zeroes only the cross tokens: the DiT takes them implicitly for the rows past the
-        # context's and skips their cross-attention, which zero tokens make exactly zero.
+        # null_condition zeroes only the cross tokens: a denoiser with the implicit null context takes them for the
+        # rows past the context's and skips their cross-attention, which zero tokens make exactly zero.
         double = None if cond.global_embed is None else jnp.concatenate([cond.global_embed] * 2, axis=0)
-        return model(x2, t2, cond.cross_tokens, cond.cross_mask, double)
+        return model(x2, t2, ConditioningInputs(cond.cross_tokens, cond.cross_mask, double),
+                     **_doubled(extras, x2.shape[0]))
 
+    implicit = IMPLICIT_NULL_CONTEXT in capabilities(model)
     return cfg_denoiser(model_out, cond, null_condition(cond), scale, rescale,
-                        doubled_fn=cond_and_null if isinstance(model, DiT) else None)
+                        doubled_fn=cond_and_null if implicit else None)
+
+
+def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
+    """Batch-leading extras repeated to `rows` (the doubled CFG batch); other leaves as they are."""
+    def fit(leaf):
+        leaf = jnp.asarray(leaf)
+        if leaf.ndim and leaf.shape[0] != rows and rows % leaf.shape[0] == 0:
+            return jnp.concatenate([leaf] * (rows // leaf.shape[0]), axis=0)
+        return leaf
+
+    return {name: jax.tree.map(fit, value) for name, value in extras.items()}
 
 
 def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
@@ -111,15 +112,18 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
     """A pure `sample_fn(params, inputs, key, init=None, inpaint=None) -> latents [B, C, L]`.
 
     `params` = {"model", "conditioner"} states; `inputs` = the MultiConditioner's inputs for a batch of B;
-    `init` latents [B, C, L] for audio-to-audio; `inpaint` = (known latents [B, C, L], regenerate mask [B, 1, L]).
+    `init` latents [B, C, L] for audio-to-audio (needs settings.init_noise_level); `inpaint` = (known latents
+    [B, C, L], regenerate mask [B, 1, L]).
     """
-    check_sampler_fits(settings.sampler, objective["name"])
-    parameterization, betas = objective_parameterization(objective)
-    sigma_max = settings.sigma_max
-    if settings.sampler in RF_SAMPLERS or settings.sampler == "ddim":
-        sigma_max = min(sigma_max, 1.0)
+    check_compatible(settings.sampler, objective["name"])
+    training_objective = make_objective(objective)
+    parameterization = training_objective.parameterization
 
     def sample_fn(params, inputs, key, init=None, inpaint=None):
+        if init is not None and settings.init_noise_level is None:
+            raise ConfigError("init latents were given but config.init_noise_level is not set (or <= 0): pass the "
+                              "noise level to start from, e.g. --config.init_noise_level=1.0 (σ) or 0.5 (t, for "
+                              "ddim / rf samplers)")
         model = nnx.merge(graphdefs["model"], params["model"])
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
         cond = conditioner.condition(inputs)
@@ -128,9 +132,9 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
         denoise = make_denoiser(guided, parameterization)
         inpaint_arg = None if inpaint is None else Inpaint(*inpaint)
         return sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,
-                      sigma_max=sigma_max, rho=settings.rho, eta=settings.eta, init=init,
+                      sigma_max=settings.sigma_max, rho=settings.rho, eta=settings.eta, init=init,
                       init_sigma=settings.init_noise_level if init is not None else None, inpaint=inpaint_arg,
-                      betas=betas)
+                      betas=training_objective.betas, max_sigma=parameterization.interpolant.max_sigma)
 
     return sample_fn
 
@@ -174,7 +178,6 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path: str, *, autoencoder_checkpoint: str = "", prefer_ema: bool = True) -> Generator:
-        from musicdiff.checkpoints import find_checkpoint, load_model
         from musicdiff.inference.prompts import PromptEncoder
 
         ref = find_checkpoint(path)

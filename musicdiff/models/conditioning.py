@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.models.registry import register
 from musicdiff.models.text_encoder import T5Encoder, T5EncoderConfig
 
@@ -39,15 +40,6 @@ T5_DIMS = {
     "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
     "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096,
 }
-
-
-class ConditioningInputs(NamedTuple):
-    """What the denoiser receives: cross-attention tokens [B, S, D], their mask [B, S] bool, global embedding [B, G]
-    (None when no global conditions are routed)."""
-
-    cross_tokens: jax.Array
-    cross_mask: jax.Array
-    global_embed: jax.Array | None
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

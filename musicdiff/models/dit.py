@@ -1,14 +1,16 @@
-"""The Stable Audio Open diffusion transformer (spec §2), registered as model "dit".
+"""The Stable Audio Open diffusion transformer (spec §2), registered as model "dit"; a denoiser
+(models/denoiser.py):
 
-    model(x [B, C, L], t [B] in [0, 1], cross_tokens [B, T, cond_token_dim], cross_mask [B, T] bool,
-          global_embed [B, global_cond_dim] or None) -> [B, C, L]
+    model(x [B, C, L], t [B] in [0, 1], cond: ConditioningInputs(cross_tokens [B, T, cond_token_dim],
+          cross_mask [B, T] bool, global_embed [B, global_cond_dim] or None) | None,
+          block_residuals=None, adapter_inputs=None) -> [B, C, L]
 
 Forward (spec §2.3): ctx = to_cond_embed(cross_tokens); cond = to_timestep_embed(fourier(t)) + to_global_embed(g);
 x += preprocess_conv(x); transformer (cond prepended as one token for "sao" blocks, or modulating "adaln_zero"
 blocks); out += postprocess_conv(out). Classifier-free guidance stays outside: samplers batch [cond; uncond] and
 `drop_cross_conditioning` gives the training-time null condition (cross tokens dropped, global embedding kept).
 
-cross_tokens (and cross_mask) may have fewer rows than x: rows past them get the null context (all-zero tokens).
+cond.cross_tokens (and cross_mask) may have fewer rows than x: rows past them get the null context (all-zero tokens).
 The context MLP and the cross-attention's kv and output projections have no bias, so zero tokens give zero values and
 an exactly zero cross-attention branch, whatever the mask. Those rows skip cross-attention: the unconditional half
 of a CFG batch costs one cross-attention less per block.
@@ -26,7 +28,8 @@ PyTorch weights, split heads reshaped head-major):
     transformer.layers.N.ff.proj.kernel [E, 2, 4E] / .bias [2, 4E]      ....ff.ff.0.proj.weight / .bias
     transformer.layers.N.ff.out.kernel [4E, E] / .bias                  ....ff.ff.2.weight / .bias
     transformer.layers.N.{self_attn,cross_attn}.{q_norm,k_norm}.scale / .bias   (qk_norm="ln") ....weight / .bias
-The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored.
+The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored. Adapters (`model.adapter`) live
+under transformer.adapters.N, outside these keys.
 """
 
 from __future__ import annotations
@@ -41,12 +44,11 @@ import ml_collections
 from flax import nnx
 
 from musicdiff.errors import ConfigError
-from musicdiff.models.attention import QK_NORMS, Linear, rotary_dim
+from musicdiff.models.attention import Linear, rotary_dim
+from musicdiff.models.denoiser import (BLOCK_ADAPTERS, BLOCK_RESIDUALS, IMPLICIT_NULL_CONTEXT, ConditioningInputs)
 from musicdiff.models.registry import register
-from musicdiff.models.transformer import BLOCK_TYPES, REMAT_POLICIES, ContinuousTransformer
+from musicdiff.models.transformer import ContinuousTransformer, TransformerConfig, adapter_options
 from musicdiff.parallel.sharding import split_count
-
-ATTENTION_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,34 +72,17 @@ class DiTConfig:
     remat: str = "none"  # "none" | "full" | "dots"
     dtype: str = "bfloat16"  # compute
     param_dtype: str = "float32"
-    transformer_type: str = "continuous_transformer"
+    adapter: tuple[tuple[str, Any], ...] = ()  # per-block adapters (models/block_adapters.py); () = none
 
     def __post_init__(self):
-        if self.block_type not in BLOCK_TYPES:
-            raise ConfigError(f"config.model.block_type='{self.block_type}': expected one of {', '.join(BLOCK_TYPES)}")
-        if self.qk_norm not in QK_NORMS:
-            raise ConfigError(f"config.model.qk_norm='{self.qk_norm}': expected one of {', '.join(QK_NORMS)}")
-        if self.remat not in ("none", *REMAT_POLICIES):
-            raise ConfigError(f"config.model.remat='{self.remat}': expected none, {', '.join(REMAT_POLICIES)}")
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"config.model.attention_implementation='{self.attention_implementation}': expected "
-                              f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-        if self.transformer_type != "continuous_transformer":
-            raise ConfigError(f"config.model.transformer_type='{self.transformer_type}': only "
-                              f"continuous_transformer is implemented")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"config.model.embed_dim={self.embed_dim}: must be divisible by num_heads "
-                              f"{self.num_heads}")
-        for key in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, key))
-            except TypeError:
-                raise ConfigError(f"config.model.{key}='{getattr(self, key)}': not a dtype; use e.g. bfloat16") from None
+        _ = self.transformer  # building it validates the transformer options
 
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict | dict) -> DiTConfig:
         values = dict(model_config)
         values.pop("name", None)
+        values.pop("transformer_type", None)  # the one transformer there is; older configs name it
+        values["adapter"] = adapter_options(values.get("adapter"))
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
@@ -110,6 +95,8 @@ class DiTConfig:
 
     @property
     def context_dim(self) -> int:
+        if not self.cond_token_dim:
+            return 0
         return self.embed_dim if self.project_cond_tokens else self.cond_token_dim
 
     @property
@@ -121,16 +108,22 @@ class DiTConfig:
         return rotary_dim(self.head_dim, self.rotary_min_dim)
 
     @property
+    def transformer(self) -> TransformerConfig:
+        return TransformerConfig(
+            io_channels=self.io_channels, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            context_dim=self.context_dim, prepend_cond=self.block_type == "sao", block_type=self.block_type,
+            ff_mult=self.ff_mult, rotary_min_dim=self.rotary_min_dim, rotary_base=self.rotary_base,
+            layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
+            attention_implementation=self.attention_implementation, remat=self.remat, dtype=self.dtype,
+            param_dtype=self.param_dtype, adapter=self.adapter)
+
+    @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 
     @property
     def weight_dtype(self) -> Any:
         return jnp.dtype(self.param_dtype)
-
-    @property
-    def attention_impl(self) -> str | None:
-        return ATTENTION_IMPLEMENTATIONS[self.attention_implementation]
 
 
 class FourierFeatures(nnx.Module):
@@ -163,6 +156,8 @@ class ConditionMLP(nnx.Module):
 
 
 class DiT(nnx.Module):
+    capabilities = frozenset({IMPLICIT_NULL_CONTEXT, BLOCK_RESIDUALS, BLOCK_ADAPTERS})
+
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         self.config = config
         E, C = config.embed_dim, config.io_channels
@@ -177,28 +172,32 @@ class DiT(nnx.Module):
         # 1x1 convs over channels, zero-initialised and used residually, so they start as the identity.
         self.preprocess_conv = Linear((C,), (C,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
         self.postprocess_conv = Linear((C,), (C,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
-        self.transformer = ContinuousTransformer(config, rngs=rngs)
+        self.transformer = ContinuousTransformer(config.transformer, rngs=rngs)
 
-    def __call__(self, x: jax.Array, t: jax.Array, cross_tokens: jax.Array | None = None,
-                 cross_mask: jax.Array | None = None, global_embed: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, cond: ConditioningInputs | None = None, *,
+                 block_residuals: Any = None, adapter_inputs: Any = None) -> jax.Array:
         config = self.config
         if x.ndim != 3 or x.shape[1] != config.io_channels:
             raise ValueError(f"DiT expects latents [batch, {config.io_channels}, length], got {x.shape}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
-        cond = self.to_timestep_embed(self.timestep_features(t))
-        if global_embed is not None:
+        embedding = self.to_timestep_embed(self.timestep_features(t))
+        context = cross_mask = None
+        if cond is not None and cond.global_embed is not None:
             if self.to_global_embed is None:
-                raise ValueError("global_embed was given but config.model.global_cond_dim is 0")
-            cond = cond + self.to_global_embed(global_embed)
-        context = None
-        if cross_tokens is not None and self.to_cond_embed is not None:
-            cross_tokens, cross_mask = _rows_for_null_context(cross_tokens, cross_mask, x.shape[0])
+                raise ValueError("cond.global_embed was given but config.model.global_cond_dim is 0")
+            embedding = embedding + self.to_global_embed(cond.global_embed)
+        if cond is not None and cond.cross_tokens is not None and self.to_cond_embed is not None:
+            cross_tokens, cross_mask = _rows_for_null_context(cond.cross_tokens, cond.cross_mask, x.shape[0])
             context = self.to_cond_embed(cross_tokens)
         h = jnp.swapaxes(x, 1, 2)  # [B, L, C]
         h = h + self.preprocess_conv(h)
-        out = self.transformer(h, cond, context, cross_mask)
+        out = self.transformer(h, embedding, context, cross_mask, block_residuals=block_residuals,
+                               adapter_inputs=adapter_inputs)
         out = out + self.postprocess_conv(out)
         return jnp.swapaxes(out, 1, 2).astype(x.dtype)
+
+    def forward_flops(self, batch: int, length: int, cond_tokens: int) -> int:
+        return dit_forward_flops(self.config, batch, length, cond_tokens)
 
 
 def _rows_for_null_context(cross_tokens: jax.Array, cross_mask: jax.Array | None,

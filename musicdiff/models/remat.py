@@ -15,8 +15,9 @@ import jax
 from flax import nnx
 
 
-def checkpointed(fn: Callable[..., Any], module: nnx.Module, *args: Any, policy: Callable | None = None) -> Any:
-    """`fn(module, *args)` with its activations recomputed in the backward pass (jax.checkpoint with `policy`)."""
+def checkpointed(fn: Callable[..., Any], module: Any, *args: Any, policy: Callable | None = None) -> Any:
+    """`fn(module, *args)` with its activations recomputed in the backward pass (jax.checkpoint with `policy`).
+    `module` is an nnx Module or a tuple of them (None entries allowed)."""
     graphdef, state = nnx.split(module)
 
     def pure(state, *args):

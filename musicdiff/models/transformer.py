@@ -1,6 +1,7 @@
-"""The DiT's ContinuousTransformer: project in, prepend the global token, blocks, project out (spec §2.3-2.4).
+"""The continuous transformer of the denoisers: project in, prepend the conditioning token, blocks, project out
+(spec §2.3-2.4). Configured by its own `TransformerConfig`; a denoiser (models/dit.py) derives one.
 
-Two block types (`model.block_type`):
+Two block types (`block_type`):
 - "sao": the reference block, h += SelfAttn(LN(h)); h += CrossAttn(LN(h), ctx); h += FF(LN(h)), with zero-initialised
   branch outputs, and the conditioning vector (timestep + global embedding) prepended as one extra token.
 - "adaln_zero": the DiT paper's block (Peebles & Xie): a zero-initialised Linear(SiLU(c)) gives per-block
@@ -9,26 +10,36 @@ Two block types (`model.block_type`):
   token); cross-attention is kept and not modulated. Chunk order as the DiT paper: shift, scale, gate for
   attention, then for the MLP. (The reference's own adaLN path differs: sigmoid(1 - gate) and a learned per-block
   offset.)
+
+Two extension points, neither of which touches the blocks' parameters (so checkpoint key mappings stay as they are):
+- `block_residuals`: a sequence of [B, N, E] arrays (N = the sequence the blocks see, prepended token included);
+  entry i is added to the hidden state after block i. Fewer entries than blocks leave the later blocks alone (a
+  ControlNet copies the first blocks).
+- per-block adapters: with `adapter` set, `adapters/<i>` holds one module per block built by the block-adapter
+  registry (models/block_adapters.py); after block i's cross-attention, h += adapter_i(h, **adapter_inputs).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from musicdiff.models.attention import CrossAttention, LayerNorm, Linear, SelfAttention, rotary_angles
+from musicdiff.errors import ConfigError
+from musicdiff.models import block_adapters
+from musicdiff.models.attention import (QK_NORMS, CrossAttention, LayerNorm, Linear, SelfAttention, rotary_angles,
+                                       rotary_dim)
 from musicdiff.models.remat import checkpointed
 from musicdiff.parallel.sharding import constrain
-
-if TYPE_CHECKING:
-    from musicdiff.models.dit import DiTConfig
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 ACTIVATION_MLP = ("activation_batch", "activation_length", "activation_mlp")
 BLOCK_TYPES = ("sao", "adaln_zero")
+ATTENTION_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 
 # "dots" keeps the outputs of the weight matmuls (no batch dimension in the dot) and recomputes attention scores and
 # elementwise ops: most of the memory saving of "full" at a fraction of its recompute.
@@ -36,6 +47,73 @@ REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    io_channels: int  # width of what is projected in and out
+    embed_dim: int
+    depth: int
+    num_heads: int
+    context_dim: int = 0  # cross-attention context width; 0: no cross-attention
+    prepend_cond: bool = True  # the conditioning vector as an extra first token ("sao" blocks)
+    block_type: str = "sao"
+    ff_mult: int = 4
+    rotary_min_dim: int = 32
+    rotary_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    use_cross_attn_mask: bool = True
+    qk_norm: str = "none"
+    attention_implementation: str = "auto"
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    adapter: tuple[tuple[str, Any], ...] = ()  # (("name", registered adapter), (option, value), ...); () = none
+    prefix: str = "config.model"  # where the options live in the user's config, for error messages
+
+    def __post_init__(self):
+        checks = (("block_type", BLOCK_TYPES), ("qk_norm", QK_NORMS), ("remat", ("none", *REMAT_POLICIES)),
+                  ("attention_implementation", tuple(ATTENTION_IMPLEMENTATIONS)))
+        for key, allowed in checks:
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{self.prefix}.{key}='{getattr(self, key)}': expected one of {', '.join(allowed)}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"{self.prefix}.embed_dim={self.embed_dim}: must be divisible by num_heads "
+                              f"{self.num_heads}")
+        for key in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, key))
+            except TypeError:
+                raise ConfigError(f"{self.prefix}.{key}='{getattr(self, key)}': not a dtype; use e.g. "
+                                  f"bfloat16") from None
+        if self.adapter and "name" not in dict(self.adapter):
+            raise ConfigError(f"{self.prefix}.adapter: needs a 'name' (one of {', '.join(block_adapters.names())})")
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def prepend_length(self) -> int:
+        return 1 if self.prepend_cond else 0
+
+    @property
+    def attention_impl(self) -> str | None:
+        return ATTENTION_IMPLEMENTATIONS[self.attention_implementation]
+
+
+def adapter_options(section: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """A config's `adapter` section ({"name": ..., options}) as the hashable form the configs store."""
+    if not section:
+        return ()
+    items = dict(section)
+    if not items.get("name"):
+        return ()
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in items.items()))
 
 
 class FeedForward(nnx.Module):
@@ -54,7 +132,7 @@ class FeedForward(nnx.Module):
 
 
 class TransformerBlock(nnx.Module):
-    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         dim, dtype, param_dtype = config.embed_dim, config.compute_dtype, config.weight_dtype
         adaln = config.block_type == "adaln_zero"
         norm = dict(eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -64,7 +142,7 @@ class TransformerBlock(nnx.Module):
         self.pre_norm = LayerNorm(dim, use_scale=not adaln, **norm)
         self.self_attn = SelfAttention(dim, config.num_heads, zero_init_out=not adaln,
                                        implementation=config.attention_impl, qk_norm=config.qk_norm, **kw)
-        if config.cond_token_dim:
+        if config.context_dim:
             self.cross_attend_norm = LayerNorm(dim, **norm)
             self.cross_attn = CrossAttention(dim, config.context_dim, config.num_heads, zero_init_out=True,
                                              use_mask=config.use_cross_attn_mask, qk_norm=config.qk_norm, **kw)
@@ -76,7 +154,8 @@ class TransformerBlock(nnx.Module):
                            if adaln else None)
 
     def __call__(self, h: jax.Array, cond: jax.Array, context: jax.Array | None, context_mask: jax.Array | None,
-                 cos: jax.Array, sin: jax.Array) -> jax.Array:
+                 cos: jax.Array, sin: jax.Array, adapter: nnx.Module | None = None,
+                 adapter_inputs: Mapping[str, Any] | None = None) -> jax.Array:
         if self.modulation is not None:
             mod = self.modulation(jax.nn.silu(cond))[:, :, None, :]  # [B, 6, 1, dim]
             shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, i] for i in range(6))
@@ -85,6 +164,8 @@ class TransformerBlock(nnx.Module):
             h = h + self.self_attn(self.pre_norm(h), cos, sin)
         if self.cross_attn is not None and context is not None:
             h = self._add_cross_attention(h, context, context_mask)
+        if adapter is not None:
+            h = h + adapter(h, **dict(adapter_inputs or {}))
         if self.modulation is not None:
             h = h + gate_ff * self.ff(self.ff_norm(h) * (1 + scale_ff) + shift_ff)
         else:
@@ -99,35 +180,49 @@ class TransformerBlock(nnx.Module):
         return h.at[:rows].add(self.cross_attn(self.cross_attend_norm(h[:rows]), context, context_mask))
 
 
-def _run_block(block: TransformerBlock, h, cond, context, context_mask, cos, sin):
-    return block(h, cond, context, context_mask, cos, sin)
+def _run_block(modules: tuple[TransformerBlock, nnx.Module | None], h, cond, context, context_mask, cos, sin,
+               adapter_inputs):
+    block, adapter = modules
+    return block(h, cond, context, context_mask, cos, sin, adapter, adapter_inputs)
 
 
 class ContinuousTransformer(nnx.Module):
-    """[B, L, io] latents -> [B, L, io]; the conditioning token is prepended at rotary position 0 ("sao")."""
+    """[B, L, io] -> [B, L, io]; the conditioning token is prepended at rotary position 0 (`prepend_cond`)."""
 
-    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
         self.prepend_length = config.prepend_length
-        self.rotary_dim = config.rotary_dim
+        self.rotary_dim = rotary_dim(config.embed_dim // config.num_heads, config.rotary_min_dim)
         self.rotary_base = config.rotary_base
         self.remat = config.remat
         self.project_in = Linear((config.io_channels,), (config.embed_dim,), (None, "embed"), use_bias=False, **kw)
         self.layers = nnx.List([TransformerBlock(config, rngs=rngs) for _ in range(config.depth)])
         self.project_out = Linear((config.embed_dim,), (config.io_channels,), ("embed", None), use_bias=False, **kw)
+        # Adapters sit beside `layers`, not inside the blocks, so the blocks' parameter paths never change.
+        self.adapters = (nnx.List([block_adapters.build(config, index, rngs) for index in range(config.depth)])
+                         if config.adapter else None)
 
-    def __call__(self, x: jax.Array, cond: jax.Array, context: jax.Array | None,
-                 context_mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, cond: jax.Array, context: jax.Array | None, context_mask: jax.Array | None, *,
+                 block_residuals: Sequence[jax.Array] | None = None,
+                 adapter_inputs: Mapping[str, Any] | None = None) -> jax.Array:
         h = self.project_in(x)
         if self.prepend_length:
             h = jnp.concatenate([cond[:, None, :].astype(h.dtype), h], axis=1)
         h = constrain(h, ACTIVATION)
         cos, sin = rotary_angles(h.shape[1], self.rotary_dim, self.rotary_base)
-        for block in self.layers:
+        residuals = list(block_residuals or ())
+        if len(residuals) > len(self.layers):
+            raise ValueError(f"block_residuals: {len(residuals)} entries for {len(self.layers)} blocks")
+        if adapter_inputs and self.adapters is None:
+            raise ValueError("adapter_inputs were given but the model has no adapters (config.model.adapter)")
+        for index, block in enumerate(self.layers):
+            modules = (block, None if self.adapters is None else self.adapters[index])
+            args = (h, cond, context, context_mask, cos, sin, adapter_inputs)
             if self.remat == "none":
-                h = _run_block(block, h, cond, context, context_mask, cos, sin)
+                h = _run_block(modules, *args)
             else:
-                h = checkpointed(_run_block, block, h, cond, context, context_mask, cos, sin,
-                                 policy=REMAT_POLICIES[self.remat])
+                h = checkpointed(_run_block, modules, *args, policy=REMAT_POLICIES[self.remat])
+            if index < len(residuals):
+                h = h + residuals[index].astype(h.dtype)
         # project_out runs before the prepended token is dropped, as in the reference.
         return self.project_out(h)[:, self.prepend_length:]

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -113,12 +114,14 @@ def tree_logical_to_mesh(abstract_tree: Any, logical_tree: Any, rules: Rules, me
     """Maps a tree of arrays (or ShapeDtypeStructs) and its logical specs to a tree of NamedShardings."""
 
     def one(leaf, logical):
+        if isinstance(leaf, optax.MaskedNode):
+            return leaf  # optimiser state a frozen parameter does not have (training/optim.Freezing)
         logical = tuple(logical) if logical is not None and len(logical) else None
         if logical is not None and len(logical) < len(leaf.shape):
             logical = logical + (None,) * (len(leaf.shape) - len(logical))
         return NamedSharding(mesh, logical_to_mesh_spec(logical, leaf.shape, rules, mesh))
 
-    return jax.tree.map(one, abstract_tree, logical_tree, is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(one, abstract_tree, logical_tree, is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
 
 
 def param_shardings(abstract_state: Any, rules: Rules, mesh: Mesh) -> Any:

@@ -10,26 +10,25 @@ Train state (a dict pytree, checkpointed as is):
 Alternation, as the reference: a step is a discriminator step when its global step is odd and
 (`warmup_mode == "adv"` or the adversarial warm-up is over); every other step is a generator step, with the
 adversarial terms from `warmup_steps` on. So there are three kinds of step (`step_kind`), each a straight-line pure
-function of (state, batch) (`kind_step`):
+function of (state, batch) (`step(kind)`):
 - generator warm-up step: encode (VAE sample) + decode with gradients, loss = mrstft·spectral + l1·L1 + kl·KL (or
   quantizer·VQ loss), no discriminator pass at all; AdamW update of the autoencoder, then EMA;
 - generator step: the same + adversarial·G_hinge + feature_matching·FM from a pass of the (fixed) discriminator over
   [reals; fakes];
 - discriminator step: the same reconstruction without gradients, hinge loss of the discriminator on
   [reals; stop_gradient(fakes)], AdamW update of the discriminator.
-Training runs them through `AlternatingStep`: one compiled program per kind, chosen on the host by a counter that
-mirrors the state's step, so the loop stays plain (it calls one `step_fn(state, batch)`). One program holding all
-kinds behind a `lax.switch` was measured first and rejected: XLA's CPU backend ran a branch inside the conditional
-4-5x slower than the same code as its own program (tiny preset, batch 4 x 16384: 17.2 s vs 3.1 s a step on the
-loaded 2-core machine), and XLA:GPU's conditional copies its predicate to the host anyway. Only the kinds that steps
-0 .. num_steps-1 reach are compiled (`reachable_kinds`): the SAO recipe compiles two programs, a run that ends
-inside its warm-up one.
+The runner compiles one program per kind (training/loop.StepPrograms) and picks the kind of each step on the host
+(`step_kind`), so the loop stays plain. Only the kinds that steps 0 .. num_steps-1 reach are compiled
+(`reachable_kinds`): the SAO recipe compiles two programs, a run that ends inside its warm-up one.
 All kinds report the same metrics, all evaluated at the step's incoming parameters (the generator objective is
 computed forward-only on discriminator steps), so any logging interval sees comparable numbers.
 
 NaN guard: when the loss or any gradient is non-finite the update is skipped (params, optimiser state and EMA keep
 their values; the step counter still advances past the batch), `update_skipped` is 1 and the non-finite loss is in
-the metrics, so MetricLogger's NanGuard stops training after K such steps in a row.
+the metrics, so the runner's NaN guard stops training after `training.max_nonfinite_steps` such steps in a row.
+
+Data and previews (training/autoencoder_data.py): random crops of the audio folder minus its held-out split; every
+`demo_every` steps the first held-out clip is reconstructed with the current and the EMA weights.
 
 Counters: the EMA warm-up counts generator steps (as ema_pytorch counts its update calls), in closed form from the
 global step (`generator_updates_before`); the logged learning rates are each schedule at its optimiser's own count.
@@ -39,25 +38,30 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import logging
+from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
 from musicdiff.audio.stft_losses import STFTLossConfig, autoencoder_spectral_loss
 from musicdiff.errors import ConfigError
+from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
 from musicdiff.models.discriminator import adversarial_losses
-from musicdiff.parallel.sharding import Rules, sharding_context
-from musicdiff.checkpoints import restore_params_only
-from musicdiff.training.loop import compile_step
+from musicdiff.parallel.sharding import Rules
+from musicdiff.training import autoencoder_data
 from musicdiff.training.optim import (all_finite, ema_decay_from, ema_update, learning_rate_schedule, make_optimizer,
-                                      select_tree)
+                                      select_tree, updates_applied)
+from musicdiff.training.trainer import DemoFn, Trainer, register_trainer
 
+log = logging.getLogger(__name__)
 WARMUP_MODES = ("adv", "full")
 LOSS_WEIGHT_KEYS = ("mrstft", "l1", "adversarial", "feature_matching", "kl", "quantizer")
 _ADVERSARIAL_TERMS = ("discriminator", "adversarial", "feature_matching")
@@ -114,11 +118,15 @@ def _scalar_metrics(info: Mapping[str, Any]) -> dict[str, jax.Array]:
     return {k: v for k, v in info.items() if k not in ("latents", "codes") and jnp.ndim(v) == 0}
 
 
-class AutoencoderTrainer:
-    """Init and step functions of one autoencoder config (see the module docstring)."""
+@register_trainer("autoencoder")
+class AutoencoderTrainer(Trainer):
+    """Adversarial autoencoder training (see the module docstring)."""
+
+    guarded_metrics = ("loss", "discriminator_loss", "grad_norm")
+    optional_sections = ("discriminator",)  # init_from a checkpoint without one starts a fresh discriminator
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
+        super().__init__(config)
         training = config.training
         self.weights = LossWeights.from_config(training.loss_weights)
         self.warmup_steps = int(training.warmup_steps)
@@ -134,7 +142,10 @@ class AutoencoderTrainer:
         self.stft = STFTLossConfig(fft_sizes=tuple(int(n) for n in training.stft_fft_sizes),
                                    perceptual_weighting=bool(training.stft_perceptual_weighting),
                                    sample_rate=int(config.autoencoder.sample_rate))
-        self.generator_tx = make_optimizer(training.generator, training, "config.training.generator")
+        # The generator's optimiser sees params/autoencoder alone: freezing patterns name "autoencoder/...".
+        self.generator_freezing = self.freezing.scoped("autoencoder")
+        self.generator_tx = self.generator_freezing.wrap(
+            make_optimizer(training.generator, training, "config.training.generator"))
         self.discriminator_tx = make_optimizer(training.discriminator, training, "config.training.discriminator")
         self.generator_lr = learning_rate_schedule({**dict(training), **dict(training.generator)})
         self.discriminator_lr = learning_rate_schedule({**dict(training), **dict(training.discriminator)})
@@ -147,11 +158,28 @@ class AutoencoderTrainer:
 
     # ---- state ------------------------------------------------------------------------------------------------
 
-    def init(self, key: jax.Array) -> dict[str, Any]:
-        """A fresh train state from one key (jit it with loop.init_state to create it sharded)."""
+    def prepare(self, workdir: Path) -> ml_collections.ConfigDict:
+        autoencoder_data.check_channels(self.config)
+        self.train_items, self.heldout_items = autoencoder_data.split_folder(self.config)
+        return self.config
+
+    def dataset(self, mesh, rules):
+        return iter(autoencoder_data.process_training_dataset(self.config, self.train_items, mesh, rules))
+
+    def batch_spec(self, mesh, rules) -> dict[str, np.ndarray]:
+        data = self.config.data
+        return {"audio": np.zeros((int(self.config.batch_size), int(data.channels), int(data.sample_size)),
+                                  np.float32)}
+
+    def device_batch(self, host_batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {"audio": np.asarray(host_batch["audio"], np.float32)}  # captions, indices and masks stay on the host
+
+    def init_state(self, key: jax.Array) -> dict[str, Any]:
+        """A fresh train state from one key (the runner jit's it straight into its shardings)."""
         autoencoder_key, discriminator_key, rng = jax.random.split(key, 3)
         autoencoder = nnx.state(self._build("autoencoder", autoencoder_key), nnx.Param)
         discriminator = nnx.state(self._build("discriminator", discriminator_key), nnx.Param)
+        self.generator_freezing.check(autoencoder)
         return dict(
             params=dict(autoencoder=autoencoder, discriminator=discriminator),
             ema=dict(autoencoder=jax.tree.map(jnp.copy, autoencoder)),
@@ -161,26 +189,17 @@ class AutoencoderTrainer:
             rng=rng,
         )
 
-    def initialize_from(self, state: dict[str, Any], shardings: dict[str, Any], path: str) -> dict[str, Any]:
-        """`state` with its weights read from checkpoint `path` (fine-tuning): the autoencoder from the source's
-        EMA when it has one, else its params; the discriminator from its params when present, else kept fresh.
-        The EMA restarts at the loaded weights; optimiser states, step and data position stay fresh."""
-        from musicdiff.checkpoints import find_checkpoint
+    def throughput(self, batch_spec: Mapping[str, np.ndarray]) -> dict[str, float]:
+        data = self.config.data
+        return {"audio_seconds_per_sec": float(self.config.batch_size) * int(data.sample_size) / int(data.sample_rate)}
 
-        ref = find_checkpoint(path)
-        params = dict(state["params"])
-
-        def target(section: str) -> Any:
-            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                state["params"][section], shardings["params"][section])
-
-        source = "ema/autoencoder" if ref.has_subtree("ema/autoencoder") else "params/autoencoder"
-        params["autoencoder"] = restore_params_only(ref.step_dir, target("autoencoder"), subtree=source)
-        if ref.has_subtree("params/discriminator"):
-            params["discriminator"] = restore_params_only(ref.step_dir, target("discriminator"),
-                                                          subtree="params/discriminator")
-        ema = dict(autoencoder=jax.tree.map(jnp.copy, params["autoencoder"]))
-        return {**state, "params": params, "ema": ema}
+    def demo(self, workdir: Path, logger: MetricLogger, mesh, rules: Rules) -> DemoFn | None:
+        if not self.heldout_items:
+            log.warning("no held-out clip (config.data.heldout_fraction=%s): demos are off",
+                        self.config.data.heldout_fraction)
+            return None
+        return autoencoder_data.ReconstructionDemo(self.autoencoder_graphdef, self.config, self.heldout_items[0],
+                                                   workdir, logger, mesh)
 
     # ---- losses -----------------------------------------------------------------------------------------------
 
@@ -229,6 +248,7 @@ class AutoencoderTrainer:
             return self._generator_objective(audio, decoded, info, terms, adversarial)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["autoencoder"])
+        grads = self.generator_freezing.zero_frozen(grads)
         updates, new_opt = self.generator_tx.update(grads, opt_state["generator"], params["autoencoder"])
         if adversarial and self.freeze_encoder_after_warmup:
             updates = jax.tree_util.tree_map_with_path(
@@ -237,14 +257,14 @@ class AutoencoderTrainer:
         finite = all_finite(loss, grads)
         count = generator_updates_before(state["step"], self.warmup_steps, self.warmup_mode) + 1
         decay = ema_decay_from(self.config.training, count)
-        new_ema = ema_update(state["ema"]["autoencoder"], new_params, decay)
+        new_ema = ema_update(state["ema"]["autoencoder"], new_params, decay, self.generator_freezing)
         new_state = {
             **state,
             "params": {**params, "autoencoder": select_tree(finite, new_params, params["autoencoder"])},
             "ema": {**state["ema"], "autoencoder": select_tree(finite, new_ema, state["ema"]["autoencoder"])},
             "opt_state": {**opt_state, "generator": select_tree(finite, new_opt, opt_state["generator"])},
         }
-        metrics.update(grad_norm=optax.tree.norm(grads), update_skipped=1.0 - finite.astype(jnp.float32),
+        metrics.update(grad_norm=optax.tree.norm(grads), **{SKIPPED_METRIC: 1.0 - finite.astype(jnp.float32)},
                        ema_decay=decay)
         return new_state, metrics
 
@@ -268,7 +288,7 @@ class AutoencoderTrainer:
             "params": {**params, "discriminator": select_tree(finite, new_params, params["discriminator"])},
             "opt_state": {**opt_state, "discriminator": select_tree(finite, new_opt, opt_state["discriminator"])},
         }
-        metrics.update(grad_norm=optax.tree.norm(grads), update_skipped=1.0 - finite.astype(jnp.float32),
+        metrics.update(grad_norm=optax.tree.norm(grads), **{SKIPPED_METRIC: 1.0 - finite.astype(jnp.float32)},
                        ema_decay=jnp.zeros((), jnp.float32))
         return new_state, metrics
 
@@ -283,14 +303,20 @@ class AutoencoderTrainer:
         metrics.update(
             discriminator_step=(kind == DISCRIMINATOR).astype(jnp.float32),
             adversarial_on=(step >= self.warmup_steps).astype(jnp.float32),
-            generator_lr=self.generator_lr(_update_count(state["opt_state"]["generator"])),
-            discriminator_lr=self.discriminator_lr(_update_count(state["opt_state"]["discriminator"])),
+            generator_lr=self.generator_lr(updates_applied(state["opt_state"]["generator"])),
+            discriminator_lr=self.discriminator_lr(updates_applied(state["opt_state"]["discriminator"])),
         )
         new_state = {**new_state, "step": step + 1}
         return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
-    def kind_step(self, kind: int):
-        """The pure step for global steps of one kind (`step_kind`): what `AlternatingStep` compiles per kind."""
+    def step_kinds(self) -> tuple[int, ...]:
+        return self.kinds
+
+    def step_kind(self, step: int) -> int:
+        return step_kind(step, self.warmup_steps, self.warmup_mode)
+
+    def step(self, kind: Hashable):
+        """The pure step for global steps of one kind (`step_kind`): what the runner compiles per kind."""
 
         def step(state: dict[str, Any], batch: Mapping[str, jax.Array]) -> tuple[dict[str, Any], dict]:
             audio = batch["audio"].astype(jnp.float32)
@@ -300,47 +326,6 @@ class AutoencoderTrainer:
 
         return step
 
-    def host_kind(self, step: int) -> int:
-        return step_kind(step, self.warmup_steps, self.warmup_mode)
 
-
-class AlternatingStep:
-    """The loop's `step_fn`: one compiled program per reachable step kind, picked on the host by a step counter
-    that mirrors `state["step"]` (so choosing never waits for the device).
-
-    Every program is jit'ed with explicit shardings and the state donated (loop.compile_step), traced under the
-    mesh's sharding context so activations are constrained by their logical names. Programs compile on first use.
-    """
-
-    def __init__(self, trainer: AutoencoderTrainer, shardings: Any, batch_sharding_tree: Any,
-                 mesh: jax.sharding.Mesh, rules: Rules, start_step: int):
-        self.trainer = trainer
-        self.next_step = int(start_step)
-
-        def traced(kind):
-            def step(state, batch):
-                with sharding_context(mesh, rules):
-                    return trainer.kind_step(kind)(state, batch)
-
-            return step
-
-        self.programs = {kind: compile_step(traced(kind), shardings, batch_sharding_tree, mesh)
-                         for kind in trainer.kinds}
-
-    def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
-        kind = self.trainer.host_kind(self.next_step)
-        if kind not in self.programs:
-            raise ValueError(f"step {self.next_step} is a {STEP_KINDS[kind]} step, which steps 0 .. "
-                             f"{self.trainer.config.training.num_steps - 1} never reach; rebuild the trainer for "
-                             f"the longer run")
-        self.next_step += 1
-        return self.programs[kind](state, batch)
-
-
-def _update_count(opt_state: Any) -> jax.Array:
-    """Updates an optax state has applied (what its schedule is evaluated at; skipped steps do not count)."""
-    return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
-
-
-__all__ = ["DISCRIMINATOR", "GENERATOR", "GENERATOR_WARMUP", "STEP_KINDS", "AlternatingStep", "AutoencoderTrainer",
-           "LossWeights", "generator_updates_before", "reachable_kinds", "step_kind"]
+__all__ = ["DISCRIMINATOR", "GENERATOR", "GENERATOR_WARMUP", "STEP_KINDS", "AutoencoderTrainer", "LossWeights",
+           "generator_updates_before", "reachable_kinds", "step_kind"]

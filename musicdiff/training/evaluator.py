@@ -5,8 +5,8 @@
 The audio folder is scanned (data_pipelines.audio_folder); every `data.holdout_every`-th usable clip is held out.
 Training batches come from the shared Grain pipeline (data_pipelines.grain_pipeline.training_dataset: random
 crops, 16 kHz mono, peak-normalised) with the clip's labels attached by record index. The step is pure
-(`step(state, batch) -> (state, metrics)`, state = {"params": {"evaluator": ...}, "opt_state", "step"}) and runs
-in the shared loop (musicdiff.training.loop: sharded init, donated jit step, checkpoints
+(`step(state, batch) -> (state, metrics)`, state = {"params": {"evaluator": ...}, "opt_state", "step"}); the
+"evaluator" trainer runs in the stage runner (training/runner.py: sharded init, donated jit step, checkpoints
 WORKDIR/checkpoints/<step>/{state, config, data_iter}, preemption, metrics.jsonl + TensorBoard).
 Loss: cross-entropy for key, mode and tempo bucket plus binary cross-entropy for instruments (summed). At the
 end the held-out clips are scored with the same windowing evaluation uses; DIR/heldout_accuracy.json.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,10 @@ from musicdiff.audio.io import load_audio
 from musicdiff.errors import DataError
 from musicdiff.eval.attribute_labels import attribute_scores, encode_targets, summarize_attribute_scores
 from musicdiff.eval.prompt_following import prompt_targets
+from musicdiff.metrics import SKIPPED_METRIC
 from musicdiff.models import registry
-from musicdiff.training import loop
-from musicdiff.metrics import MetricLogger
-from musicdiff.training.optim import make_optimizer
+from musicdiff.training.optim import all_finite, make_optimizer, select_tree
+from musicdiff.training.trainer import Trainer, register_trainer
 
 log = logging.getLogger(__name__)
 SECTION = "evaluator"
@@ -89,21 +89,6 @@ def losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> tuple[
     return loss, metrics
 
 
-def make_step(graphdef: Any, tx: optax.GradientTransformation):
-    def step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        def loss_fn(params):
-            return losses(nnx.merge(graphdef, params)(batch["audio"]), batch)
-
-        params = state["params"][SECTION]
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return dict(params={SECTION: new_params}, opt_state=opt_state, step=state["step"] + 1), metrics
-
-    return step
-
-
 def heldout_accuracy(model: nnx.Module, model_config: ml_collections.ConfigDict,
                      items: list[AudioItem]) -> dict[str, float]:
     """Attribute accuracy of `model` on whole held-out clips, windowed as evaluation does."""
@@ -121,47 +106,65 @@ def heldout_accuracy(model: nnx.Module, model_config: ml_collections.ConfigDict,
     return summary
 
 
-def train_evaluator(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
-    """The launch.train_evaluator stage (module docstring); returns {step, heldout accuracy, seconds}."""
-    started = time.perf_counter()
-    workdir = Path(workdir)
-    model_config = config.evaluator
-    train_items, held_items = split_items(scan(config).items, int(config.data.holdout_every))
-    log.info("evaluator data: %d training clips, %d held out", len(train_items), len(held_items))
-    dataset = training_dataset(AudioFolderSource(train_items), config.data, seed=int(config.seed))
-    iterator = iter(dataset.map(AttachLabels(label_table(train_items, model_config))))
+@register_trainer("evaluator")
+class EvaluatorTrainer(Trainer):
+    """The embedded evaluator on the synthetic set's attributes (see the module docstring)."""
 
-    tx = make_optimizer(config.training)
-    abstract_model = nnx.eval_shape(lambda: registry.build(model_config, nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.freezing = self.freezing.scoped(SECTION)  # the optimiser sees params/evaluator alone
+        self.tx = self.freezing.wrap(make_optimizer(config.training))
+        self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: registry.build(config[SECTION], nnx.Rngs(0))), nnx.Param)
 
-    def init_fn(key):
-        params = nnx.state(registry.build(model_config, nnx.Rngs(params=key)), nnx.Param)
-        return dict(params={SECTION: params}, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+    def prepare(self, workdir: Path) -> ml_collections.ConfigDict:
+        self.train_items, self.heldout_items = split_items(scan(self.config).items,
+                                                           int(self.config.data.holdout_every))
+        log.info("evaluator data: %d training clips, %d held out", len(self.train_items), len(self.heldout_items))
+        return self.config
 
-    mesh, rules = loop.mesh_and_rules(config)
-    schedule = loop.Schedule.from_config(config.training)
-    checkpointer = loop.open_checkpointer(workdir, schedule)
-    try:
-        state, shardings, start = loop.restore_or_init(checkpointer, init_fn, mesh, rules,
-                                                       (jax.random.key(int(config.seed)),), data_iter=iterator)
-        size = int(config.data.sample_size)
-        spec = dict(audio=np.zeros((1, 1, size), np.float32), key=np.zeros(1, np.int32), mode=np.zeros(1, np.int32),
-                    tempo=np.zeros(1, np.int32), instruments=np.zeros((1, len(model_config.instruments)), np.float32))
-        step_fn = loop.compile_step(make_step(graphdef, tx), shardings, loop.batch_shardings(spec, mesh, rules),
-                                    mesh)
-        with MetricLogger(workdir, total_steps=schedule.num_steps, initial_step=start,
-                          log_every=schedule.log_every) as logger:
-            state, result = loop.run(state=state, step_fn=step_fn, batches=iterator, start_step=start,
-                                     schedule=schedule, checkpointer=checkpointer, logger=logger, mesh=mesh,
-                                     rules=rules, config=config, data_iter=iterator)
-    finally:
-        checkpointer.close()
-    summary: dict[str, Any] = dict(step=result.step, preempted=result.preempted,
-                                   train_clips=len(train_items), heldout_clips=len(held_items))
-    if held_items and not result.preempted:
-        model = nnx.merge(graphdef, jax.device_get(state["params"][SECTION]))
-        summary["heldout"] = heldout_accuracy(model, model_config, held_items)
-        (workdir / "heldout_accuracy.json").write_text(json.dumps(summary["heldout"], indent=2) + "\n")
-    summary["seconds"] = time.perf_counter() - started
-    return summary
+    def dataset(self, mesh, rules):
+        dataset = training_dataset(AudioFolderSource(self.train_items), self.config.data, seed=int(self.config.seed))
+        return iter(dataset.map(AttachLabels(label_table(self.train_items, self.config[SECTION]))))
+
+    def batch_spec(self, mesh, rules) -> dict[str, np.ndarray]:
+        instruments = len(self.config[SECTION].instruments)
+        return dict(audio=np.zeros((1, 1, int(self.config.data.sample_size)), np.float32),
+                    key=np.zeros(1, np.int32), mode=np.zeros(1, np.int32), tempo=np.zeros(1, np.int32),
+                    instruments=np.zeros((1, instruments), np.float32))
+
+    def init_state(self, key: jax.Array) -> dict[str, Any]:
+        params = nnx.state(registry.build(self.config[SECTION], nnx.Rngs(params=key)), nnx.Param)
+        self.freezing.check(params)
+        return dict(params={SECTION: params}, opt_state=self.tx.init(params), step=jnp.zeros((), jnp.int32))
+
+    def train_step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict]:
+        def loss_fn(params):
+            return losses(nnx.merge(self.graphdef, params)(batch["audio"]), batch)
+
+        params = state["params"][SECTION]
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads = self.freezing.zero_frozen(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        finite = all_finite(loss, grads)
+        new_params = select_tree(finite, optax.apply_updates(params, updates), params)
+        new_state = dict(params={SECTION: new_params}, opt_state=select_tree(finite, opt_state, state["opt_state"]),
+                         step=state["step"] + 1)
+        metrics.update({"grad_norm": optax.tree.norm(grads), SKIPPED_METRIC: 1.0 - finite.astype(jnp.float32)})
+        return new_state, metrics
+
+    def step(self, kind: Hashable):
+        return self.train_step
+
+    def finish(self, state: Any, result: Any, workdir: Path) -> dict[str, Any]:
+        summary: dict[str, Any] = dict(step=result.step, preempted=result.preempted,
+                                       train_clips=len(self.train_items), heldout_clips=len(self.heldout_items))
+        if self.heldout_items and not result.preempted:
+            model = nnx.merge(self.graphdef, jax.device_get(state["params"][SECTION]))
+            summary["heldout"] = heldout_accuracy(model, self.config[SECTION], self.heldout_items)
+            (workdir / "heldout_accuracy.json").write_text(json.dumps(summary["heldout"], indent=2) + "\n")
+        if jax.process_index() == 0:
+            print(json.dumps(summary, indent=2))
+        return summary
+
+
+__all__ = ["AttachLabels", "EvaluatorTrainer", "heldout_accuracy", "label_table", "losses", "split_items"]

@@ -1,15 +1,16 @@
-"""What every trainer shares: sharded state initialisation, the jit'ed step with explicit shardings and donated
-state, and one plain training loop (big_vision style) with checkpoints, metrics, demos and preemption.
+"""The training loop's pieces (big_vision style): sharded state initialisation, step programs jit'ed with explicit
+shardings and donated state, and one plain loop with checkpoints, metrics, demos and preemption. The stage runner
+(training/runner.py) assembles them around a trainer (training/trainer.py).
 
-A trainer supplies
-- `init_fn(key) -> state`: a pytree whose nnx Variables carry logical axis names (params, optimiser moments, EMA);
-  plain arrays (step, RNG key) are replicated. `init_state` runs it under jit with the shardings the config's rules
-  give, so no parameter is ever materialised unsharded.
-- `step_fn(state, batch) -> (state, metrics)`: pure; `compile_step` jits it with in/out shardings, the state donated.
-- a Grain iterator of host batches (dicts of numpy arrays; strings are dropped before the device).
-`run` then loops: stop on preemption (save, exit cleanly), next batch, step, queue metrics (read one step late),
-checkpoint when due, demos when due. Resume is the same call: `restore_or_init` picks up the latest checkpoint of
-the workdir, restoring the data iterator position with it.
+- `init_state(init_fn, ...)`: `init_fn(key) -> state`, a pytree whose nnx Variables carry logical axis names
+  (params, optimiser moments, EMA; plain arrays such as step and RNG key are replicated), evaluated under jit with
+  the shardings the rules give, so no parameter is ever materialised unsharded.
+- `compile_step` / `StepPrograms`: a pure `step(state, batch) -> (state, metrics)` jit'ed with in/out shardings and
+  the state donated, traced inside the mesh's sharding context (a step is never lowered without it); one program per
+  step kind, chosen on the host.
+- `run`: stop on preemption (save, exit cleanly), next batch, step, queue metrics (read one step late), checkpoint
+  when due, demos when due. Resume is the same call: `restore_or_init` picks up the latest checkpoint of the workdir,
+  restoring the data iterator position with it.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from musicdiff.parallel import DEFAULT_SHARDING_RULES
-from musicdiff.parallel import mesh_and_rules, param_shardings
-from musicdiff.parallel.sharding import Rules, batch_sharding, shard_batch
 from musicdiff.checkpoints import CHECKPOINT_DIR, Checkpointer, abstract_target
 from musicdiff.metrics import MetricLogger
+from musicdiff.parallel import param_shardings
+from musicdiff.parallel.sharding import Rules, batch_sharding, shard_batch, sharding_context
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,44 @@ def batch_shardings(batch_spec: Mapping[str, Any], mesh: Mesh, rules: Rules) -> 
 
 
 def compile_step(step_fn: Callable[[Any, Any], tuple[Any, Any]], shardings: Any, batch_sharding_tree: Any,
-                 mesh: Mesh) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """jit with explicit shardings; the state is donated, metrics come back replicated."""
+                 mesh: Mesh, rules: Rules) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """jit with explicit shardings, traced in the mesh's sharding context (activations pinned by their logical
+    names); the state is donated, metrics come back replicated."""
+
+    def traced(state, batch):
+        with sharding_context(mesh, rules):
+            return step_fn(state, batch)
+
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding_tree), out_shardings=(shardings, replicated),
+    return jax.jit(traced, in_shardings=(shardings, batch_sharding_tree), out_shardings=(shardings, replicated),
                    donate_argnums=0)
+
+
+class StepPrograms:
+    """The loop's `step_fn` for trainers with several kinds of step: one compiled program per kind, picked on the
+    host by a counter that mirrors the state's step (so choosing never waits for the device).
+
+    One program holding every kind behind a `lax.switch` was measured first and rejected: XLA's CPU backend ran a
+    branch inside the conditional 4-5x slower than the same code as its own program (autoencoder tiny preset,
+    batch 4 x 16384: 17.2 s vs 3.1 s a step on a loaded 2-core machine), and XLA:GPU's conditional copies its
+    predicate to the host anyway. Programs compile on first use.
+    """
+
+    def __init__(self, kinds: tuple[Any, ...], step_for: Callable[[Any], Callable], kind_of: Callable[[int], Any],
+                 shardings: Any, batch_sharding_tree: Any, mesh: Mesh, rules: Rules, start_step: int):
+        self.kind_of = kind_of
+        self.next_step = int(start_step)
+        self.programs = {kind: compile_step(step_for(kind), shardings, batch_sharding_tree, mesh, rules)
+                         for kind in kinds}
+
+    def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
+        kind = self.kind_of(self.next_step)
+        if kind not in self.programs:
+            raise ValueError(f"step {self.next_step} is a {kind!r} step, which the run's steps were not expected to "
+                             f"reach (kinds compiled: {', '.join(map(str, self.programs))}); rebuild the trainer for "
+                             f"the longer run")
+        self.next_step += 1
+        return self.programs[kind](state, batch)
 
 
 def device_arrays(host_batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -171,13 +204,13 @@ def run(*, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: 
         start_step: int, schedule: Schedule, checkpointer: Checkpointer, logger: MetricLogger, mesh: Mesh,
         rules: Rules, config: Any = None, data_iter: Any = None,
         demo_fn: Callable[[int, Any], None] | None = None, preemption: Preemption | None = None,
-        on_state: Callable[[int, Any], None] | None = None,
-        global_batch_size: int | None = None) -> tuple[Any, LoopResult]:
+        on_state: Callable[[int, Any], None] | None = None, global_batch_size: int | None = None,
+        device_batch: Callable[[Mapping[str, Any]], Mapping[str, Any]] = None) -> tuple[Any, LoopResult]:
     """Runs steps start_step+1 .. schedule.num_steps (see the module docstring); returns (state, result).
 
-    `step_fn` is already compiled (`compile_step`). `batches` yields this process's rows of each global batch
-    (`sharding.process_batch_rows`); `global_batch_size` is the global batch size (needed when processes hold
-    replicated rows).
+    `step_fn` is already compiled (`compile_step`, `StepPrograms`). `batches` yields this process's rows of each
+    global batch (`sharding.process_batch_rows`); `device_batch` picks what of a host batch goes to the devices;
+    `global_batch_size` is the global batch size (needed when processes hold replicated rows).
     `data_iter` is the object whose position is checkpointed (usually the same Grain iterator as `batches`).
     `preemption`: pass one created early so a SIGTERM during compilation is caught too (default: one made here).
     `on_state(step, state)` is called after each step (tests).
@@ -195,7 +228,7 @@ def run(*, state: Any, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: 
                 preempted = True
                 break
             host_batch = next(batches)
-            batch = shard_batch(device_arrays(host_batch), mesh, rules, global_batch_size)
+            batch = shard_batch((device_batch or device_arrays)(host_batch), mesh, rules, global_batch_size)
             state, metrics = step_fn(state, batch)
             step += 1
             last = logger.push(step, metrics) or last
