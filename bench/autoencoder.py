@@ -29,6 +29,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from musicdiff.parallel.sharding import unsharded
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "autoencoder.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,7 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _timed(fn, *args, repeats: int) -> dict[str, Any]:
     """Compile seconds, then one warm-up run, then `repeats` timed runs (block_until_ready each)."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    with unsharded():  # one device, as the reference
+        compiled = jax.jit(fn).lower(*args).compile()
     compile_seconds = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))
     times = []
@@ -66,7 +69,8 @@ def codec_throughput(seconds: float = 4.0, batch: int = 1, repeats: int = 5, pre
     def decode(params, latents):
         return nnx.merge(graphdef, params).decode(latents)
 
-    latents = jax.jit(encode)(params, audio)
+    with unsharded():
+        latents = jax.jit(encode)(params, audio)
     audio_seconds = batch * samples / rate
     result = {"preset": preset, "parameters": int(sum(x.size for x in jax.tree.leaves(params))), "batch": batch,
               "seconds_per_clip": samples / rate, "samples": samples, "latent_frames": int(latents.shape[-1]),

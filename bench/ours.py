@@ -26,12 +26,14 @@ from musicdiff.inference.generate import SamplerSettings, make_sampler
 from musicdiff.models import registry
 from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.models.dit import drop_cross_conditioning
+from musicdiff.parallel.sharding import unsharded
 from musicdiff.training.optim import make_optimizer
 
 
 def _compile(fn, *args, donate_argnums=()) -> tuple[Any, float]:
     began = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    with unsharded():  # one-device rows: the reference runs on one device too
+        compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
     return compiled, time.perf_counter() - began
 
 

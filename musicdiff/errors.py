@@ -12,3 +12,8 @@ class DataError(ValueError):
 class DistributedError(RuntimeError):
     """The processes of a multi-host job cannot work together (joining timed out, a peer is gone). The message
     names this process, the coordinator and what to check."""
+
+
+class ShardingContextError(RuntimeError):
+    """Model code was traced outside `sharding_context` / `unsharded()` (musicdiff/parallel/sharding.py), where its
+    sharding constraints would have been dropped without a word."""

@@ -25,6 +25,16 @@ def devices():
 
 
 @pytest.fixture
+def unsharded():
+    """Runs a test's bare module calls under `unsharded()`: model code outside a sharding context raises
+    (musicdiff/parallel/sharding.py), so a test that calls a module directly says that it runs it unsharded."""
+    from musicdiff.parallel.sharding import unsharded as unsharded_context
+
+    with unsharded_context():
+        yield
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return ROOT
 

@@ -22,6 +22,9 @@ from musicdiff.models.autoencoder import BottleneckConfig, OobleckConfig, Residu
 from musicdiff.models.chunking import chunked_decode, chunked_encode, plan_chunks, receptive_radius_frames
 from musicdiff.models.oobleck_layers import Snake, WNConv1d, WNConvTranspose1d
 
+# These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
+pytestmark = pytest.mark.usefixtures("unsharded")
+
 SPEC_SHAPES = Path("/work/shared/spec/sao_1_0_state_dict_shapes.json")
 SAO_VAE_PARAMS = 156_112_514
 CONFIG = "configs/autoencoder.py"

@@ -21,6 +21,9 @@ from musicdiff.models.text_encoder import (
     load_text_encoder,
 )
 
+# These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
+pytestmark = pytest.mark.usefixtures("unsharded")
+
 CAPTIONS = [
     "A calm piano melody with soft strings.",
     "Energetic drum & bass, 174 BPM!",

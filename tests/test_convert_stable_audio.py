@@ -53,6 +53,9 @@ from musicdiff.inference.generate import guided_model  # noqa: E402
 from musicdiff.models.conditioning import null_condition  # noqa: E402
 from musicdiff.models.text_encoder import TextTokenizer, build_caption_tokenizer, load_t5_encoder  # noqa: E402
 
+# These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
+pytestmark = pytest.mark.usefixtures("unsharded")
+
 AE_TOL, DIT_TOL = 1e-5, 1e-4
 PROMPTS = ["a calm piano melody with soft strings", "drums"]
 SECONDS_START, SECONDS_TOTAL = [3.0, 100.0], [30.0, 470.0]

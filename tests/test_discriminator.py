@@ -20,6 +20,9 @@ from musicdiff.models.discriminator import (
 )
 from musicdiff.parallel import make_mesh, param_shardings
 
+# These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
+pytestmark = pytest.mark.usefixtures("unsharded")
+
 SMALL = DiscriminatorConfig(filters=8, audio_channels=2, n_ffts=(256, 128))
 
 

@@ -18,6 +18,9 @@ from musicdiff.models.attention import CrossAttention, apply_rotary, attention, 
 from musicdiff.models.denoiser import ConditioningInputs, train_flops
 from musicdiff.models.dit import dit_forward_flops, dit_train_flops, drop_cross_conditioning
 
+# These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
+pytestmark = pytest.mark.usefixtures("unsharded")
+
 SPEC_SHAPES = "/work/shared/spec/sao_1_0_state_dict_shapes.json"
 
 

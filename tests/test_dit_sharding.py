@@ -14,7 +14,8 @@ from musicdiff.describe import abstract_params
 from musicdiff.models import registry
 from musicdiff.parallel import make_mesh, param_shardings, per_device_bytes
 from musicdiff.models.denoiser import ConditioningInputs
-from musicdiff.parallel.sharding import sharding_context
+from musicdiff.errors import ShardingContextError
+from musicdiff.parallel.sharding import current_layout, sharding_context, unsharded as unsharded_context
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_block_partition_specs(devices, sao_params, shape):
         assert got == BLOCK_GOLDEN[shape]
 
 
-def test_sharded_forward_matches_single_device(devices):
+def test_sharded_forward_matches_single_device(devices, unsharded):
     """The tiny DiT under data x fsdp x tensor with its activation constraints gives the unsharded result."""
     config = load_config("configs/diffusion.py:tiny")
     mesh = make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
@@ -115,3 +116,28 @@ def test_sharded_forward_matches_single_device(devices):
     with sharding_context(mesh, DEFAULT_SHARDING_RULES):
         out_cfg = jax.jit(apply)(sharded, x, t, cross[:2], mask[:2], glob)
     np.testing.assert_allclose(out_cfg, expected_cfg, rtol=1e-4, atol=1e-5)
+
+
+def test_tracing_outside_a_sharding_context_fails_loudly(devices):
+    """A step lowered with no layout declared raises instead of compiling without its activation constraints."""
+    config = load_config("configs/diffusion.py:tiny")
+    graphdef, params = nnx.split(registry.build(config.model, nnx.Rngs(0)), nnx.Param)
+    x, t = jnp.zeros((2, 64, 16)), jnp.zeros((2,))
+    cond = ConditioningInputs(jnp.zeros((2, 8, 32)), jnp.ones((2, 8), bool),
+                              jnp.zeros((2, int(config.model.global_cond_dim))))
+
+    def apply(params, x):
+        return nnx.merge(graphdef, params)(x, t, cond)
+
+    with pytest.raises(ShardingContextError, match="outside a sharding context"):
+        jax.jit(apply).lower(params, x)
+    with pytest.raises(ShardingContextError):
+        current_layout()
+    mesh = make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+    with sharding_context(mesh, DEFAULT_SHARDING_RULES):
+        assert current_layout()[0] is mesh
+        lowered = jax.jit(apply).lower(params, x).as_text()
+    assert "sharding_constraint" in lowered or "mhlo.sharding" in lowered
+    with unsharded_context():
+        assert current_layout() is None
+        assert "sharding_constraint" not in jax.jit(apply).lower(params, jnp.ones((2, 64, 16))).as_text()

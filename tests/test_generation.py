@@ -126,7 +126,7 @@ def test_clear_errors(checkpoints, tmp_path):
     assert done.returncode != 0 and "/no/such/run" in done.stderr
 
 
-def test_rematerialised_models_sample_and_decode_inside_loops():
+def test_rematerialised_models_sample_and_decode_inside_loops(unsharded):
     """Checkpointed blocks (remat) of a DiT merged outside the sampler loop, and of an autoencoder inside the chunked
     decoder's lax.map, must run: nnx.remat raised TraceContextError there."""
     import jax

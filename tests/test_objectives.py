@@ -156,7 +156,7 @@ def test_factories_follow_the_config():
         make_objective(ml_collections.ConfigDict(dict(name="edm")))
 
 
-def test_tiny_dit_fits_a_fixed_batch():
+def test_tiny_dit_fits_a_fixed_batch(unsharded):
     """Smoke test: 30 Adam steps on one fixed (x0, noise, t) v-objective batch drive the loss well down."""
     config = load_config("configs/diffusion.py:tiny")
     model = registry.build(config.model, nnx.Rngs(0))

@@ -46,7 +46,7 @@ def run_cli(args, env_extra=None, timeout=SUBPROCESS_TIMEOUT_S):
                           timeout=timeout)
 
 
-def test_windows_timing_and_posterior_match_the_autoencoder(setup):
+def test_windows_timing_and_posterior_match_the_autoencoder(setup, unsharded):
     manifest = read_manifest(setup["reference"])
     assert manifest["num_items"] == EXPECTED_WINDOWS == setup["summary"]["items"]
     assert manifest["latent_shape"] == [64, SAMPLE_SIZE // 256] and manifest["latent_rate"] == RATE / 256
@@ -183,7 +183,7 @@ def save_tiny_t5(torch, directory, captions):
     return directory
 
 
-def test_t5_mode_stores_each_captions_embeddings(setup):
+def test_t5_mode_stores_each_captions_embeddings(setup, unsharded):
     torch = pytest.importorskip("torch")
     t5_dir = save_tiny_t5(torch, setup["base"] / "t5", [caption for _, caption in CLIPS.values()])
     workdir = setup["base"] / "t5_latents"

@@ -30,6 +30,9 @@ from musicdiff.models.text_encoder import (
 from musicdiff.parallel import make_mesh
 from musicdiff.parallel.sharding import sharding_context
 
+# These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
+pytestmark = pytest.mark.usefixtures("unsharded")
+
 SENTENCES = [
     "a calm piano melody with soft strings",
     "energetic drum and bass at one hundred seventy four beats per minute with a heavy sub bass and chopped vocals "

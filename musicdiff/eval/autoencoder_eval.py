@@ -57,6 +57,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: Path) -> di
     from musicdiff.files import atomic_write_json
     from musicdiff.checkpoints import load_model
     from musicdiff.models.chunking import chunked_decode, chunked_encode
+    from musicdiff.parallel.sharding import unsharded
 
     ref = _checkpoint(config)
     trained = ref.config
@@ -88,8 +89,9 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: Path) -> di
         length = audio.shape[1]
         padded = np.zeros((1, channels, max(1, math.ceil(length / window)) * window), np.float32)
         padded[0, :, :length] = audio
-        latents, _ = chunked_encode(model, jnp.asarray(padded), chunk_frames=chunk, overlap_frames=overlap)
-        decoded = np.asarray(chunked_decode(model, latents, chunk_frames=chunk, overlap_frames=overlap))
+        with unsharded():
+            latents, _ = chunked_encode(model, jnp.asarray(padded), chunk_frames=chunk, overlap_frames=overlap)
+            decoded = np.asarray(chunked_decode(model, latents, chunk_frames=chunk, overlap_frames=overlap))
         estimate = decoded[0, :, :length]
         if not np.all(np.isfinite(estimate)):
             raise DataError(f"{item.path}: the reconstruction is not finite; the checkpoint {ref.step_dir} is broken")

@@ -37,6 +37,7 @@ from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, samp
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.conditioning import null_condition
 from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
+from musicdiff.parallel.sharding import unsharded
 
 SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
 INPAINT_METHOD = "repaint_fallback"
@@ -229,7 +230,8 @@ class Generator:
         signature = (settings, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
         if signature not in self._executables:
             began = time.perf_counter()
-            self._executables[signature] = self._sampler(settings).lower(*args).compile()
+            with unsharded():  # one program per clip batch: its inputs' placement decides the layout
+                self._executables[signature] = self._sampler(settings).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - began
         return self._executables[signature]
 
@@ -240,7 +242,8 @@ class Generator:
         window = self.latent_length * self.ratio
         fitted = np.zeros((audio.shape[0], audio.shape[1], window), np.float32)
         fitted[..., : min(window, audio.shape[-1])] = audio[..., :window]
-        latents, _ = chunked_encode(self.autoencoder, jnp.asarray(fitted))
+        with unsharded():
+            latents, _ = chunked_encode(self.autoencoder, jnp.asarray(fitted))
         return latents
 
     def sample_latents(self, prompts: Sequence[str], seconds_total: Sequence[float], settings: SamplerSettings,
@@ -261,12 +264,13 @@ class Generator:
     def decode(self, latents: jax.Array) -> np.ndarray:
         from musicdiff.models.chunking import chunked_decode
 
-        if latents.shape not in self._decoded_shapes:  # compile (and time) the decoder once per shape
-            began = time.perf_counter()
-            jax.block_until_ready(chunked_decode(self.autoencoder, jnp.zeros_like(latents)))
-            self.compile_seconds += time.perf_counter() - began
-            self._decoded_shapes.add(latents.shape)
-        return np.asarray(chunked_decode(self.autoencoder, latents))
+        with unsharded():
+            if latents.shape not in self._decoded_shapes:  # compile (and time) the decoder once per shape
+                began = time.perf_counter()
+                jax.block_until_ready(chunked_decode(self.autoencoder, jnp.zeros_like(latents)))
+                self.compile_seconds += time.perf_counter() - began
+                self._decoded_shapes.add(latents.shape)
+            return np.asarray(chunked_decode(self.autoencoder, latents))
 
     def trim(self, audio: np.ndarray, seconds_total: float) -> np.ndarray:
         return audio[..., : int(round(seconds_total * self.sample_rate))]

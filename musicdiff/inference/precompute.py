@@ -324,6 +324,7 @@ class TextFields:
     def __init__(self, config: ml_collections.ConfigDict, out: Path, mesh: jax.sharding.Mesh, rules: Any):
         self.section, self.batch_size = config.text_encoder, int(config.text_batch_size)
         self.dtype = jnp.dtype(config.dtype)
+        self.mesh, self.rules = mesh, rules
         if self.section.name == "t5":
             self.encoder, self.tokenizer = load_text_encoder(self.section, nnx.Rngs(0), mesh=mesh, rules=rules)
         else:
@@ -336,7 +337,9 @@ class TextFields:
             return {caption: {"prompt_input_ids": tokens["input_ids"][row],
                               "prompt_attention_mask": tokens["attention_mask"][row]}
                     for row, caption in enumerate(distinct)}
-        table = encode_captions(distinct, self.tokenizer, self.encoder, batch_size=self.batch_size, dtype=self.dtype)
+        with sharding_context(self.mesh, self.rules):  # the encoder was restored onto this mesh
+            table = encode_captions(distinct, self.tokenizer, self.encoder, batch_size=self.batch_size,
+                                    dtype=self.dtype)
         fields = {}
         for caption, row in table.index.items():
             real = int(table.mask[row].sum())  # right-padded: the real tokens are a prefix

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from musicdiff.errors import ConfigError
+from musicdiff.parallel.sharding import unsharded
 from musicdiff.models.text_encoder import TextTokenizer, load_caption_tokenizer, load_text_encoder
 
 
@@ -38,6 +39,7 @@ class PromptEncoder:
         tokens = self.tokenizer(list(prompts))
         if self.kind == "embedded":
             return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
-        embeddings, mask = self._forward(self.encoder, jnp.asarray(tokens["input_ids"]),
-                                         jnp.asarray(tokens["attention_mask"]))
+        with unsharded():
+            embeddings, mask = self._forward(self.encoder, jnp.asarray(tokens["input_ids"]),
+                                             jnp.asarray(tokens["attention_mask"]))
         return {"embeddings": np.asarray(embeddings, np.float32), "mask": np.asarray(mask)}

@@ -16,6 +16,8 @@ from musicdiff.parallel.sharding import (
     rules_from_config,
     sharding_context,
     constrain,
+    current_layout,
+    unsharded,
 )
 
 __all__ = [
@@ -36,5 +38,7 @@ __all__ = [
     "tree_logical_to_mesh",
     "rules_from_config",
     "sharding_context",
+    "current_layout",
+    "unsharded",
     "constrain",
 ]

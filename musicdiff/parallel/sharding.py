@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, ShardingContextError
 
 # Parameters carry their logical names as metadata; placement happens explicitly from the rules, never eagerly.
 nnx.use_eager_sharding(False)
@@ -52,7 +52,7 @@ DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
 def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
     """`config.sharding_rules` (the defaults when the config has none) as a tuple of pairs."""
     return tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("musicdiff_sharding", default=None)
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | str | None] = contextvars.ContextVar("musicdiff_sharding", default=None)
 
 
 def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
@@ -179,6 +179,12 @@ def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: Rules,
     return out
 
 
+# A step's layout is chosen where it is traced: inside `sharding_context` (constraints from the mesh and rules) or
+# inside `unsharded()` (a deliberate single-program run: no constraints). Model code traced under neither raises, so
+# a step lowered outside its context fails at trace time instead of silently compiling without its constraints.
+_UNSHARDED = "unsharded"
+
+
 @contextlib.contextmanager
 def sharding_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Makes `constrain` active: inside it, activations are pinned to the mesh by their logical names."""
@@ -189,22 +195,45 @@ def sharding_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def split_count(logical_axis: str | None) -> int:
-    """How many ways the active sharding context splits a dimension named `logical_axis` (1 outside a context, for
-    None, and for names mapped to no mesh axis or to axes of size 1). An upper bound: divisibility is not checked."""
+@contextlib.contextmanager
+def unsharded() -> Iterator[None]:
+    """Declares that the model code traced inside runs without sharding constraints (one device, or a program whose
+    inputs' shardings alone decide the layout): what sampling, evaluation and tests of a bare module use."""
+    token = _ACTIVE.set(_UNSHARDED)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_layout() -> tuple[Mesh, tuple[tuple[str, Any], ...]] | None:
+    """The documented accessor for the mesh and rules of the step being traced: (mesh, rules) inside
+    `sharding_context`, None inside `unsharded()`, and a ShardingContextError outside both."""
     active = _ACTIVE.get()
-    if active is None or logical_axis is None:
+    if active is None:
+        raise ShardingContextError(
+            "model code ran outside a sharding context: trace the step inside "
+            "musicdiff.parallel.sharding_context(mesh, rules) (training, precompute) or unsharded() (one-device "
+            "sampling, evaluation, tests); without one its sharding constraints would be silently dropped")
+    return None if active == _UNSHARDED else active
+
+
+def split_count(logical_axis: str | None) -> int:
+    """How many ways the current layout splits a dimension named `logical_axis` (1 when unsharded, for None, and for
+    names mapped to no mesh axis or to axes of size 1). An upper bound: divisibility is not checked."""
+    layout = current_layout()
+    if layout is None or logical_axis is None:
         return 1
-    mesh, rules = active
+    mesh, rules = layout
     axes = _rule_table(rules).get(logical_axis, ())
     return math.prod(mesh.shape.get(axis, 1) for axis in axes)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation by logical names; a no-op outside `sharding_context`."""
-    active = _ACTIVE.get()
-    if active is None:
+    """Sharding constraint on an activation by logical names (none when unsharded; an error outside any layout)."""
+    layout = current_layout()
+    if layout is None:
         return x
-    mesh, rules = active
+    mesh, rules = layout
     spec = logical_to_mesh_spec(tuple(logical_axes), x.shape, rules, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
