@@ -17,6 +17,8 @@ lr(step) = lr · (1 - warmup^(step+1)) · (1 + step/inv_gamma)^(-power), EMA 0.9
 10% CFG dropout of the cross-attention tokens, no gradient clipping (the reference's --gradient-clip-val 0).
 """
 
+import copy
+
 import ml_collections
 
 from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
@@ -56,29 +58,40 @@ DEMO_PROMPTS = {
 }
 
 
+# Per text-encoder kind a preset's `text` may name: the prompt conditioner entry and the generation-time
+# prompt_encoder section (musicdiff/models/text_encoder/builtin.py).
+PROMPT_CONDITIONERS = {
+    "t5": dict(id="prompt", type="t5", config=dict(t5_model_name="t5-base", max_length=128)),
+    "embedded": dict(id="prompt", type="embedded", config=EMBEDDED_TEXT),
+}
+PROMPT_ENCODERS = {
+    "t5": dict(name="t5", path="t5-base", max_length=128, dtype="float32", param_dtype="float32"),
+    "embedded": dict(name="embedded", tokenizer_path="", max_length=EMBEDDED_TEXT["max_length"],
+                     vocab_size=EMBEDDED_TEXT["vocab_size"]),
+}
+
+
+def _for_text(table: dict, text: str) -> dict:
+    if text not in table:
+        raise ValueError(f"text encoder {text!r} has no preset section; choose one of {', '.join(table)}")
+    return copy.deepcopy(table[text])
+
+
 def conditioner_config(text: str, cond_dim: int) -> ml_collections.ConfigDict:
     """SAO's conditioning (spec §8.1): prompt + seconds_start + seconds_total as cross-attention tokens, the two
     timing values concatenated as the global embedding."""
-    if text == "t5":
-        prompt = dict(id="prompt", type="t5", config=dict(t5_model_name="t5-base", max_length=128))
-    else:
-        prompt = dict(id="prompt", type="embedded", config=dict(EMBEDDED_TEXT))
     timing = [dict(id=name, type="number", config=dict(min_val=0, max_val=512))
               for name in ("seconds_start", "seconds_total")]
     return ml_collections.ConfigDict(dict(
         name="multi_conditioner",
-        conditioning=dict(configs=[prompt] + timing, cond_dim=cond_dim),
+        conditioning=dict(configs=[_for_text(PROMPT_CONDITIONERS, text)] + timing, cond_dim=cond_dim),
         cross_attention_cond_ids=("prompt", "seconds_start", "seconds_total"),
         global_cond_ids=("seconds_start", "seconds_total"),
     ))
 
 
 def prompt_encoder_config(text: str) -> ml_collections.ConfigDict:
-    if text == "t5":
-        return ml_collections.ConfigDict(dict(name="t5", path="t5-base", max_length=128, dtype="float32",
-                                              param_dtype="float32"))
-    return ml_collections.ConfigDict(dict(name="embedded", tokenizer_path="", max_length=EMBEDDED_TEXT["max_length"],
-                                          vocab_size=EMBEDDED_TEXT["vocab_size"]))
+    return ml_collections.ConfigDict(_for_text(PROMPT_ENCODERS, text))
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -47,13 +47,21 @@ def _sibling(name: str):
     return module
 
 
-def _text_encoder(kind: str) -> ml_collections.ConfigDict:
-    text_configs = _sibling("text_encoder")
-    if kind == "t5":
-        return text_configs.t5_base()
-    section = text_configs.embedded()
+def _embedded_section() -> ml_collections.ConfigDict:
+    section = _sibling("text_encoder").embedded()
     section.update(_sibling("diffusion").EMBEDDED_TEXT)  # the tokenizer size the tiny DiT's conditioner expects
     return section
+
+
+# The text_encoder section of each text-encoder kind a preset's `text` may name.
+TEXT_ENCODER_SECTIONS = {"t5": lambda: _sibling("text_encoder").t5_base(), "embedded": _embedded_section}
+
+
+def _text_encoder(kind: str) -> ml_collections.ConfigDict:
+    if kind not in TEXT_ENCODER_SECTIONS:
+        raise ValueError(f"text encoder {kind!r} has no preset section; choose one of "
+                         f"{', '.join(TEXT_ENCODER_SECTIONS)}")
+    return TEXT_ENCODER_SECTIONS[kind]()
 
 
 PRESETS = {

@@ -22,7 +22,8 @@ little-endian bytes], dtype one of float32, bfloat16, float16, int32, int64, uin
 - clip_index: int, the clip's position among the usable clips of the scan; window_index: int, the record's global
   position (shard-major, windows of a clip consecutive)
 - caption, license, path (relative to the audio folder), title, artist: str; attributes: str (a JSON object)
-- text, manifest.text_encoder.name == "t5": prompt_embeddings [n, D] `manifest.dtype`, the frozen encoder's output for
+- text: the fields of the text-encoder kind manifest.text_encoder.name names (musicdiff/models/text_encoder); of the
+  built-in kinds, "t5": prompt_embeddings [n, D] `manifest.dtype`, the frozen encoder's output for
   the caption's n real tokens (n <= max_length; positions n.. are padding, zero with mask False on read)
 - text, "embedded": prompt_input_ids [max_length] int32 and prompt_attention_mask [max_length] bool from the
   tokenizer in OUT/tokenizer
@@ -58,12 +59,12 @@ import numpy as np
 
 from data_pipelines.grain_pipeline import batch_examples, process_rows, shard_for_process
 from musicdiff.errors import DataError
+from musicdiff.models.text_encoder import text_encoder_kind
 
 FORMAT = "musicdiff-latents"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = "precompute_plan.json"
-TOKENIZER_DIR = "tokenizer"
 ARRAY_DTYPES = ("float32", "bfloat16", "float16", "int32", "int64", "uint8", "bool")
 _ARRAY_EXT = 1
 
@@ -192,10 +193,8 @@ class CropAndSample(grain.transforms.RandomMap):
         self.latent_length = int(latent_length)
         self.samples_per_frame = int(manifest["downsampling_ratio"])
         self.sample_rate = int(manifest["sample_rate"])
-        text = manifest["text_encoder"]
-        self.text_mode = text["name"]
-        self.text_length = int(text["max_length"])
-        self.text_width = int(text.get("embedding_dim") or 0)
+        self.text_entry = manifest["text_encoder"]
+        self.text_kind = text_encoder_kind(self.text_entry["name"], "manifest.json text_encoder.name")
 
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         mean = np.asarray(record["latent_mean"], np.float32)
@@ -221,19 +220,8 @@ class CropAndSample(grain.transforms.RandomMap):
             "seconds_total": np.float32(record["seconds_total"]),
             "caption": str(record["caption"]),
         }
-        example.update(self._text(record))
+        example.update(self.text_kind.record_fields(record, self.text_entry))
         return example
-
-    def _text(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        if self.text_mode == "t5":
-            tokens = np.asarray(record["prompt_embeddings"], np.float32)
-            embeddings = np.zeros((self.text_length, self.text_width), np.float32)
-            embeddings[: len(tokens)] = tokens
-            mask = np.zeros(self.text_length, bool)
-            mask[: len(tokens)] = True
-            return {"prompt_embeddings": embeddings, "prompt_mask": mask}
-        return {"prompt_input_ids": np.asarray(record["prompt_input_ids"], np.int32),
-                "prompt_attention_mask": np.asarray(record["prompt_attention_mask"], bool)}
 
 
 def latent_training_dataset(

@@ -1,8 +1,9 @@
-"""Atomic file writes: a temporary name in the same directory, flushed to disk, then renamed over the target, so a
-reader (or a resumed run) sees the old file or the new one, never part of one."""
+"""File helpers. Atomic writes go to a temporary name in the same directory, flushed to disk, then renamed over the
+target, so a reader (or a resumed run) sees the old file or the new one, never part of one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -41,4 +42,13 @@ def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "default_mode", "fsync_file"]
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "default_mode", "fsync_file", "sha256_file"]

@@ -241,5 +241,6 @@ def test_encode_captions_once_each_and_config_loader(tmp_path, repo_root):
         config.text_encoder.vocab_size = 100
     with pytest.raises(ConfigError, match="vocab_size=100"):
         load_text_encoder(config.text_encoder, nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="expected 't5' or 'embedded'"):
+    with pytest.raises(ConfigError, match="text_encoder.name='clap': no such text encoder; registered text encoders: "
+                                         "embedded, t5"):
         load_text_encoder(ml_collections.ConfigDict(dict(name="clap")), nnx.Rngs(0))

@@ -96,11 +96,11 @@ class SafetensorsSource(TensorSource):
     def __init__(self, path: Path):
         from safetensors import safe_open
 
-        from musicdiff.models.text_encoder import _safetensors_header
+        from musicdiff.models.text_encoder import read_safetensors_header
 
         self.path, self.name = path, str(path)
         try:
-            self.header = _safetensors_header(path)
+            self.header = read_safetensors_header(path)
             self._handle = safe_open(str(path), framework="numpy")
         except Exception as err:
             raise DataError(f"{path}: not a readable safetensors file ({err})") from None
@@ -113,9 +113,9 @@ class SafetensorsSource(TensorSource):
         return tuple(self.header[key]["shape"])
 
     def get(self, key: str) -> np.ndarray:
-        from musicdiff.models.text_encoder import _read_tensor
+        from musicdiff.models.text_encoder import read_safetensors_tensor
 
-        return np.asarray(_read_tensor(self._handle, self.path, key, self.header), np.float32)
+        return np.asarray(read_safetensors_tensor(self._handle, self.path, key, self.header), np.float32)
 
 
 class TorchCheckpointSource(TensorSource):

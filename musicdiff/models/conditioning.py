@@ -3,6 +3,8 @@
 The `conditioning` structure is the one in a stable-audio-tools `model_config.json`:
 `{"configs": [{"id", "type", "config"}], "cond_dim", "default_keys"?}` with types
 - "number": NumberConditioner (seconds_start / seconds_total);
+- a registered text-encoder kind (models/text_encoder/registry.py), which gives the token width and any encoder this
+  module owns; the built-in ones:
 - "t5": text from a frozen T5. Its encoder is not part of this module's state (as in SAO, where T5 is absent from the
   checkpoint): pass precomputed `{"embeddings", "mask"}` (see text_encoder.encode_captions) or token ids together
   with `encoders={id: t5}` at call time; gradients never flow into it;
@@ -31,15 +33,7 @@ from flax import nnx
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.models.registry import register
-from musicdiff.models.text_encoder import T5Encoder, T5EncoderConfig
-
-# Output widths of the T5 models the reference's T5Conditioner accepts.
-T5_DIMS = {
-    "t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024,
-    "google/t5-v1_1-xl": 2048, "google/t5-v1_1-xxl": 4096,
-    "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
-    "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096,
-}
+from musicdiff.models.text_encoder import is_text_encoder, text_encoder_kind, text_encoder_names
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -142,19 +136,12 @@ def build_conditioner(entry: Mapping[str, Any], cond_dim: int, rngs: nnx.Rngs, d
     if kind == "number":
         return NumberConditioner(output_dim, config.get("min_val", 0.0), config.get("max_val", 1.0), rngs=rngs,
                                  dtype=dtype)
-    if kind == "t5":
-        name = config.get("t5_model_name", "t5-base")
-        dim = config.get("dim", T5_DIMS.get(name))
-        if dim is None:
-            raise ConfigError(f"conditioning '{entry['id']}': unknown t5_model_name {name!r}; set config.dim to its "
-                              f"width or use one of {', '.join(T5_DIMS)}")
-        return TextConditioner(dim, output_dim, rngs=rngs, project_out=config.get("project_out", False), dtype=dtype)
-    if kind == "embedded":
-        encoder_config = T5EncoderConfig.from_mapping(config)
-        encoder = T5Encoder(encoder_config, rngs=rngs, dtype=dtype)
-        return TextConditioner(encoder_config.d_model, output_dim, rngs=rngs,
-                               project_out=config.get("project_out", False), encoder=encoder, dtype=dtype)
-    raise ConfigError(f"conditioning '{entry['id']}': type {kind!r} is not supported; use number, t5 or embedded")
+    if is_text_encoder(kind):
+        dim, encoder = text_encoder_kind(kind).conditioner_encoder(entry["id"], config, rngs, dtype)
+        return TextConditioner(dim, output_dim, rngs=rngs, project_out=config.get("project_out", False),
+                               encoder=encoder, dtype=dtype)
+    raise ConfigError(f"conditioning '{entry['id']}': type {kind!r} is not supported; use number or a text encoder "
+                      f"({', '.join(text_encoder_names())})")
 
 
 def cfg_drop_masks(key: jax.Array, batch_size: int, prob: float | Mapping[str, float], ids: Sequence[str]

@@ -39,12 +39,13 @@ from flax import nnx
 
 from musicdiff.diffusion.objectives import make_objective
 from musicdiff.diffusion.timesteps import sample_timesteps
-from musicdiff.errors import ConfigError, DataError
+from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_write_bytes
 from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
 from musicdiff.models.conditioning import MultiConditioner
 from musicdiff.models.denoiser import Denoiser, train_flops
+from musicdiff.models.text_encoder import prompt_from_batch, text_encoder_kind
 from musicdiff.parallel.distributed import on_main_process
 from musicdiff.parallel.sharding import Rules, process_batch_rows
 from musicdiff.training.optim import (all_finite, ema_decay_from, ema_update, learning_rate_schedule, make_optimizer,
@@ -57,14 +58,8 @@ SECTIONS = ("model", "conditioner")  # the config sections whose models this tra
 
 def conditioning_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
     """The MultiConditioner's inputs from a latent batch: prompt (cached embeddings or token ids) and timing."""
-    if "prompt_embeddings" in batch:
-        prompt = {"embeddings": batch["prompt_embeddings"], "mask": batch["prompt_mask"]}
-    elif "prompt_input_ids" in batch:
-        prompt = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"]}
-    else:
-        raise DataError(f"latent batch has no prompt (keys: {sorted(batch)}); precompute it with "
-                        f"launch.precompute_latents")
-    return {"prompt": prompt, "seconds_start": batch["seconds_start"], "seconds_total": batch["seconds_total"]}
+    return {"prompt": prompt_from_batch(batch), "seconds_start": batch["seconds_start"],
+            "seconds_total": batch["seconds_total"]}
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -90,19 +85,13 @@ def resolve_config(config: ml_collections.ConfigDict, manifest: Mapping[str, Any
         config.autoencoder_checkpoint = manifest["autoencoder_checkpoint"]
     text = manifest["text_encoder"]
     prompt_entry = next(e for e in config.conditioner.conditioning.configs if e["id"] == "prompt")
-    if prompt_entry["type"] == "embedded":
-        if text.get("name") != "embedded":
-            raise ConfigError(f"config.conditioner: the prompt uses the embedded encoder, but the latents in "
-                              f"{config.data.latents} hold {text.get('name')!r} text embeddings; precompute with "
-                              f"an embedded text_encoder or use a t5 prompt conditioner")
-        config.prompt_encoder.tokenizer_path = str(text["tokenizer_path"])
-        vocab = int(text.get("vocab_size", prompt_entry["config"]["vocab_size"]))
-        if vocab > int(prompt_entry["config"]["vocab_size"]):
-            raise ConfigError(f"config.conditioner prompt vocab_size={prompt_entry['config']['vocab_size']}: the "
-                              f"latents' tokenizer has {vocab} tokens")
-    elif text.get("name") == "embedded":
-        raise ConfigError(f"the latents in {config.data.latents} hold caption token ids for an embedded encoder; set "
-                          f"a prompt conditioner of type 'embedded' (configs/diffusion.py:tiny does)")
+    prompt_kind = text_encoder_kind(prompt_entry["type"], "config.conditioner prompt type")
+    latents_kind = text_encoder_kind(text.get("name"), f"{config.data.latents} manifest text_encoder.name")
+    if prompt_kind is not latents_kind:
+        raise ConfigError(f"config.conditioner: the prompt uses the {prompt_kind.name} text encoder, but the latents "
+                          f"in {config.data.latents} hold {latents_kind.name!r} text fields; precompute with a "
+                          f"{prompt_kind.name} text_encoder or use a {latents_kind.name} prompt conditioner")
+    prompt_kind.resolve_training(config.prompt_encoder, text, prompt_entry["config"])
     return config
 
 

@@ -1,0 +1,187 @@
+"""The two text encoders of this codebase, registered under the names config sections use:
+
+- "t5": a frozen T5 from a local Hugging Face directory or hub name (`path`); precompute stores its embeddings.
+- "embedded": the same architecture, small and randomly initialised, owned and trained by the prompt conditioner;
+  precompute builds a byte-level BPE tokenizer from the dataset captions into OUT/tokenizer and stores token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from musicdiff.config import to_dict
+from musicdiff.errors import ConfigError
+from musicdiff.files import default_mode, sha256_file
+from musicdiff.models.text_encoder.frozen import FrozenEmbeddingsKind
+from musicdiff.models.text_encoder.hf_checkpoint import load_t5_encoder, resolve_checkpoint_dir
+from musicdiff.models.text_encoder.registry import (CaptionFieldsFn, PromptEncoderFn, TextEncoderKind,
+                                                    register_text_encoder)
+from musicdiff.models.text_encoder.t5 import T5Encoder, T5EncoderConfig
+from musicdiff.models.text_encoder.tokenizers import (TextTokenizer, build_caption_tokenizer,
+                                                      load_caption_tokenizer)
+from musicdiff.parallel.sharding import DEFAULT_SHARDING_RULES, Rules
+
+# The embedded encoder's caption tokenizer, relative to the precompute workdir (data_pipelines.latent_source layout).
+TOKENIZER_DIR = "tokenizer"
+# Output widths of the T5 models the reference's T5Conditioner accepts.
+T5_DIMS = {
+    "t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024,
+    "google/t5-v1_1-xl": 2048, "google/t5-v1_1-xxl": 4096,
+    "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
+    "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096,
+}
+
+
+def _dtype(section: ml_collections.ConfigDict, key: str) -> Any:
+    name = section.get(key, "float32")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"config.text_encoder.{key}={name!r}: expected float32, bfloat16 or float16")
+    return jnp.dtype(name)
+
+
+def encoder_config_from(section: ml_collections.ConfigDict) -> T5EncoderConfig:
+    """Sizes from the config section; a "t5" section without sizes reads them from `path`/config.json."""
+    values = dict(section)
+    if "d_model" not in values and values.get("path"):
+        directory = resolve_checkpoint_dir(values["path"])
+        values = {**json.loads((directory / "config.json").read_text()), **values}
+    return T5EncoderConfig.from_mapping(values)
+
+
+def _sized_encoder(section: ml_collections.ConfigDict, rngs: nnx.Rngs) -> T5Encoder:
+    return T5Encoder(encoder_config_from(section), rngs=rngs, dtype=_dtype(section, "dtype"),
+                     param_dtype=_dtype(section, "param_dtype"))
+
+
+@register_text_encoder
+class T5Kind(FrozenEmbeddingsKind):
+    name = "t5"
+
+    def build(self, section: ml_collections.ConfigDict, rngs: nnx.Rngs) -> T5Encoder:
+        """Randomly initialised T5 of the configured size (describe, tests); real weights come from `load`."""
+        return _sized_encoder(section, rngs)
+
+    def load(self, section: ml_collections.ConfigDict, rngs: nnx.Rngs, *, mesh: Mesh | None = None,
+             rules: Rules = DEFAULT_SHARDING_RULES) -> tuple[T5Encoder, TextTokenizer]:
+        """Frozen weights from `path`; sizes in the section, if given, must agree with its config.json."""
+        encoder = load_t5_encoder(section.path, mesh=mesh, rules=rules, dtype=_dtype(section, "dtype"),
+                                  param_dtype=_dtype(section, "param_dtype"))
+        for field in dataclasses.fields(T5EncoderConfig):
+            if field.name != "dropout_rate" and field.name in section:
+                loaded = getattr(encoder.config, field.name)
+                if section[field.name] != loaded:
+                    raise ConfigError(f"config.text_encoder.{field.name}={section[field.name]!r}: the checkpoint "
+                                      f"at {section.path} has {loaded!r}; use "
+                                      f"--config.text_encoder.{field.name}={loaded!r}")
+        return encoder, TextTokenizer(section.path, section.max_length)
+
+    def conditioner_encoder(self, entry_id: str, config: Mapping[str, Any], rngs: nnx.Rngs, dtype: Any
+                            ) -> tuple[int, None]:
+        name = config.get("t5_model_name", "t5-base")
+        dim = config.get("dim", T5_DIMS.get(name))
+        if dim is None:
+            raise ConfigError(f"conditioning '{entry_id}': unknown t5_model_name {name!r}; set config.dim to its "
+                              f"width or use one of {', '.join(T5_DIMS)}")
+        return dim, None
+
+    def embedding_dim(self, section: ml_collections.ConfigDict) -> int:
+        return encoder_config_from(section).d_model
+
+    def checkpoint_id(self, section: ml_collections.ConfigDict) -> str:
+        return section.path
+
+
+@register_text_encoder
+class EmbeddedKind(TextEncoderKind):
+    name = "embedded"
+    batch_keys = {"input_ids": "prompt_input_ids", "attention_mask": "prompt_attention_mask"}
+
+    def build(self, section: ml_collections.ConfigDict, rngs: nnx.Rngs) -> T5Encoder:
+        """The small trainable encoder over the caption tokenizer's vocabulary."""
+        return _sized_encoder(section, rngs)
+
+    def load(self, section: ml_collections.ConfigDict, rngs: nnx.Rngs, *, mesh: Mesh | None = None,
+             rules: Rules = DEFAULT_SHARDING_RULES) -> tuple[T5Encoder, TextTokenizer]:
+        """A fresh trainable encoder and the caption tokenizer from `tokenizer_path`."""
+        tokenizer = load_caption_tokenizer(section.tokenizer_path, section.max_length)
+        if len(tokenizer) > section.vocab_size:
+            raise ConfigError(f"config.text_encoder.vocab_size={section.vocab_size}: the tokenizer at "
+                              f"{section.tokenizer_path} has {len(tokenizer)} tokens; use at least that")
+        return self.build(section, rngs), tokenizer
+
+    def conditioner_encoder(self, entry_id: str, config: Mapping[str, Any], rngs: nnx.Rngs, dtype: Any
+                            ) -> tuple[int, T5Encoder]:
+        encoder_config = T5EncoderConfig.from_mapping(config)
+        return encoder_config.d_model, T5Encoder(encoder_config, rngs=rngs, dtype=dtype)
+
+    def prompt_encoder(self, section: ml_collections.ConfigDict, key: str) -> PromptEncoderFn:
+        """Token ids only: the trainable encoder itself lives inside the conditioner's parameters."""
+        prefix = key.rsplit(".", 1)[0]
+        if not section.get("tokenizer_path"):
+            raise ConfigError(f"{prefix}.tokenizer_path is empty: the run's tokenizer directory "
+                              f"(written by launch.precompute_latents and copied into the training workdir)")
+        tokenizer = load_caption_tokenizer(section.tokenizer_path, int(section.max_length))
+
+        def encode(prompts: Sequence[str]) -> dict[str, np.ndarray]:
+            tokens = tokenizer(list(prompts))
+            return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+        return encode
+
+    def prepare_outputs(self, section: ml_collections.ConfigDict, out: Path, captions: Sequence[str],
+                        resuming: bool) -> None:
+        """The caption tokenizer from every clip's caption, into OUT/tokenizer (built aside, then renamed); a resumed
+        run keeps the one it built, so its token ids match the finished shards'."""
+        target = out / TOKENIZER_DIR
+        if resuming and target.is_dir():
+            return
+        shutil.rmtree(target, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
+        staging.chmod(default_mode(directory=True))
+        build_caption_tokenizer(captions, staging, int(section.vocab_size))
+        os.replace(staging, target)
+
+    def caption_fields(self, section: ml_collections.ConfigDict, out: Path, *, mesh: Mesh, rules: Rules,
+                       batch_size: int, dtype: Any) -> CaptionFieldsFn:
+        tokenizer = load_caption_tokenizer(out / TOKENIZER_DIR, section.max_length)
+
+        def fields(captions: list[str]) -> dict[str, dict[str, np.ndarray]]:
+            tokens = tokenizer(captions)
+            return {caption: {key: tokens[name][row] for name, key in self.batch_keys.items()}
+                    for row, caption in enumerate(captions)}
+
+        return fields
+
+    def manifest_entry(self, section: ml_collections.ConfigDict, out: Path) -> dict[str, Any]:
+        config = to_dict(section)
+        config["tokenizer_path"] = TOKENIZER_DIR
+        tokenizer_file = out / TOKENIZER_DIR / "tokenizer.json"
+        return {"name": self.name, "id": f"caption-bpe-{sha256_file(tokenizer_file)[:16]}", "config": config,
+                "max_length": int(section.max_length), "tokenizer_path": TOKENIZER_DIR,
+                "vocab_size": len(load_caption_tokenizer(out / TOKENIZER_DIR, section.max_length))}
+
+    def record_fields(self, record: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {self.batch_keys["input_ids"]: np.asarray(record[self.batch_keys["input_ids"]], np.int32),
+                self.batch_keys["attention_mask"]: np.asarray(record[self.batch_keys["attention_mask"]], bool)}
+
+    def resolve_training(self, prompt_section: ml_collections.ConfigDict, entry: Mapping[str, Any],
+                         conditioner_config: Mapping[str, Any]) -> None:
+        """The run uses the latents' caption tokenizer; the conditioner's vocabulary must hold all its tokens."""
+        prompt_section.tokenizer_path = str(entry["tokenizer_path"])
+        vocab = int(entry.get("vocab_size", conditioner_config["vocab_size"]))
+        if vocab > int(conditioner_config["vocab_size"]):
+            raise ConfigError(f"config.conditioner prompt vocab_size={conditioner_config['vocab_size']}: the "
+                              f"latents' tokenizer has {vocab} tokens")

@@ -1,0 +1,155 @@
+"""Hugging Face T5 checkpoints: directory or hub-name resolution, safetensors reading (bfloat16 included) and the
+key map that streams the encoder's tensors straight into sharded NNX parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from musicdiff.errors import DataError
+from musicdiff.models.text_encoder.t5 import T5Encoder, T5EncoderConfig
+from musicdiff.parallel import DEFAULT_SHARDING_RULES, make_mesh, mesh_config, param_shardings
+from musicdiff.parallel.sharding import Rules
+
+_CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
+                     "special_tokens_map.json"]
+
+
+def resolve_checkpoint_dir(path_or_name: str | Path) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub name, fetched with `snapshot_download` (needs network)."""
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_name)
+    if path.is_absolute() or name.startswith(".") or name.count("/") > 1 or not name:
+        raise DataError(f"{name}: no such directory; pass a directory with config.json and model.safetensors")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, allow_patterns=_CHECKPOINT_FILES))
+    except Exception as err:  # offline, unknown repo, no credentials: one line that names the path
+        raise DataError(
+            f"{name}: not a local directory and the hub download failed ({type(err).__name__}); download the "
+            f"checkpoint (config.json, model.safetensors, tokenizer files) and pass its directory"
+        ) from None
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / shard for shard in shards]
+    else:
+        files = [directory / "model.safetensors"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not (directory / "config.json").is_file():
+        absent = missing + ([] if (directory / "config.json").is_file() else [str(directory / "config.json")])
+        raise DataError(f"{directory}: checkpoint files missing: {', '.join(absent)}; save the model with "
+                        f"save_pretrained(..., safe_serialization=True)")
+    return files
+
+
+def read_safetensors_tensor(handle: Any, file: Path, key: str, header: dict[str, Any] | None) -> np.ndarray:
+    """One tensor as numpy; bfloat16 (which numpy lacks) is read raw as uint16 and viewed as ml_dtypes.bfloat16."""
+    if handle.get_slice(key).get_dtype() != "BF16":
+        return handle.get_tensor(key)
+    import ml_dtypes
+
+    entry = header[key]
+    start, end = entry["data_offsets"]
+    with open(file, "rb") as stream:
+        data_start = 8 + int.from_bytes(stream.read(8), "little")
+        stream.seek(data_start + start)
+        raw = np.frombuffer(stream.read(end - start), dtype="<u2")
+    return raw.view(ml_dtypes.bfloat16).reshape(entry["shape"])
+
+
+def read_safetensors_header(file: Path) -> dict[str, Any]:
+    with open(file, "rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        return json.loads(stream.read(size))
+
+
+def hf_t5_key_map(config: T5EncoderConfig) -> dict[str, tuple[tuple[Any, ...], Any]]:
+    """Hugging Face encoder key -> (path in the NNX state, transform of the torch-layout array)."""
+    d, h, k = config.d_model, config.num_heads, config.d_kv
+    qkv = lambda w: w.T.reshape(d, h, k)  # Linear weight [h*k, d] -> kernel [d, h, k]
+    out = lambda w: w.T.reshape(h, k, d)  # Linear weight [d, h*k] -> kernel [h, k, d]
+    same = lambda w: w
+    keys = {
+        "shared.weight": (("shared",), same),
+        "encoder.embed_tokens.weight": (("shared",), same),  # tied copy of shared.weight in older files
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (("relative_attention_bias",), same),
+        "encoder.final_layer_norm.weight": (("final_layer_norm", "scale"), same),
+    }
+    ff = {"wi": "wi", "wo": "wo"} if not config.is_gated else {"wi_0": "wi", "wi_1": "wi_gate", "wo": "wo"}
+    for i in range(config.num_layers):
+        prefix = f"encoder.block.{i}.layer"
+        for hf, ours, fn in (("q", "query", qkv), ("k", "key", qkv), ("v", "value", qkv), ("o", "out", out)):
+            keys[f"{prefix}.0.SelfAttention.{hf}.weight"] = (("blocks", i, "attention", ours), fn)
+        keys[f"{prefix}.0.layer_norm.weight"] = (("blocks", i, "attention_norm", "scale"), same)
+        keys[f"{prefix}.1.layer_norm.weight"] = (("blocks", i, "ff_norm", "scale"), same)
+        for hf, ours in ff.items():
+            keys[f"{prefix}.1.DenseReluDense.{hf}.weight"] = (("blocks", i, "ff", ours), lambda w: w.T)
+    return keys
+
+
+def _ignored_key(key: str) -> bool:
+    # Full T5 checkpoints carry a decoder and an LM head; an encoder-only load drops them.
+    return key.startswith(("decoder.", "lm_head."))
+
+
+def load_t5_encoder(path_or_name: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_SHARDING_RULES,
+                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T5Encoder:
+    """Builds the encoder from a Hugging Face T5 directory (or hub name) with every parameter placed on `mesh` by the
+    logical-axis rules. Tensors stream one at a time from safetensors straight to their target sharding; no full
+    host copy of the model and no random init happen. Missing or unexpected keys are refused with their names."""
+    from safetensors import safe_open
+
+    directory = resolve_checkpoint_dir(path_or_name)
+    files = _safetensors_files(directory)
+    config = T5EncoderConfig.from_mapping(json.loads((directory / "config.json").read_text()))
+    mesh = mesh if mesh is not None else make_mesh(mesh_config())
+    abstract = nnx.eval_shape(lambda: T5Encoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    graphdef, abstract_state = nnx.split(abstract)
+    targets = dict(nnx.to_flat_state(abstract_state))
+    shardings = {path: var.get_value() for path, var in nnx.to_flat_state(param_shardings(abstract_state, rules, mesh))}
+    key_map = hf_t5_key_map(config)
+
+    file_keys = {}
+    for file in files:
+        with safe_open(str(file), framework="numpy") as handle:
+            file_keys[file] = [key for key in handle.keys() if not _ignored_key(key)]
+    present = {key for keys in file_keys.values() for key in keys}
+    unexpected = sorted(present - set(key_map))
+    covered = {key_map[key][0] for key in present if key in key_map}
+    missing = sorted(".".join(map(str, p)) for p in set(targets) - covered)
+    if unexpected or missing:
+        raise DataError(
+            f"{directory}: checkpoint does not match its config.json; missing parameters: {missing or 'none'}; "
+            f"unexpected keys: {unexpected or 'none'}"
+        )
+
+    loaded: dict[tuple[Any, ...], jax.Array] = {}
+    for file, keys in file_keys.items():
+        header = read_safetensors_header(file)
+        with safe_open(str(file), framework="numpy") as handle:
+            for key in keys:
+                path, transform = key_map[key]
+                if path in loaded:  # the tied embedding copy
+                    continue
+                target = targets[path].get_value()
+                array = np.asarray(transform(read_safetensors_tensor(handle, file, key, header)))
+                if array.shape != target.shape:
+                    raise DataError(f"{file}: {key} has shape {array.shape} after conversion, the model expects "
+                                    f"{target.shape}; check config.json")
+                loaded[path] = jax.device_put(array.astype(target.dtype), shardings[path])
+    state = nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in targets.items()])
+    return nnx.merge(graphdef, state)

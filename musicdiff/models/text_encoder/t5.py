@@ -1,0 +1,223 @@
+"""T5 encoder network in Flax NNX (spec §5.2), following Hugging Face's `T5EncoderModel`.
+
+Token embedding (`shared`), per layer RMSNorm -> self-attention -> residual, RMSNorm -> feed-forward -> residual, then
+a final RMSNorm. T5 specifics:
+- attention logits are not scaled by 1/sqrt(d_kv) (T5 folds that into the query init);
+- one learned relative-position bias (bidirectional buckets) lives in layer 0 and is reused by every later layer;
+  here it is a top-level parameter `relative_attention_bias` [num_buckets, heads];
+- RMSNorm has no mean subtraction and no bias; variance, softmax and norms run in float32 whatever the compute dtype;
+- feed-forward is ReLU (`wi`, `wo`; t5-base) or gated (`wi_0` activation x `wi_1`; v1.1 "gated-gelu" = tanh GELU).
+The output is `(embeddings * mask, mask)`: padded positions are zeroed as the SAO T5Conditioner does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from musicdiff.errors import ConfigError
+from musicdiff.parallel.sharding import constrain
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5EncoderConfig:
+    """The fields of a T5 `config.json` that the encoder needs (defaults: t5-base)."""
+
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_kv: int = 64
+    d_ff: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "relu"
+    layer_norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "T5EncoderConfig":
+        """Picks the known fields out of a T5 config.json (or a config section); other keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: values[k] for k in names if k in values})
+        config.activation  # validates feed_forward_proj early
+        return config
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        # Hugging Face maps "gated-gelu" to the tanh approximation (gelu_new); other names are taken literally.
+        name = "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+        if name not in _ACTIVATIONS or len(self.feed_forward_proj.split("-")) > 2:
+            raise ConfigError(
+                f"feed_forward_proj={self.feed_forward_proj!r}: expected 'ACT' or 'gated-ACT' with ACT one of "
+                f"{', '.join(_ACTIVATIONS)}"
+            )
+        return name
+
+
+def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bidirectional T5 buckets [query, key] of (key - query): half the buckets per direction, exact up to
+    num_buckets/4, then logarithmic up to max_distance. Float32 in the same order as Hugging Face, so the truncation
+    at exact powers of two lands in the same bucket."""
+    relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+    half = num_buckets // 2
+    buckets = (relative > 0).astype(np.int64) * half
+    distance = np.abs(relative)
+    max_exact = half // 2
+    with np.errstate(divide="ignore"):
+        scaled = np.log(distance.astype(np.float32) / np.float32(max_exact))
+    scaled = scaled / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
+    large = max_exact + np.where(np.isfinite(scaled), scaled, 0).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return (buckets + np.where(distance < max_exact, distance, large)).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _scaled_normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    # One compiled program per shape: eager init would otherwise compile sample, scale and cast separately.
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype: Any) -> jax.Array:
+    return _scaled_normal(rngs.params(), tuple(shape), std, jnp.dtype(dtype))
+
+
+class T5LayerNorm(nnx.Module):
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * scale, no mean subtraction, no bias, statistics in float32."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * normed).astype(x.dtype)
+
+
+class T5Attention(nnx.Module):
+    """Multi-head self-attention without 1/sqrt(d) scaling; q/k/v kernels [d_model, heads, d_kv], out [heads, d_kv,
+    d_model]. Initialised as Hugging Face's T5 (the query std carries the missing 1/sqrt(d_kv))."""
+
+    def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        d, h, k = config.d_model, config.num_heads, config.d_kv
+        names = ("embed", "heads", "kv")
+        self.query = nnx.Param(_normal(rngs, (d, h, k), (d * k) ** -0.5, param_dtype), out_sharding=names)
+        self.key = nnx.Param(_normal(rngs, (d, h, k), d**-0.5, param_dtype), out_sharding=names)
+        self.value = nnx.Param(_normal(rngs, (d, h, k), d**-0.5, param_dtype), out_sharding=names)
+        self.out = nnx.Param(_normal(rngs, (h, k, d), (h * k) ** -0.5, param_dtype),
+                             out_sharding=("heads", "kv", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """x [B, T, D]; bias [B or 1, heads, T, T] float32 (relative positions plus the padding mask)."""
+        cast = lambda p: p[...].astype(self.dtype)
+        q = jnp.einsum("btd,dhk->bthk", x, cast(self.query))
+        k = jnp.einsum("btd,dhk->bthk", x, cast(self.key))
+        v = jnp.einsum("btd,dhk->bthk", x, cast(self.value))
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        context = jnp.einsum("bhqs,bshk->bqhk", weights, v)
+        return jnp.einsum("bqhk,hkd->bqd", context, cast(self.out))
+
+
+class T5FeedForward(nnx.Module):
+    """`DenseReluDense`: wo(act(wi x)), or the gated v1.1 form wo(act(wi_0 x) * wi_1 x); no biases."""
+
+    def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        d, f = config.d_model, config.d_ff
+        self.gated = config.is_gated
+        self.wi = nnx.Param(_normal(rngs, (d, f), d**-0.5, param_dtype), out_sharding=("embed", "mlp"))
+        if self.gated:
+            self.wi_gate = nnx.Param(_normal(rngs, (d, f), d**-0.5, param_dtype), out_sharding=("embed", "mlp"))
+        self.wo = nnx.Param(_normal(rngs, (f, d), f**-0.5, param_dtype), out_sharding=("mlp", "embed"))
+        self.activation = _ACTIVATIONS[config.activation]
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = self.activation(x @ self.wi[...].astype(self.dtype))
+        if self.gated:
+            hidden = hidden * (x @ self.wi_gate[...].astype(self.dtype))
+        hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return hidden @ self.wo[...].astype(self.dtype)
+
+
+class T5Block(nnx.Module):
+    def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        self.attention_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.attention = T5Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ff_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.ff = T5FeedForward(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.dropout = nnx.Dropout(config.dropout_rate)
+
+    def __call__(self, x: jax.Array, bias: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        x = x + self.dropout(self.attention(self.attention_norm(x), bias), deterministic=rngs is None, rngs=rngs)
+        return x + self.dropout(self.ff(self.ff_norm(x)), deterministic=rngs is None, rngs=rngs)
+
+
+class T5Encoder(nnx.Module):
+    """`(input_ids [B, T] int, attention_mask [B, T]) -> (embeddings [B, T, d_model] with pads zeroed, mask bool)`.
+
+    `dtype` is the compute dtype; parameters are stored in `param_dtype` (float32 unless asked). Dropout only runs
+    when an `rngs` is passed to the call (training the embedded encoder); without it the encoder is deterministic.
+    """
+
+    def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.shared = nnx.Param(_normal(rngs, (config.vocab_size, config.d_model), 1.0, param_dtype),
+                                out_sharding=("vocab", "embed"))
+        self.relative_attention_bias = nnx.Param(
+            _normal(rngs, (config.relative_attention_num_buckets, config.num_heads), config.d_model**-0.5, param_dtype),
+            out_sharding=(None, "heads"),
+        )
+        self.blocks = nnx.List(
+            [T5Block(config, rngs=rngs, dtype=self.dtype, param_dtype=param_dtype) for _ in range(config.num_layers)]
+        )
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.dropout = nnx.Dropout(config.dropout_rate)
+
+    def position_bias(self, length: int) -> jax.Array:
+        """[1, heads, T, T] float32 relative-position bias, shared by every layer."""
+        buckets = relative_position_buckets(length, length, self.config.relative_attention_num_buckets,
+                                            self.config.relative_attention_max_distance)
+        values = jnp.take(self.relative_attention_bias[...].astype(jnp.float32), jnp.asarray(buckets), axis=0)
+        return jnp.transpose(values, (2, 0, 1))[None]
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        mask = attention_mask.astype(bool)
+        # Gathering from the fsdp-split table directly makes XLA rematerialise it; all-gather its embed dim first.
+        table = constrain(self.shared[...], ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
+        # Padded keys get the most negative float32, as Hugging Face adds (1 - mask) * finfo.min to the bias.
+        mask_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+        bias = self.position_bias(input_ids.shape[1]) + mask_bias
+        for block in self.blocks:
+            x = block(x, bias, rngs)
+            x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = self.dropout(self.final_layer_norm(x), deterministic=rngs is None, rngs=rngs)
+        return x * mask[..., None].astype(x.dtype), mask
