@@ -34,6 +34,15 @@ Keys (generation and embedded):
   max_clips (0 = all).
 - fd_backbone, kl_backbone, clap_backbone: the backbone of each metric ("" turns the metric off).
 - prompt_following: tempo/key estimates against prompts that state them (the embedded set's captions do).
+- crop_seconds: every generated and reference clip is cropped to its first crop_seconds before analysis (0 = the
+  shortest clip of the evaluated sets and the reference; > 0 = that length, at most the shortest clip; < 0 = whole
+  clips, e.g. for reference.stats computed from whole clips).
+- bootstrap: resamples, fd_resamples, level, seed of the percentile-bootstrap intervals every metric carries
+  (musicdiff.eval.intervals). FD recomputes a distance per resample: milliseconds at 64-d (embedded), up to ~1 s
+  at 1024-d (OpenL3) with more frames than dimensions; lower fd_resamples there if that is too slow.
+- real_row: a series also evaluates the reference clips as a generation set (the "real" row, the ceiling);
+  reference_rows: further named rows "name=DIR,name=DIR" (e.g. autoencoded=DIR,step_0=DIR); see
+  musicdiff.eval.evaluation_table. A series writes the table OUT/report.{json,md} with a verdict per metric.
 - backbones.<name>: per-backbone settings; `python` runs that backbone in another interpreter (an environment
   where its package is installed; OpenL3's TensorFlow pins do not install beside JAX).
 """
@@ -67,6 +76,10 @@ def _generation_config(kind: str) -> ml_collections.ConfigDict:
     else:
         c.fd_backbone, c.kl_backbone, c.clap_backbone = "embedded", "embedded", ""
     c.prompt_following = True
+    c.crop_seconds = 0.0
+    c.bootstrap = ml_collections.ConfigDict(dict(resamples=1000, fd_resamples=1000, level=0.95, seed=0))
+    c.real_row = False
+    c.reference_rows = ""
     c.backbones = ml_collections.ConfigDict(dict(
         embedded=dict(checkpoint=""),
         # stable-audio-metrics: 44.1 kHz bandwidth, L/R embedded separately (1024-d), 1-s windows every 0.5 s

@@ -7,8 +7,10 @@
 2. for each saved step of RUN/checkpoints, launch.generate's stage runs with the settings of `config.generate`
    (configs/generate.py) into WORKDIR/generations/step_<step>/ (skipped when that folder is complete, so a rerun
    resumes);
-3. musicdiff.eval.generation_eval.evaluate_series evaluates the folders: WORKDIR/step_<step>/report.*,
-   WORKDIR/series.json, WORKDIR/series.png.
+3. musicdiff.eval.generation_eval.evaluate_series evaluates the folders, beside the reference rows that
+   `config.real_row` / `config.reference_rows` name, all at one crop length with bootstrap intervals:
+   WORKDIR/step_<step>/report.*, WORKDIR/rows/<name>/report.*, WORKDIR/series.json, the table
+   WORKDIR/report.{json,md} and WORKDIR/series.png (musicdiff.eval.evaluation_table).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ N - 1 normalisation (`np.cov(rowvar=False)`). With fewer frames than dimensions 
 only good for regression tracking (the bias is O(D / N); compare runs with similar N).
 
 A statistics file is a plain `.npz` (read with allow_pickle=False) holding `mu`, `sigma`, `count`, `backbone_id`,
-`source_hash` and, optionally, per-prompt label probabilities for KL (`label_prompts` and `label_probs__<group>`).
+`source_hash`, `crop_seconds` (the clip length analysed; 0 or absent: whole clips) and, optionally, per-prompt label probabilities for KL (`label_prompts` and `label_probs__<group>`).
 Loading checks the backbone id, so numbers of different backbones are never compared.
 """
 
@@ -80,6 +80,7 @@ class EmbeddingStats:
     backbone_id: str
     source_hash: str = ""  # what the frames came from (file list hash); "" when unknown
     label_probs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)  # group -> prompt -> p
+    crop_seconds: float = 0.0  # the length every clip was cropped to before analysis; 0 = whole clips
 
     @classmethod
     def from_frames(cls, frames: np.ndarray, backbone_id: str, source_hash: str = "",
@@ -106,7 +107,7 @@ class EmbeddingStats:
         arrays: dict[str, np.ndarray] = dict(
             format=np.array(STATS_FORMAT), mu=self.mu.astype(np.float64), sigma=self.sigma.astype(np.float64),
             count=np.array(self.count, np.int64), backbone_id=np.array(self.backbone_id),
-            source_hash=np.array(self.source_hash))
+            source_hash=np.array(self.source_hash), crop_seconds=np.array(self.crop_seconds, np.float64))
         prompts = sorted({p for group in self.label_probs.values() for p in group})
         if prompts:
             arrays["label_prompts"] = np.array(prompts, dtype=np.str_)
@@ -152,7 +153,7 @@ class EmbeddingStats:
                         p: row for p, row in zip(prompts, table) if np.all(np.isfinite(row))}
         return cls(np.asarray(stored["mu"], np.float64), np.asarray(stored["sigma"], np.float64),
                    int(stored.get("count", np.array(0))), backbone, str(stored.get("source_hash", np.array(""))),
-                   label_probs)
+                   label_probs, float(stored.get("crop_seconds", np.array(0.0))))
 
 
 def require_same_backbone(expected: str, found: str, what: str) -> None:
@@ -202,3 +203,43 @@ def pooled_stats(frame_sets: Sequence[np.ndarray], backbone_id: str, source: str
         raise DataError(f"only {frames.shape[0]} embedding frame: need at least 2 to fit a covariance; give more "
                         f"or longer clips")
     return EmbeddingStats.from_frames(frames, backbone_id, source)
+
+
+class FrechetToReference:
+    """FD of weighted resamples of one frame set against fixed reference statistics (the FD bootstrap).
+
+    A resample that takes clip i w_i times pools its frames with weight w_i, which is the same Gaussian fit as
+    concatenating the repeated clips (N = sum of weights, N - 1 normalisation). The trace term uses
+    Tr((S1 S2)^(1/2)) = sum(svd(B)) with B = sqrt(w) (X - mu) S2^(1/2) / sqrt(N - 1), since B^T B = S2^½ S1 S2^½:
+    exact without squaring (as frechet_distance) while there are fewer frames than dimensions, and X S2^(1/2) is
+    computed once, so a resample costs one [frames, D] SVD (OpenL3 is 1024-d, a demo set ~100 frames). With more
+    frames than dimensions the covariance is well determined and the eigenvalues of B^T B serve (rounding of order
+    1e-8 per zero eigenvalue, far below a bootstrap interval's width)."""
+
+    def __init__(self, frames: np.ndarray, reference: EmbeddingStats):
+        self.frames = np.asarray(frames, np.float64)
+        sigma = np.atleast_2d(np.asarray(reference.sigma, np.float64))
+        self.sqrt_sigma = _sqrt_psd(0.5 * (sigma + sigma.T))
+        self.projected = self.frames @ self.sqrt_sigma
+        self.reference_mu = np.asarray(reference.mu, np.float64)
+        self.reference_trace = float(np.trace(sigma))
+
+    def distance(self, frame_weights: np.ndarray) -> float:
+        """FD of the Gaussian fit of the frames, frame j counted `frame_weights[j]` times (integers >= 0)."""
+        weights = np.asarray(frame_weights, np.float64)
+        keep = weights > 0
+        weights = weights[keep]
+        total = float(weights.sum())
+        if total < 2:
+            raise DataError("Fréchet distance of a resample: fewer than 2 frames")
+        frames = self.frames[keep]
+        mu = weights @ frames / total
+        trace = float(weights @ np.sum((frames - mu) ** 2, axis=1)) / (total - 1.0)
+        product = np.sqrt(weights)[:, None] * (self.projected[keep] - mu @ self.sqrt_sigma)
+        if product.shape[0] < product.shape[1]:
+            singular = np.linalg.svd(product, compute_uv=False)
+        else:  # more frames than dimensions: a tall SVD costs far more than the D x D Gram matrix's eigenvalues
+            singular = np.sqrt(np.clip(np.linalg.eigvalsh(product.T @ product), 0.0, None))
+        trace_sqrt = float(np.sum(singular)) / np.sqrt(total - 1.0)
+        diff = mu - self.reference_mu
+        return max(float(diff @ diff + trace + self.reference_trace - 2.0 * trace_sqrt), 0.0)

@@ -9,6 +9,10 @@ Reference set: an audio folder with `manifest.jsonl` (data_pipelines.audio_folde
 attributes) or a plain folder of audio files (ids = file stems, no captions).
 
 Series: a folder whose sub-folders `<step>` or `step_<step>` each hold a generations folder.
+
+Any existing audio can be evaluated as a generation set: `write_index` lists files (real clips, autoencoded clips)
+with their prompts into a generations.jsonl. `crop_clips` makes `AudioClip.load` return only the first seconds of
+each clip, so every set is analysed at one length (musicdiff.eval.generation_eval).
 """
 
 from __future__ import annotations
@@ -38,13 +42,30 @@ class AudioClip:
     key: str  # pairing id: the prompt (pair_by="prompt") or the file stem (pair_by="stem")
     attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
     record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the generations.jsonl line
+    crop_seconds: float = 0.0  # > 0: load() returns only the first crop_seconds (0: the whole clip)
 
     def load(self) -> tuple[np.ndarray, int]:
-        """(float32 [channels, samples] at the file's rate, that rate)."""
+        """(float32 [channels, samples] at the file's rate, that rate); the first `crop_seconds` when cropped
+        (rounded up to whole samples, so a clip of exactly that length is kept whole)."""
         try:
-            return load_audio(self.path, None, None), read_info(self.path).sample_rate
+            audio, rate = load_audio(self.path, None, None), read_info(self.path).sample_rate
         except (RuntimeError, OSError, ValueError) as err:
             raise DataError(f"{self.path}: cannot be decoded ({err})") from None
+        if self.crop_seconds > 0:
+            audio = audio[..., :math.ceil(self.crop_seconds * rate - 1e-6)]
+        return audio, rate
+
+    def seconds(self) -> float:
+        """The file's duration in seconds (from its header, uncropped)."""
+        try:
+            return read_info(self.path).duration
+        except (RuntimeError, OSError, ValueError) as err:
+            raise DataError(f"{self.path}: cannot be read ({err})") from None
+
+
+def crop_clips(clips: Sequence[AudioClip], seconds: float) -> list[AudioClip]:
+    """The clips cropped to their first `seconds` (0: whole clips), from the start so the crop is deterministic."""
+    return [dataclasses.replace(clip, crop_seconds=float(seconds)) for clip in clips]
 
 
 def _pair_key(prompt: str, path: Path, pair_by: str) -> str:
@@ -105,6 +126,24 @@ def read_reference(folder: str | Path, pair_by: str = "prompt", max_clips: int =
     return clips
 
 
+def write_index(folder: str | Path, clips: Sequence[AudioClip]) -> Path:
+    """Writes `folder/generations.jsonl` listing existing audio files (absolute paths) with their prompts and
+    attributes, so a clip set that was not generated (the real clips, autoencoded clips) is evaluated exactly like
+    a generations folder. Returns the index path."""
+    folder = Path(folder)
+    lines = []
+    for clip in clips:
+        record = dict(prompt=clip.prompt, path=str(Path(clip.path).resolve()))
+        if clip.attributes:
+            record["attributes"] = clip.attributes
+        lines.append(json.dumps(record))
+    if not lines:
+        raise DataError(f"write_index: no clips to list in {folder / GENERATIONS_NAME}")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / GENERATIONS_NAME, ("\n".join(lines) + "\n").encode())
+    return folder / GENERATIONS_NAME
+
+
 def series_folders(root: str | Path) -> dict[int, Path]:
     """{step: folder} of the sub-folders of `root` named `<step>` or `step_<step>` that hold generations."""
     root = Path(root)
@@ -142,8 +181,25 @@ def generation_settings(clips: Sequence[AudioClip]) -> dict[str, Any]:
     return settings
 
 
-def plot_series(series: Mapping[int, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
-    """One panel per metric, value against checkpoint step; written atomically as PNG (musicdiff.files)."""
+def metric_point(entry: Any) -> tuple[float, float, float] | None:
+    """(value, lo, hi) of a series entry: a number (lo = hi = value) or {value, lo, hi}; None if not finite."""
+    if isinstance(entry, Mapping):
+        value = entry.get("value")
+        lo, hi = entry.get("lo", value), entry.get("hi", value)
+    else:
+        value = lo = hi = entry
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (value, lo, hi)):
+        return None
+    return float(value), float(lo), float(hi)
+
+
+def plot_series(series: Mapping[int, Mapping[str, Any]], path: str | Path, title: str = "", *,
+                reference_rows: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """One panel per metric, value against checkpoint step; written atomically as PNG (musicdiff.files).
+
+    A metric's entry is a number or {value, lo, hi}: the interval is drawn as a vertical bar at the step (a bar,
+    not symmetric error bars, because a bootstrap interval need not contain the value). Each reference row
+    (name -> {metric: entry}) is a labelled horizontal line with its interval as a shaded band."""
     import io
 
     import matplotlib
@@ -151,25 +207,41 @@ def plot_series(series: Mapping[int, Mapping[str, float]], path: str | Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    reference_rows = dict(reference_rows or {})
     steps = sorted(series)
-    names = sorted({name for values in series.values() for name, v in values.items()
-                    if isinstance(v, (int, float)) and math.isfinite(v)})
+    points = {step: {n: p for n, e in values.items() if (p := metric_point(e))} for step, values in series.items()}
+    references = {row: {n: p for n, e in values.items() if (p := metric_point(e))}
+                  for row, values in reference_rows.items()}
+    names = sorted({n for values in [*points.values(), *references.values()] for n in values})
     if not names:
         raise DataError("plot_series: no numeric metric to plot")
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, name in zip(axes.flat, names):
-        xs = [s for s in steps if name in series[s]]
-        ax.plot(xs, [series[s][name] for s in xs], marker="o")
+        for number, (row, values) in enumerate(references.items()):
+            if name in values:
+                value, lo, hi = values[name]
+                colour = colours[(number + 1) % len(colours)]  # colour 0 is the series'
+                ax.axhline(value, color=colour, linestyle="--", linewidth=1.0, label=row)
+                ax.axhspan(lo, hi, color=colour, alpha=0.15, linewidth=0)
+        xs = [s for s in steps if name in points[s]]
+        if xs:
+            values = [points[s][name] for s in xs]
+            ax.plot(xs, [v for v, _, _ in values], marker="o", color=colours[0], label="checkpoints")
+            ax.vlines(xs, [lo for _, lo, _ in values], [hi for _, _, hi in values], color=colours[0], linewidth=2.0,
+                      alpha=0.6)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("checkpoint step")
         ax.grid(alpha=0.3)
+        if references:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)  # keep the title clear of the top panels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
