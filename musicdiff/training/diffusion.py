@@ -127,6 +127,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> ml_coll
 
     def write() -> None:
         if source and not copied.exists():
+            workdir.mkdir(parents=True, exist_ok=True)
             with atomic_directory(copied) as staging:
                 shutil.copytree(source, staging, dirs_exist_ok=True)
         text = json.dumps(config.to_dict(), indent=2, default=str) + "\n"
