@@ -13,32 +13,21 @@ over `data.root` (see data_pipelines.audio_folder.data_root). All other data set
 - shuffle_seed: order of examples; crops use `seed`.
 - num_workers: Grain worker processes (0: decode in the main process, with `read_threads` threads).
 - batch_size: examples per batch on each process.
+
+Every stage that reads an audio folder starts its `data` section from these defaults
+(data_pipelines.audio_folder.audio_folder_data).
 """
 
 import ml_collections
 
-from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
+from data_pipelines.audio_folder import audio_folder_data
+from musicdiff.config import choose_preset
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg:
-        raise ValueError(f"configs/audio_folder.py takes no preset, got '{arg}'")
+    choose_preset(arg, {"": None})
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.root = ""
-    c.data = ml_collections.ConfigDict(dict(
-        root="",
-        sample_rate=44100,
-        sample_size=131072,  # 2.97 s at 44.1 kHz, 64 * 2048
-        channels=2,
-        license_allowlist=DEFAULT_LICENSE_ALLOWLIST,
-        silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
-        min_seconds=DEFAULT_MIN_SECONDS,
-        normalize="none",
-        random_crop=True,
-        shuffle_seed=0,
-        num_workers=0,
-        read_threads=2,
-        batch_size=8,
-    ))
+    c.data = audio_folder_data(shuffle_seed=0, batch_size=8)
     return c

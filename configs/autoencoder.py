@@ -12,9 +12,8 @@
 
 import ml_collections
 
-from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
-from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
-from musicdiff.parallel.distributed import distributed_config
+from data_pipelines.audio_folder import audio_folder_data
+from musicdiff.config import choose_preset, stage_config
 
 SAO_STFT_FFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # hops are fft / 4, windows = fft (spec §1.9)
 SAO_DISCRIMINATOR_FFT_SIZES = (2048, 1024, 512, 256, 128)
@@ -40,14 +39,8 @@ PRESETS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[arg]
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.batch_size = preset["batch_size"]
-    c.mesh = mesh_config()
-    c.sharding_rules = DEFAULT_SHARDING_RULES
+    preset = choose_preset(arg, PRESETS)
+    c = stage_config(preset["batch_size"], distributed=True)
 
     bottleneck = dict(type="vae", codebook_size=1024, num_quantizers=1, codebook_dim=0, commitment_weight=0.25,
                       codebook_weight=1.0)
@@ -79,23 +72,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     # Audio folder and Grain pipeline (see configs/audio_folder.py for the keys shared with every stage). The
     # global batch is `batch_size` above; each process reads batch_size / process_count examples.
-    c.data = ml_collections.ConfigDict(dict(
-        root="",  # directory of audio files (with manifest.jsonl)
-        sample_rate=44100,
+    c.data = audio_folder_data(
         sample_size=preset["sample_size"],  # crop length in samples; a multiple of the downsampling ratio
-        channels=2,
-        license_allowlist=DEFAULT_LICENSE_ALLOWLIST,
-        silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
-        min_seconds=DEFAULT_MIN_SECONDS,
-        normalize="none",
-        random_crop=True,
         shuffle_seed=0,
-        num_workers=0,
-        read_threads=2,
         # Clips whose relative-path hash falls below this are held out of training (data_pipelines/splits.py);
         # launch.evaluate scores that split and demos reconstruct its first clip.
         heldout_fraction=0.1,
-    ))
+    )
     # A checkpoint (workdir or step directory) to start from with a fresh optimiser; ignored when resuming.
     c.init_from = ""
 
@@ -143,5 +126,4 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         demo_every=2_000 if arg == "sao" else training.get("demo_every", 100),
         demo_seconds=training.get("demo_seconds", 5.0),  # the fixed held-out demo clip: its first seconds
     ))
-    c.distributed = distributed_config()  # multi-host start-up (musicdiff/parallel/distributed.py, launch/README.md)
     return c

@@ -10,6 +10,8 @@ folders. `fast=True` shrinks every stage (a smoke run of the wiring, not a usefu
 
 import ml_collections
 
+from musicdiff.config import choose_preset
+
 NUM_CLIPS, SECONDS = 160, 6.0
 AUTOENCODER_STEPS = 500
 
@@ -51,8 +53,7 @@ FAST = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg:
-        raise ValueError(f"configs/demo.py takes no preset, got '{arg}'")
+    choose_preset(arg, {"": None})
     return ml_collections.ConfigDict(dict(
         fast=False,
         preview_clips=4,  # captions and spectrograms of this many rendered clips

@@ -21,8 +21,7 @@ import copy
 
 import ml_collections
 
-from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
-from musicdiff.parallel.distributed import distributed_config
+from musicdiff.config import choose_preset, stage_config
 
 PRESETS = {
     "sao": dict(
@@ -95,15 +94,9 @@ def prompt_encoder_config(text: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[arg]
-    c = ml_collections.ConfigDict()
+    preset = choose_preset(arg, PRESETS)
+    c = stage_config(preset["batch_size"], distributed=True)
     c.trainer = "diffusion"  # a registered trainer (musicdiff/training/trainer.py)
-    c.seed = 0
-    c.batch_size = preset["batch_size"]
-    c.mesh = mesh_config()
-    c.sharding_rules = DEFAULT_SHARDING_RULES
 
     c.model = ml_collections.ConfigDict(dict(
         name="dit",
@@ -182,5 +175,4 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         sample_rate=44100,
         shuffle_seed=0,
     ))
-    c.distributed = distributed_config()  # multi-host start-up (musicdiff/parallel/distributed.py, launch/README.md)
     return c

@@ -47,14 +47,14 @@ Keys (generation and embedded):
   where its package is installed; OpenL3's TensorFlow pins do not install beside JAX).
 """
 
+import functools
 from pathlib import Path
 
 import ml_collections
 
-from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
-from musicdiff.config import load_config, to_dict
+from data_pipelines.audio_folder import scan_settings
+from musicdiff.config import choose_preset, load_config, to_dict
 
-KINDS = ("generation", "embedded", "autoencoder")
 GENERATE_PRESET = {"generation": "", "embedded": "demo"}  # configs/generate.py presets for checkpoint series
 
 
@@ -105,14 +105,15 @@ def _autoencoder_config() -> ml_collections.ConfigDict:
         normalize="",
         max_seconds=0.0,
         max_clips=0,
-        license_allowlist=DEFAULT_LICENSE_ALLOWLIST,
-        silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
-        min_seconds=DEFAULT_MIN_SECONDS,
+        **scan_settings(),
     ))
     return c
 
 
+PRESETS = {"generation": functools.partial(_generation_config, "generation"),
+           "embedded": functools.partial(_generation_config, "embedded"),
+           "autoencoder": _autoencoder_config}
+
+
 def get_config(arg: str = "embedded") -> ml_collections.ConfigDict:
-    if arg not in KINDS:
-        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(KINDS)}")
-    return _autoencoder_config() if arg == "autoencoder" else _generation_config(arg)
+    return choose_preset(arg, PRESETS)()

@@ -18,9 +18,9 @@ Presets: "default" (the command above; about 1-2 minutes on 2 CPU cores) and "ti
 
 import ml_collections
 
-from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
+from data_pipelines.audio_folder import audio_folder_data
 from data_pipelines.synthetic.render import ALL_INSTRUMENTS
-from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.config import choose_preset, stage_config
 
 PRESETS = {
     "default": dict(num_steps=250, batch_size=32, channels=(12, 24, 24), log_every=20, checkpoint_every=250),
@@ -29,14 +29,8 @@ PRESETS = {
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[arg]
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.batch_size = preset["batch_size"]
-    c.mesh = mesh_config()
-    c.sharding_rules = DEFAULT_SHARDING_RULES
+    preset = choose_preset(arg, PRESETS)
+    c = stage_config(preset["batch_size"])
 
     sample_rate = 16000
     c.evaluator = ml_collections.ConfigDict(dict(
@@ -58,22 +52,15 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         hop_seconds=1.5,
     ))
 
-    c.data = ml_collections.ConfigDict(dict(
-        root="",
+    c.data = audio_folder_data(
         sample_rate=sample_rate,
         sample_size=3 * sample_rate,
         channels=1,
-        license_allowlist=DEFAULT_LICENSE_ALLOWLIST,
-        silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
-        min_seconds=DEFAULT_MIN_SECONDS,
         normalize="peak",
-        random_crop=True,
         shuffle_seed=0,
-        num_workers=0,
-        read_threads=2,
         batch_size=preset["batch_size"],
         holdout_every=8,
-    ))
+    )
 
     c.training = ml_collections.ConfigDict(dict(
         num_steps=preset["num_steps"],

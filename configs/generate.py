@@ -16,6 +16,8 @@ CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make de
 
 import ml_collections
 
+from musicdiff.config import choose_preset
+
 PRESETS = {
     "": dict(sampler="dpmpp-3m-sde", steps=100, cfg_scale=7.0, sigma_min=0.3, sigma_max=500.0),
     "fast": dict(sampler="pingpong", steps=8, cfg_scale=1.0, sigma_min=0.3, sigma_max=1.0),
@@ -24,8 +26,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(p or '(none)' for p in PRESETS)}")
+    preset = choose_preset(arg, PRESETS)
     c = ml_collections.ConfigDict(dict(
         checkpoint="",
         autoencoder_checkpoint="",  # "" = the one the diffusion checkpoint names
@@ -51,5 +52,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         mask="",
         spectrograms=True,
     ))
-    c.update(PRESETS[arg])
+    c.update(preset)
     return c

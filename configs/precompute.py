@@ -34,9 +34,8 @@ from pathlib import Path
 
 import ml_collections
 
-from data_pipelines.audio_folder import DEFAULT_LICENSE_ALLOWLIST, DEFAULT_MIN_SECONDS, DEFAULT_SILENCE_THRESHOLD_DB
-from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
-from musicdiff.parallel.distributed import distributed_config
+from data_pipelines.audio_folder import audio_folder_data
+from musicdiff.config import choose_preset, stage_config
 
 
 def _sibling(name: str):
@@ -71,15 +70,11 @@ PRESETS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"unknown preset '{arg}'; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[arg]
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    preset = choose_preset(arg, PRESETS)
+    c = stage_config(preset["batch_size"], distributed=True)
     c.autoencoder_checkpoint = ""
     c.overwrite = False
     c.root = ""  # alias of data.root (as configs/audio_folder.py)
-    c.batch_size = preset["batch_size"]
     c.dtype = preset["dtype"]
     c.windows_per_shard = preset["windows_per_shard"]
     c.encode_chunk_frames = 0
@@ -88,22 +83,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.record_options = "group_size:1"
     c.progress = True
     c.barrier_timeout_s = 7 * 24 * 3600.0  # the end-of-work barrier waits for the slowest process
-    c.mesh = mesh_config()
-    c.sharding_rules = DEFAULT_SHARDING_RULES
-    c.distributed = distributed_config()
-    c.data = ml_collections.ConfigDict(dict(
+    c.data = audio_folder_data(
         source="audio_folder",
-        root="",
-        sample_rate=44100,
         sample_size=preset["sample_size"],
-        channels=2,
-        license_allowlist=DEFAULT_LICENSE_ALLOWLIST,
-        silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
-        min_seconds=DEFAULT_MIN_SECONDS,
-        normalize="none",
         random_crop=False,  # consecutive windows; the latent source crops at training time
-        read_threads=2,
-        num_workers=0,
-    ))
+    )
     c.text_encoder = _text_encoder(preset["text"])
     return c

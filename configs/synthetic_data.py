@@ -12,8 +12,10 @@ Presets: "tiny" (16 clips of 4 s, for tests and smoke runs).
 import ml_collections
 
 from data_pipelines.synthetic.render import ALL_INSTRUMENTS
+from musicdiff.config import choose_preset
 
 PRESETS = {
+    "": {},
     "tiny": dict(num_clips=16, seconds=4.0),
 }
 
@@ -28,8 +30,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.bpm_min = 70
     c.bpm_max = 160
     c.instruments = ALL_INSTRUMENTS
-    if arg:
-        if arg not in PRESETS:
-            raise ValueError(f"configs/synthetic_data.py: unknown preset '{arg}'; choose from {', '.join(PRESETS)}")
-        c.update(PRESETS[arg])
+    c.update(choose_preset(arg, PRESETS))
     return c

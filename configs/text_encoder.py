@@ -6,7 +6,7 @@ is the small encoder trained with the denoiser over a tokenizer built from the d
 
 import ml_collections
 
-from musicdiff.parallel import DEFAULT_SHARDING_RULES, mesh_config
+from musicdiff.config import choose_preset, stage_config
 
 
 def t5_base() -> ml_collections.ConfigDict:
@@ -54,11 +54,6 @@ PRESETS = {"t5_base": t5_base, "embedded": embedded}
 
 
 def get_config(arg: str = "t5_base") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.mesh = mesh_config()
-    config.sharding_rules = DEFAULT_SHARDING_RULES
-    config.text_encoder = PRESETS[arg]()
+    config = stage_config()
+    config.text_encoder = choose_preset(arg, PRESETS)()
     return config

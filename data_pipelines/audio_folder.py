@@ -131,6 +131,15 @@ class ScanResult:
             "unlisted_audio_files": len(self.unlisted),
         }
 
+    def table(self) -> str:
+        """The human summary launch.inspect_data prints: usable clips, each skip reason, hours, unlisted files."""
+        rows = [("usable", str(self.usable))]
+        rows += [(f"skipped: {reason}", str(count)) for reason, count in self.skipped.items()]
+        rows += [("hours (usable)", f"{self.hours:.4f}"), ("audio files not in the manifest", str(len(self.unlisted)))]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"audio folder {self.root}"] + [f"  {name:<{width}}  {value:>8}" for name, value in rows]
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class _FileCheck:
@@ -146,6 +155,30 @@ class _FileCheck:
 _FILE_CHECKS: dict[tuple[str, int, int], _FileCheck] = {}
 _LOGGED: set[tuple[str, str, int, str | None, str]] = set()
 _LOG_LOCK = threading.Lock()
+
+
+def scan_settings() -> dict[str, Any]:
+    """The default scan thresholds, keys of `config.data` in every stage that reads an audio folder."""
+    return dict(license_allowlist=DEFAULT_LICENSE_ALLOWLIST, silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
+                min_seconds=DEFAULT_MIN_SECONDS)
+
+
+def audio_folder_data(**fields: Any) -> ml_collections.ConfigDict:
+    """`config.data` of a stage that reads an audio folder (configs/audio_folder.py documents the keys): the shared
+    defaults, with `fields` changing some of them or adding the stage's own keys."""
+    data = dict(
+        root="",
+        sample_rate=44100,
+        sample_size=131072,  # 2.97 s at 44.1 kHz, 64 * 2048
+        channels=2,
+        **scan_settings(),
+        normalize="none",
+        random_crop=True,
+        num_workers=0,
+        read_threads=2,
+    )
+    data.update(fields)
+    return ml_collections.ConfigDict(data)
 
 
 def data_root(config: ml_collections.ConfigDict) -> Path:
@@ -171,6 +204,16 @@ def scan(config: ml_collections.ConfigDict) -> ScanResult:
         min_seconds=float(data.min_seconds),
         root_flag=root_flag(config),
     )
+
+
+def inspect_folder(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    """Scans the folder `config` names, prints the table and writes WORKDIR/data_report.json; returns the report.
+    Bad files are counted, never fatal."""
+    result = scan(config)
+    print(result.table())
+    report = result.report()
+    (Path(workdir) / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def scan_folder(

@@ -1,58 +1,11 @@
 """python -m launch.evaluate --config=configs/evaluate.py:PRESET --workdir=OUT [--config.KEY=VALUE ...]
 
-Offline evaluation; the config's `kind` picks the stage (configs/evaluate.py lists the presets):
-- generation / embedded: generated audio against a reference set (musicdiff.eval.generation_eval): one folder
-  (`generated_dir`), a series of folders (`series_dir`) or every saved step of a run (`checkpoints`, generating
-  first: musicdiff.eval.checkpoint_series). Writes OUT/report.json, OUT/report.md and TensorBoard scalars (series:
-  per step, plus OUT/series.json and OUT/series.png) and prints the report.
-- autoencoder: reconstruction scores of an autoencoder checkpoint on held-out clips
-  (musicdiff.eval.autoencoder_eval). Writes OUT/report.json, OUT/report.md, OUT/per_clip.json and prints the report.
+Offline evaluation; the config's `kind` picks the stage (configs/evaluate.py lists the presets, musicdiff.eval.stage
+says what each writes).
 """
 
-import json
-from pathlib import Path
-
-import ml_collections
-
 from launch.common import run
-from musicdiff.errors import ConfigError
-
-
-def evaluate_generated(config: ml_collections.ConfigDict, workdir: Path):
-    from musicdiff.eval.checkpoint_series import evaluate_checkpoints
-    from musicdiff.eval.generation_eval import evaluate_generations, evaluate_series
-    from musicdiff.eval.generation_sets import series_folders
-
-    if str(config.checkpoints):
-        series = evaluate_checkpoints(config, workdir)
-    elif str(config.series_dir):
-        series = evaluate_series(config, workdir, series_folders(config.series_dir))
-    else:
-        result = evaluate_generations(config, workdir)
-        print((Path(workdir) / "report.md").read_text())
-        return result
-    print(json.dumps({str(step): values for step, values in series.items()}, indent=2))
-    print(f"wrote {Path(workdir) / 'series.png'} and {Path(workdir) / 'series.json'}")
-    return series
-
-
-def evaluate_reconstruction(config: ml_collections.ConfigDict, workdir: Path):
-    from musicdiff.eval.autoencoder_eval import evaluate_autoencoder
-
-    result = evaluate_autoencoder(config, workdir)
-    print((Path(workdir) / "report.md").read_text())
-    return result
-
-
-STAGES = {"generation": evaluate_generated, "embedded": evaluate_generated, "autoencoder": evaluate_reconstruction}
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: Path):
-    kind = config.get("kind", None)
-    if kind not in STAGES:
-        raise ConfigError(f"config.kind={kind!r}: choose one of {', '.join(STAGES)} (configs/evaluate.py presets)")
-    return STAGES[kind](config, workdir)
-
+from musicdiff.eval.stage import evaluate
 
 if __name__ == "__main__":
     run(evaluate, default_config="configs/evaluate.py")

@@ -3,6 +3,11 @@
 Config files are Python (`configs/<name>.py` with `get_config(arg)`), as in big_vision. Overrides come as
 `--config.a.b=value` and are typed after the value they replace. Unknown keys and contradictions fail before anything
 is compiled, with one line that names the key and the fix.
+
+Config files compose from shared pieces, each defined once: `choose_preset` picks a file's preset, `stage_config`
+starts a stage's config with the keys every model-running stage shares (seed, global batch, mesh, sharding rules,
+multi-host start-up), and sections come from the module that reads them (e.g. data_pipelines.audio_folder's
+`audio_folder_data`), assigned as `config.<section> = ...`.
 """
 
 from __future__ import annotations
@@ -12,15 +17,46 @@ import difflib
 import importlib.util
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_collections
 
 from musicdiff.errors import ConfigError
+from musicdiff.parallel.distributed import distributed_config
 from musicdiff.parallel.mesh import mesh_config
 from musicdiff.parallel.sharding import DEFAULT_SHARDING_RULES
+
+Preset = TypeVar("Preset")
+
+
+def choose_preset(arg: str | None, presets: Mapping[str, Preset]) -> Preset:
+    """The preset `arg` names (None and "" are the same); a ValueError that lists the choices otherwise.
+
+    A file without presets passes `{"": ...}`: its only choice is no argument.
+    """
+    name = arg or ""
+    if name in presets:
+        return presets[name]
+    if list(presets) == [""]:
+        raise ValueError(f"takes no preset, got '{name}'")
+    raise ValueError(f"unknown preset '{name}'; choose one of {', '.join(p or '(none)' for p in presets)}")
+
+
+def stage_config(batch_size: int | None = None, *, distributed: bool = False) -> ml_collections.ConfigDict:
+    """The keys every stage that runs a model starts from: `seed`, the global `batch_size` (when the stage has one),
+    `mesh` and `sharding_rules` (musicdiff/parallel), and `distributed` for stages that run on several hosts
+    (musicdiff/parallel/distributed.py, launch/README.md)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    if batch_size is not None:
+        config.batch_size = batch_size
+    config.mesh = mesh_config()
+    config.sharding_rules = DEFAULT_SHARDING_RULES
+    if distributed:
+        config.distributed = distributed_config()
+    return config
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]` and applies `a.b=value` overrides; returns a locked ConfigDict."""

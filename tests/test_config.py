@@ -1,13 +1,29 @@
 """Config loading, typed overrides and validation: one clear line naming the key and the fix."""
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from musicdiff.config import load_config, validate
+from musicdiff.config import choose_preset, load_config, validate
 from musicdiff.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _every_preset() -> list[str]:
+    """`file[:preset]` for every config file and each name in its PRESETS (the file alone when it has none)."""
+    specs = []
+    for file in sorted(CONFIG_DIR.glob("*.py")):
+        module_spec = importlib.util.spec_from_file_location(f"presets_of_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        presets = getattr(module, "PRESETS", None) or {"": None}
+        specs += [f"{file}:{name}" if name else str(file) for name in presets]
+    return specs
 
 CONFIG = textwrap.dedent(
     """
@@ -94,6 +110,19 @@ def test_validation_errors(config_file, overrides, devices, message):
 
 def test_valid_config_passes(config_file):
     validate(load_config(config_file, ["mesh.data=2", "mesh.fsdp=4"]), 8)
+
+
+@pytest.mark.parametrize("spec", _every_preset(), ids=lambda spec: spec.rpartition("/")[2])
+def test_every_preset_loads_and_validates(spec):
+    validate(load_config(spec), 8)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"diffusion.py:huge: unknown preset 'huge'; choose one of sao, sao_small"):
+        load_config(f"{CONFIG_DIR / 'diffusion.py'}:huge")
+    with pytest.raises(ConfigError, match=r"demo.py:fast: takes no preset, got 'fast'"):
+        load_config(f"{CONFIG_DIR / 'demo.py'}:fast")
+    assert choose_preset(None, {"": 1, "tiny": 2}) == 1
 
 
 def test_cli_prints_one_error_line(config_file, tmp_path, repo_root):

@@ -169,8 +169,8 @@ def test_checkpoint_series_generates_per_step_then_plots(evaluator_dir, syntheti
     assert len(calls) == 2
 
 
-def test_launch_evaluate_dispatches_on_kind(evaluator_dir, synthetic_root, generation_folders, tmp_path, capsys):
-    from launch.evaluate import evaluate
+def test_evaluate_dispatches_on_kind(evaluator_dir, synthetic_root, generation_folders, tmp_path, capsys):
+    from musicdiff.eval.stage import evaluate
     from musicdiff.errors import ConfigError
 
     workdir, _ = evaluator_dir

@@ -6,7 +6,7 @@
 
 Clip `i` uses seed `config.seed * CLIP_SEED_STRIDE + i`, so a clip can be re-rendered alone from its `seed` attribute
 and datasets with different base seeds do not share clips. Workers render and write WAVs in parallel; the manifest and
-dataset_info are written last, each through a temporary file and os.replace, so a reader never sees a partial one.
+dataset_info are written last, each atomically (musicdiff.files), so a reader never sees a partial one.
 Rewriting a folder with fewer clips deletes the extra NNNNNN.wav of the earlier run, so the folder matches its manifest.
 """
 
@@ -18,7 +18,6 @@ import math
 import multiprocessing
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from data_pipelines.synthetic import captions, render
 from musicdiff.audio.io import write_audio
 from musicdiff.config import to_dict
 from musicdiff.errors import ConfigError
+from musicdiff.files import atomic_write_text
 
 CLIP_SEED_STRIDE = 1_000_000
 AUDIO_DIR = "audio"
@@ -78,17 +78,6 @@ def _render_and_write(task: tuple[int, int, float, int, tuple[int, int], tuple[s
             "title": clip.title, "artist": clip.artist}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_dataset(config: ml_collections.ConfigDict, root: str | os.PathLike, progress: bool = False) -> dict[str, Any]:
     """Renders `config.num_clips` clips into the audio folder `root`; returns a summary (clips, hours, seconds)."""
     check_config(config)
@@ -112,7 +101,7 @@ def write_dataset(config: ml_collections.ConfigDict, root: str | os.PathLike, pr
                 entries.append(entry)
                 bar.update()
     bar.close()
-    _write_atomically(root / MANIFEST_NAME, "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries))
+    atomic_write_text(root / MANIFEST_NAME, "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries))
     stale = _remove_stale_clips(root, {entry["path"] for entry in entries})
     audio_seconds = len(entries) * float(config.seconds)
     info = {
@@ -126,7 +115,7 @@ def write_dataset(config: ml_collections.ConfigDict, root: str | os.PathLike, pr
         "clip_seed": f"{config.seed} * {CLIP_SEED_STRIDE} + index",
         "config": to_dict(config),
     }
-    _write_atomically(root / INFO_NAME, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(root / INFO_NAME, json.dumps(info, indent=2) + "\n")
     return {"root": str(root), "clips": len(entries), "hours": audio_seconds / 3600.0,
             "seconds_taken": time.perf_counter() - started, "workers": workers, "stale_clips_removed": stale}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -25,6 +24,8 @@ from typing import BinaryIO, Union
 import numpy as np
 import soundfile
 import soxr
+
+from musicdiff.files import atomic_path
 
 AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -203,20 +204,14 @@ def normalize(audio: np.ndarray, mode: str, target_db: float | None = None) -> n
 
 
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, subtype: str | None = None) -> Path:
-    """Writes `[channels, samples]` (format from the suffix) via a temporary file and os.replace, so readers never
-    see a partial file. `subtype` defaults to soundfile's (PCM_16 for WAV and FLAC)."""
+    """Writes `[channels, samples]` (format from the suffix) atomically (musicdiff.files), so readers never see a
+    partial file. `subtype` defaults to soundfile's (PCM_16 for WAV and FLAC)."""
     path = Path(path)
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 1:
         audio = audio[None]
     format_name = path.suffix.lstrip(".").upper() or None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            soundfile.write(handle, audio.T, sample_rate, subtype=subtype, format=format_name)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        soundfile.write(temporary, audio.T, sample_rate, subtype=subtype, format=format_name)
     return path

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import librosa
 import numpy as np
+
+from musicdiff.files import atomic_path
 
 
 def log_mel(audio: np.ndarray, sample_rate: int, n_mels: int = 128, n_fft: int = 2048, hop: int = 512) -> np.ndarray:
@@ -48,13 +49,9 @@ def save_spectrogram_png(audio: np.ndarray, sample_rate: int, path: str | os.Pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from musicdiff.convert.stable_audio_keys import (
     prefixed,
 )
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.files import atomic_path, atomic_write_text
 from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.models import registry
 from musicdiff.checkpoints import Checkpointer
@@ -312,15 +312,6 @@ def import_stable_audio(model_config: str | Path, checkpoint: str | Path, workdi
 
 # ---- export ------------------------------------------------------------------------------------------------------
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _section_tensors(ref, section: str, prefix: str, use_ema: bool, model_config=None) -> dict[str, np.ndarray]:
     model_config = model_config if model_config is not None else ref.config[section]
     plan = plan_section(section, model_config, prefix)
@@ -368,8 +359,9 @@ def export_stable_audio(workdir: str | Path, *, diffusion: str | Path | None = N
     from safetensors.numpy import save_file
 
     weights, config_file = workdir / "model.safetensors", workdir / "model_config.json"
-    _write_atomically(weights, lambda path: save_file(tensors, str(path)))
-    _write_atomically(config_file, lambda path: path.write_text(json.dumps(reference, indent=4) + "\n"))
+    with atomic_path(weights) as temporary:
+        save_file(tensors, str(temporary))
+    atomic_write_text(config_file, json.dumps(reference, indent=4) + "\n")
     return Exported(weights, config_file)
 
 

@@ -9,12 +9,13 @@ import datetime
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from musicdiff.files import atomic_write_text
 
 ASSUMPTIONS = (
     "STFT distance: auraloss STFTLoss defaults (fft 1024, hop 256, Hann 1024, SC + log-magnitude L1), per channel.",
@@ -36,17 +37,6 @@ def aggregate(per_clip: Sequence[Mapping[str, float]]) -> dict[str, dict[str, fl
             raise ValueError(f"aggregate: metric '{name}' has {int(np.sum(~np.isfinite(values)))} non-finite values")
         summary[name] = dict(mean=float(values.mean()), std=float(values.std()), count=int(values.size))
     return summary
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)  # readers see the old report or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _cell(value: Any) -> str:
@@ -74,7 +64,7 @@ def write_report(
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     payload = dict(title=title, created=created, **dict(fields or {}), metrics=dict(metrics), notes=list(notes))
     json_path, md_path = workdir / "report.json", workdir / "report.md"
-    _atomic_write(json_path, json.dumps(payload, indent=2, default=float) + "\n")
+    atomic_write_text(json_path, json.dumps(payload, indent=2, default=float) + "\n")
 
     columns = list(dict.fromkeys(k for v in metrics.values() if isinstance(v, Mapping) for k in v))
     if any(not isinstance(v, Mapping) for v in metrics.values()):
@@ -86,5 +76,5 @@ def write_report(
         lines.append(f"| {_cell(name)} | " + " | ".join(_cell(row[c]) if c in row else "" for c in columns) + " |")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
-    _atomic_write(md_path, "\n".join(lines) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path

@@ -22,6 +22,7 @@ import numpy as np
 
 from musicdiff.audio.io import load_audio, write_audio
 from musicdiff.errors import ConfigError
+from musicdiff.files import atomic_write_text
 from musicdiff.diffusion.samplers import check_compatible
 from musicdiff.inference.generate import (INPAINT_METHOD, Generator, SamplerSettings,
                                           mask_from_spans, read_prompts_file)
@@ -89,9 +90,7 @@ def generate_to_folder(config: ml_collections.ConfigDict, workdir: Path) -> list
     records = _run_batches(generator, clips, settings, int(config.batch_size), init, inpaint, workdir,
                            bool(config.spectrograms), extra)
     jsonl = workdir / "generations.jsonl"
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(jsonl)
+    atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in records))
     print(f"wrote {len(records)} clip(s) to {workdir} ({jsonl.name}); sampler {settings.sampler}, "
           f"{settings.steps} steps, cfg {settings.cfg_scale}")
     return records

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -40,7 +39,7 @@ from flax import nnx
 from musicdiff.diffusion.objectives import make_objective
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.errors import ConfigError
-from musicdiff.files import atomic_write_bytes
+from musicdiff.files import atomic_directory, atomic_write_bytes
 from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
 from musicdiff.models.conditioning import MultiConditioner
@@ -117,10 +116,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> ml_coll
 
     def write() -> None:
         if source and not copied.exists():
-            staging = workdir / f".tokenizer.{os.getpid()}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging)
-            staging.rename(copied)
+            workdir.mkdir(parents=True, exist_ok=True)
+            with atomic_directory(copied) as staging:
+                shutil.copytree(source, staging, dirs_exist_ok=True)
         text = json.dumps(config.to_dict(), indent=2, default=str) + "\n"
         atomic_write_bytes(workdir / "config.json", text.encode("utf-8"))
 

@@ -1,0 +1,140 @@
+"""The demo pipeline (`python -m launch.demo`, `make demo`): every stage on the embedded CC0 set (configs/demo.py).
+
+Renders the music, inspects it, trains the tiny autoencoder and evaluates its reconstructions, precomputes latents,
+trains the tiny DiT, trains the embedded evaluator, generates from the DiT's first and last checkpoints and evaluates
+both. Each stage runs as its own CLI process (`python -m launch.<cli>`, named by the config) with the command printed
+first, so any step can be rerun by hand. Ends with DEMO/summary.md: where to listen, the spectrograms, and the numbers.
+
+This is the one orchestration module: it sits above the stage packages (training, inference, eval) and the launch
+CLIs it starts by name; none of them imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from musicdiff.errors import DataError
+
+
+def stage_command(cli: str, config_file: str, overrides: list[str], workdir: Path) -> list[str]:
+    return [sys.executable, "-m", f"launch.{cli}", f"--config={config_file}",
+            *[f"--config.{o}" for o in overrides], f"--workdir={workdir}"]
+
+
+def run_stage(name: str, command: list[str], log: Path) -> float:
+    print(f"\n=== {name}\n$ {shlex.join(command[2:] if command[1] == '-m' else command)}", flush=True)
+    began = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            out.write(line)
+            if "\r" not in line:
+                sys.stdout.write(line)
+        code = process.wait()
+    seconds = time.perf_counter() - began
+    if code != 0:
+        raise DataError(f"demo stage '{name}' failed with exit code {code}; its output is in {log}")
+    print(f"--- {name}: {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def preview_clips(data_dir: Path, out: Path, count: int) -> list[dict]:
+    """Captions and spectrogram PNGs of the first rendered clips."""
+    from musicdiff.audio.io import load_audio
+    from musicdiff.audio.spectrogram import save_spectrogram_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()[:count]]
+    for number, entry in enumerate(entries):
+        audio = load_audio(str(data_dir / entry["path"]), 44100, 2)
+        save_spectrogram_png(audio, 44100, out / f"clip_{number}.png", title=entry["caption"][:80])
+        print(f"  clip {number}: {entry['caption']}")
+    return entries
+
+
+def loss_summary(metrics_file: Path, window: int = 100) -> dict:
+    from musicdiff.metrics import read_metrics
+
+    records = [r for r in read_metrics(metrics_file) if "loss" in r]
+    if not records:
+        raise DataError(f"{metrics_file}: no training loss was logged; set the diffusion stage's "
+                        f"training.log_every below its training.num_steps in configs/demo.py")
+    losses = np.array([r["loss"] for r in records])
+    steps = np.array([r["step"] for r in records])
+    first, last = losses[steps <= window], losses[steps > steps.max() - window]
+    return {"first_steps_mean": float(first.mean()), "last_steps_mean": float(last.mean()), "window": window,
+            "final_step": int(steps.max())}
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Runs every stage of `config.stages` (configs/demo.py) under WORKDIR/<stage>, then writes WORKDIR/summary.json
+    and WORKDIR/summary.md; returns the summary."""
+    workdir = Path(workdir).resolve()
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    folders = {name: str(workdir / name) for name, *_ in config.stages}
+    timings = {}
+    for name, cli, config_file, overrides in config.stages:
+        filled = [o.format(**folders) for o in overrides]
+        if config.fast:
+            filled += list(config.fast_overrides.get(name, ()))
+        timings[name] = run_stage(name, stage_command(cli, config_file, filled, workdir / name), logs / f"{name}.log")
+        if name == "data":
+            print("\nrendered clips:")
+            preview_clips(Path(folders["data"]), workdir / "preview", int(config.preview_clips))
+    summary = {"seconds": timings, "total_seconds": sum(timings.values())}
+    summary["autoencoder"] = {
+        "step_0": json.loads((workdir / "autoencoder_eval_step0" / "report.json").read_text()),
+        "final": json.loads((workdir / "autoencoder_eval" / "report.json").read_text())}
+    summary["diffusion_loss"] = loss_summary(workdir / "diffusion" / "metrics.jsonl")
+    summary["evaluation"] = json.loads((workdir / "evaluation" / "series.json").read_text())
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (workdir / "summary.md").write_text(summary_markdown(summary, workdir))
+    print("\n" + (workdir / "summary.md").read_text())
+    return summary
+
+
+def summary_markdown(summary: dict, workdir: Path) -> str:
+    loss = summary["diffusion_loss"]
+    lines = ["# musicdiff demo", "",
+             f"Total {summary['total_seconds'] / 60:.1f} min: " + ", ".join(
+                 f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items()), "",
+             f"- Rendered clips and spectrograms: {workdir / 'data'}, {workdir / 'preview'}",
+             f"- Autoencoder reconstruction reports: {workdir / 'autoencoder_eval_step0' / 'report.md'} (step 0), "
+             f"{workdir / 'autoencoder_eval' / 'report.md'} (final); listen: {workdir / 'autoencoder' / 'demos'}",
+             *autoencoder_lines(summary["autoencoder"]),
+             f"- Diffusion loss: mean of the first {loss['window']} steps {loss['first_steps_mean']:.4f}, of the last "
+             f"{loss['window']} steps {loss['last_steps_mean']:.4f} (step {loss['final_step']})",
+             f"- Generated audio (listen here) and spectrograms: {workdir / 'evaluation' / 'generations'}/step_*/",
+             f"- Evaluation per checkpoint step: {workdir / 'evaluation' / 'series.png'}", ""]
+    series = summary["evaluation"]
+    if series:
+        metrics = sorted({k for values in series.values() for k in values})
+        lines += ["| step | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for step in sorted(series, key=int):
+            lines.append(f"| {step} | " + " | ".join(_cell(series[step].get(m)) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def autoencoder_lines(reports: dict) -> list[str]:
+    """Held-out reconstruction scores at step 0 and after training (the issue's bar: mel distance -30%, SI-SDR up)."""
+    first, last = reports["step_0"], reports["final"]
+    lines = ["", f"| autoencoder (held-out, {last['clips']} clips) | step 0 | step {last['step']} | change |",
+             "|---|---|---|---|"]
+    for metric in ("mel_distance", "stft_distance", "mrstft_distance", "si_sdr"):
+        before, after = first["metrics"][metric]["mean"], last["metrics"][metric]["mean"]
+        change = f"{after - before:+.2f} dB" if metric == "si_sdr" else f"{100 * (after - before) / before:+.1f}%"
+        lines.append(f"| {metric} | {before:.4g} | {after:.4g} | {change} |")
+    return lines + [""]
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

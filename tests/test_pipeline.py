@@ -1,0 +1,46 @@
+"""The demo pipeline's pieces that need no training: stage commands, the loss summary and summary.md."""
+
+import json
+import sys
+
+import pytest
+
+from musicdiff.errors import DataError
+from musicdiff.pipeline import loss_summary, run_stage, stage_command, summary_markdown
+
+
+def test_stage_command_is_the_cli_invocation(tmp_path):
+    command = stage_command("evaluate", "configs/evaluate.py:autoencoder", ["step=0"], tmp_path / "eval")
+    assert command == [sys.executable, "-m", "launch.evaluate", "--config=configs/evaluate.py:autoencoder",
+                       "--config.step=0", f"--workdir={tmp_path / 'eval'}"]
+
+
+def test_run_stage_logs_output_and_names_a_failure(tmp_path):
+    run_stage("ok", [sys.executable, "-c", "print('hello')"], tmp_path / "ok.log")
+    assert (tmp_path / "ok.log").read_text() == "hello\n"
+    with pytest.raises(DataError, match="demo stage 'bad' failed with exit code 3"):
+        run_stage("bad", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.log")
+
+
+def test_loss_summary_and_markdown(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": step, "loss": 2.0 if step <= 100 else 1.0}) + "\n"
+                               for step in range(0, 301, 25)))
+    loss = loss_summary(metrics)
+    assert loss == {"first_steps_mean": 2.0, "last_steps_mean": 1.0, "window": 100, "final_step": 300}
+    report = {"clips": 3, "step": 0, "metrics": {m: {"mean": 1.0} for m in
+                                                   ("mel_distance", "stft_distance", "mrstft_distance", "si_sdr")}}
+    final = {**report, "step": 500, "metrics": {m: {"mean": 0.5} for m in report["metrics"]}}
+    summary = {"seconds": {"data": 60.0, "diffusion": 120.0}, "total_seconds": 180.0,
+               "autoencoder": {"step_0": report, "final": final}, "diffusion_loss": loss,
+               "evaluation": {"0": {"fd_embedded": 9.5}, "1500": {"fd_embedded": 4.25}}}
+    text = summary_markdown(summary, tmp_path)
+    assert "Total 3.0 min: data 60 s, diffusion 120 s" in text
+    assert "| mel_distance | 1 | 0.5 | -50.0% |" in text and "| si_sdr | 1 | 0.5 | -0.50 dB |" in text
+    assert "| 1500 | 4.25 |" in text
+
+
+def test_loss_summary_without_losses_says_which_setting(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "lr": 1e-3}) + "\n")
+    with pytest.raises(DataError, match="training.log_every"):
+        loss_summary(tmp_path / "metrics.jsonl")
