@@ -27,6 +27,7 @@ from data_pipelines.audio_folder import scan_folder
 from data_pipelines.synthetic.writer import write_dataset
 from musicdiff.audio.io import load_audio
 from musicdiff.eval import prompt_following
+from musicdiff.models import evaluator_labels
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +49,7 @@ def estimator_accuracy(root: Path) -> dict:
     per_clip = []
     started = time.perf_counter()
     for item in scan_folder(root).items:
-        targets = prompt_following.prompt_targets(item.caption, item.attributes)
+        targets = evaluator_labels.prompt_targets(item.caption, item.attributes)
         per_clip.append(prompt_following.clip_prompt_following(load_audio(item.path, None, None), item.sample_rate,
                                                                targets))
     summary = prompt_following.summarize(per_clip)

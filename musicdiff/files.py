@@ -64,6 +64,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def commit_file(written: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Flushes a file that a streaming writer finished under a temporary name and renames it to `path` (writers that
+    outlive one `with` block, e.g. precompute's ArrayRecord shards, whose `.partial` names resume logic knows)."""
+    fsync_file(written)
+    os.replace(written, path)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
@@ -87,4 +94,4 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 __all__ = ["atomic_directory", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "default_mode", "fsync_file", "sha256_file"]
+           "commit_file", "default_mode", "fsync_file", "sha256_file"]

@@ -9,7 +9,7 @@ import pytest
 
 from musicdiff.errors import ConfigError
 from musicdiff.eval.backbones import build_backbone
-from musicdiff.eval.backbones.base import cut_windows, window_starts
+from musicdiff.audio.windows import cut_windows, window_starts
 from musicdiff.eval.backbones.external import MissingBackbone
 from musicdiff.eval.backbones.worker import WorkerEngine
 

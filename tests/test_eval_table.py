@@ -13,7 +13,8 @@ from musicdiff.audio.io import load_audio, write_audio
 from musicdiff.config import load_config
 from musicdiff.errors import ConfigError
 from musicdiff.eval import generation_eval
-from musicdiff.eval.backbones.base import Backbone, ClipAnalysis, cut_windows
+from musicdiff.audio.windows import cut_windows
+from musicdiff.eval.backbones.base import Backbone, ClipAnalysis
 from musicdiff.eval.evaluation_table import evaluate_reference_rows, write_real_row
 from musicdiff.eval.frechet import EmbeddingStats
 from musicdiff.eval.generation_eval import evaluate_generations, evaluate_series

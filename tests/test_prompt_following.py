@@ -9,6 +9,7 @@ import pytest
 
 from data_pipelines.synthetic.render import render_clip
 from musicdiff.eval import prompt_following as pf
+from musicdiff.models import evaluator_labels
 
 TONICS = ("C", "Db", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 
@@ -19,7 +20,7 @@ def rendered():
     for i in range(12):
         clip = render_clip(100 + i, seconds=5.0, sample_rate=22050, bpm=70 + (i * 37) % 91,
                            key=TONICS[(i * 5) % 12], mode=("major", "minor")[i % 2])
-        targets = pf.prompt_targets(clip.caption, clip.attributes)
+        targets = evaluator_labels.prompt_targets(clip.caption, clip.attributes)
         clips.append((clip, targets, pf.clip_prompt_following(clip.audio, 22050, targets)))
     return clips
 
@@ -38,10 +39,10 @@ def test_targets_come_from_attributes_or_from_the_caption(rendered):
     assert targets["bpm"] == clip.attributes["bpm"]
     assert targets["tonic"] == clip.attributes["tonic_pitch_class"]
     assert targets["mode"] == clip.attributes["mode"]
-    from_text = pf.prompt_targets(clip.caption)  # the synthetic captions state tempo and key
+    from_text = evaluator_labels.prompt_targets(clip.caption)  # the synthetic captions state tempo and key
     assert (from_text["bpm"], from_text["tonic"], from_text["mode"]) == (targets["bpm"], targets["tonic"],
                                                                        targets["mode"])
-    assert pf.prompt_targets("an ambient drone") == {}
+    assert evaluator_labels.prompt_targets("an ambient drone") == {}
 
 
 def test_wrong_prompts_score_zero(rendered):
@@ -52,10 +53,10 @@ def test_wrong_prompts_score_zero(rendered):
 
 
 def test_parse_pitch_class():
-    assert [pf.parse_pitch_class(n) for n in ("C", "E-flat", "F#", "Bb", "b", "C-sharp", "Cb")] == [
+    assert [evaluator_labels.parse_pitch_class(n) for n in ("C", "E-flat", "F#", "Bb", "b", "C-sharp", "Cb")] == [
         0, 3, 6, 10, 11, 1, 11]
     with pytest.raises(ValueError):
-        pf.parse_pitch_class("H")
+        evaluator_labels.parse_pitch_class("H")
 
 
 def test_tempo_tolerance_and_octaves():

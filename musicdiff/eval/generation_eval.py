@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from musicdiff.errors import ConfigError, DataError
-from musicdiff.eval import attribute_labels, generation_sets, prompt_following, scores
+from musicdiff.eval import generation_sets, prompt_following, scores
+from musicdiff.models import evaluator_labels
 from musicdiff.eval.backbones import build_backbone
 from musicdiff.eval.backbones.base import Backbone, ClipAnalysis
 from musicdiff.eval.frechet import EmbeddingStats, FrechetToReference, cached_stats, pooled_stats, source_hash
@@ -297,7 +298,7 @@ class GenerationEvaluator:
         estimates, attributes = [], []
         embedded = analyses.get("embedded")
         for index, clip in enumerate(clips):
-            targets = prompt_following.prompt_targets(clip.prompt, clip.attributes)
+            targets = evaluator_labels.prompt_targets(clip.prompt, clip.attributes)
             if not targets:
                 continue
             audio, rate = clip.load()
@@ -306,7 +307,7 @@ class GenerationEvaluator:
             per_clip[index].update(result)
             if embedded is not None:
                 model_config = self.backbone("embedded").model_config
-                scored = attribute_labels.attribute_scores(embedded[index].predictions, targets, model_config)
+                scored = evaluator_labels.attribute_scores(embedded[index].predictions, targets, model_config)
                 attributes.append(scored)
                 per_clip[index].update(scored)
         out: dict[str, Any] = {}
@@ -318,7 +319,7 @@ class GenerationEvaluator:
                                  clips=int(summary[f"{name}_count"]))
         if attributes:
             backbone_id = self.backbone("embedded").id
-            for name, value in attribute_labels.summarize_attribute_scores(attributes).items():
+            for name, value in evaluator_labels.summarize_attribute_scores(attributes).items():
                 out[name] = dict(value=value, **self._attribute_interval(name, attributes), backbone=backbone_id,
                                  clips=len(attributes))
         return out
@@ -330,7 +331,7 @@ class GenerationEvaluator:
         counted = [a for a in attributes if "instrument_tp" in a]
 
         def resampled_f1(indices: np.ndarray) -> float:
-            return attribute_labels.summarize_attribute_scores([counted[i] for i in indices])[name]
+            return evaluator_labels.summarize_attribute_scores([counted[i] for i in indices])[name]
 
         return self._interval(resampled_f1, size=len(counted))
 

@@ -17,13 +17,13 @@ from its text ("... at 120 BPM", "... in E-flat minor"), which is how the embedd
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from musicdiff.audio.io import resample
+from musicdiff.models.evaluator_labels import MODES
 
 ANALYSIS_RATE = 22050
 HOP = 512
@@ -32,8 +32,6 @@ OCTAVE_FACTORS = (1.0, 2.0, 0.5)
 # Krumhansl & Kessler (1982) probe-tone profiles, tonic first.
 KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
-PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-MODES = ("major", "minor")
 
 
 def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -70,49 +68,6 @@ def estimate_key(audio: np.ndarray, sample_rate: int) -> tuple[int, str]:
     scores = key_scores(chroma)
     mode, tonic = np.unravel_index(int(np.argmax(scores)), scores.shape)
     return int(tonic), MODES[int(mode)]
-
-
-def parse_pitch_class(name: str) -> int:
-    """"Eb", "F#", "E-flat", "f sharp" -> pitch class (C = 0)."""
-    text = name.strip().replace("♭", "b").replace("♯", "#")
-    match = re.fullmatch(r"([A-Ga-g])\s*(#|b|-?\s*sharp|-?\s*flat)?", text)
-    if not match:
-        raise ValueError(f"not a key tonic: {name!r}")
-    pitch = PITCH_CLASSES[match.group(1).upper()]
-    accidental = (match.group(2) or "").replace("-", "").strip()
-    if accidental in ("#", "sharp"):
-        pitch += 1
-    elif accidental in ("b", "flat"):
-        pitch -= 1
-    return pitch % 12
-
-
-_BPM_TEXT = re.compile(r"(\d{2,3})\s*(?:bpm|beats per minute)", re.IGNORECASE)
-_KEY_TEXT = re.compile(r"\b([A-G](?:-flat|-sharp|b|#)?)\s+(major|minor)\b")
-
-
-def prompt_targets(prompt: str, attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """{bpm, tonic, mode, instruments} the prompt asks for, from attributes when given, else from the text.
-
-    Keys the prompt does not state are absent."""
-    targets: dict[str, Any] = {}
-    attributes = attributes or {}
-    if "bpm" in attributes:
-        targets["bpm"] = float(attributes["bpm"])
-    if "tonic_pitch_class" in attributes:
-        targets["tonic"] = int(attributes["tonic_pitch_class"])
-    elif "key" in attributes:
-        targets["tonic"] = parse_pitch_class(str(attributes["key"]))
-    if attributes.get("mode") in MODES:
-        targets["mode"] = attributes["mode"]
-    if "instruments" in attributes:
-        targets["instruments"] = list(attributes["instruments"])
-    if "bpm" not in targets and (match := _BPM_TEXT.search(prompt)):
-        targets["bpm"] = float(match.group(1))
-    if "tonic" not in targets and (match := _KEY_TEXT.search(prompt)):
-        targets["tonic"] = parse_pitch_class(match.group(1))
-        targets.setdefault("mode", match.group(2))
-    return targets
 
 
 def tempo_correct(estimate: float, target: float, factors: Sequence[float] = (1.0,),

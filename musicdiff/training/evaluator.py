@@ -30,11 +30,14 @@ from flax import nnx
 from data_pipelines.audio_folder import AudioItem, scan
 from data_pipelines.grain_pipeline import AudioFolderSource, training_dataset
 from musicdiff.audio.io import load_audio
+from musicdiff.audio.windows import prepare_for_analysis
 from musicdiff.errors import DataError
-from musicdiff.eval.attribute_labels import attribute_scores, encode_targets, summarize_attribute_scores
-from musicdiff.eval.prompt_following import prompt_targets
+from musicdiff.files import atomic_write_json
 from musicdiff.metrics import SKIPPED_METRIC
 from musicdiff.models import registry
+from musicdiff.models.evaluator_analysis import WindowedEvaluator
+from musicdiff.models.evaluator_labels import (attribute_scores, encode_targets, prompt_targets,
+                                               summarize_attribute_scores)
 from musicdiff.training.optim import all_finite, make_optimizer, select_tree
 from musicdiff.training.trainer import Trainer, register_trainer
 
@@ -92,14 +95,12 @@ def losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> tuple[
 def heldout_accuracy(model: nnx.Module, model_config: ml_collections.ConfigDict,
                      items: list[AudioItem]) -> dict[str, float]:
     """Attribute accuracy of `model` on whole held-out clips, windowed as evaluation does."""
-    from musicdiff.eval.backbones.embedded import EmbeddedBackbone
-
-    backbone = EmbeddedBackbone(model, model_config, "training")
+    evaluator = WindowedEvaluator(model, model_config)
     per_clip = []
     for item in items:
-        audio = backbone.prepare(load_audio(item.path, None, None), item.sample_rate)
-        analysis = backbone.analyze([audio])[0]
-        per_clip.append(attribute_scores(analysis.predictions, prompt_targets(item.caption, item.attributes),
+        audio = prepare_for_analysis(load_audio(item.path, None, None), item.sample_rate, evaluator.sample_rate, 1)
+        outputs = evaluator.clip_outputs(audio)
+        per_clip.append(attribute_scores(outputs.predictions, prompt_targets(item.caption, item.attributes),
                                          model_config))
     summary = summarize_attribute_scores(per_clip)
     summary["clips"] = float(len(items))
@@ -161,7 +162,7 @@ class EvaluatorTrainer(Trainer):
         if self.heldout_items and not result.preempted:
             model = nnx.merge(self.graphdef, jax.device_get(state["params"][SECTION]))
             summary["heldout"] = heldout_accuracy(model, self.config[SECTION], self.heldout_items)
-            (workdir / "heldout_accuracy.json").write_text(json.dumps(summary["heldout"], indent=2) + "\n")
+            atomic_write_json(workdir / "heldout_accuracy.json", summary["heldout"])
         if jax.process_index() == 0:
             print(json.dumps(summary, indent=2))
         return summary

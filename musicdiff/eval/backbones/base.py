@@ -19,11 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from musicdiff.audio.io import apply_channel_policy, normalize, resample
+from musicdiff.audio.windows import prepare_for_analysis
 from musicdiff.errors import ConfigError
-
-PEAK_TARGET_DB = -1.0
-
 
 @dataclasses.dataclass
 class ClipAnalysis:
@@ -49,14 +46,8 @@ class Backbone(abc.ABC):
 
     def prepare(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         """[channels, samples] file audio -> float32 [self.channels, samples'] at self.sample_rate."""
-        x = np.asarray(audio, np.float32)
-        x = x[None] if x.ndim == 1 else x
-        if self.normalize_before_resample:
-            x = normalize(x, "peak", PEAK_TARGET_DB)
-        x = resample(apply_channel_policy(x, self.channels), int(sample_rate), self.sample_rate)
-        if not self.normalize_before_resample:
-            x = normalize(x, "peak", PEAK_TARGET_DB)
-        return x
+        return prepare_for_analysis(audio, sample_rate, self.sample_rate, self.channels,
+                                    normalize_before_resample=self.normalize_before_resample)
 
     @abc.abstractmethod
     def analyze(self, clips: Sequence[np.ndarray]) -> list[ClipAnalysis]:
@@ -73,22 +64,3 @@ class Backbone(abc.ABC):
         return dict(id=self.id, sample_rate=self.sample_rate, channels=self.channels,
                     window_seconds=self.window_seconds, hop_seconds=self.hop_seconds,
                     label_groups=list(self.label_groups), has_text=self.has_text)
-
-
-def window_starts(length: int, window: int, hop: int) -> list[int]:
-    """Window starts covering `length` samples: every hop while a full window fits, plus one window ending at the
-    end when more than half a hop is left uncovered (a clip shorter than a window gets one, zero-padded)."""
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window + 1, hop))
-    if length - (starts[-1] + window) > hop // 2:
-        starts.append(length - window)
-    return starts
-
-
-def cut_windows(audio: np.ndarray, window: int, hop: int) -> np.ndarray:
-    """[C, T] -> [windows, C, window], zero-padding a clip shorter than one window."""
-    x = np.asarray(audio, np.float32)
-    if x.shape[-1] < window:
-        x = np.pad(x, ((0, 0), (0, window - x.shape[-1])))
-    return np.stack([x[:, s:s + window] for s in window_starts(x.shape[-1], window, hop)])

@@ -3,7 +3,6 @@ manifest written from the summaries once every shard is finished."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from data_pipelines.latent_source import FORMAT, MANIFEST_NAME, VERSION, shard_n
 from musicdiff.checkpoints import CheckpointRef
 from musicdiff.config import downsampling_ratio, to_dict
 from musicdiff.errors import DataError
-from musicdiff.files import atomic_write_json, fsync_file, sha256_file
+from musicdiff.files import atomic_write_json, commit_file, sha256_file
 from musicdiff.inference.precompute.dataset import Dataset
 from musicdiff.inference.precompute.plan import ShardLayout, plan_sha256, read_json
 from musicdiff.models.text_encoder import text_encoder_kind
@@ -42,8 +41,7 @@ class ShardWriter:
 
     def finish(self, sample_rate: int) -> dict[str, Any]:
         self._writer.close()
-        fsync_file(self.partial)
-        os.replace(self.partial, self.final)
+        commit_file(self.partial, self.final)
         summary = {"file": self.final.name, "items": self.items, "bytes": self.final.stat().st_size,
                    "sha256": sha256_file(self.final), "seconds": self.real_samples / sample_rate,
                    "plan_sha256": self.digest}

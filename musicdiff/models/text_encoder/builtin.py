@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from jax.sharding import Mesh
 
 from musicdiff.config import to_dict
 from musicdiff.errors import ConfigError
-from musicdiff.files import default_mode, sha256_file
+from musicdiff.files import atomic_directory, sha256_file
 from musicdiff.models.text_encoder.frozen import FrozenEmbeddingsKind
 from musicdiff.models.text_encoder.hf_checkpoint import load_t5_encoder, resolve_checkpoint_dir
 from musicdiff.models.text_encoder.registry import (CaptionFieldsFn, PromptEncoderFn, TextEncoderKind,
@@ -149,10 +147,8 @@ class EmbeddedKind(TextEncoderKind):
         if resuming and target.is_dir():
             return
         shutil.rmtree(target, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
-        staging.chmod(default_mode(directory=True))
-        build_caption_tokenizer(captions, staging, int(section.vocab_size))
-        os.replace(staging, target)
+        with atomic_directory(target) as staging:
+            build_caption_tokenizer(captions, staging, int(section.vocab_size))
 
     def caption_fields(self, section: ml_collections.ConfigDict, out: Path, *, mesh: Mesh, rules: Rules,
                        batch_size: int, dtype: Any) -> CaptionFieldsFn:

@@ -1,4 +1,6 @@
-"""The embedded evaluator's label vocabulary: synthetic-set attributes <-> class indices, and attribute accuracy.
+"""The embedded evaluator's label vocabulary: what a prompt asks for (its attributes, or its text: "... at 120 BPM",
+"... in E-flat minor"), those targets <-> class indices, and attribute accuracy. Below training and eval: the
+evaluator's trainer and the metrics share it.
 
 Heads (musicdiff.models.audio_evaluator): key = tonic pitch class (12, C = 0), mode (major, minor), tempo bucket
 (bucket i: tempo_edges[i-1] <= bpm < tempo_edges[i]), instruments (multi-label over `instruments`).
@@ -6,6 +8,7 @@ Heads (musicdiff.models.audio_evaluator): key = tonic pitch class (12, C = 0), m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +17,51 @@ import numpy as np
 from musicdiff.models.audio_evaluator import MODE_CLASSES
 
 HEADS = ("key", "mode", "tempo", "instruments")
+PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+MODES = ("major", "minor")
+
+
+def parse_pitch_class(name: str) -> int:
+    """"Eb", "F#", "E-flat", "f sharp" -> pitch class (C = 0)."""
+    text = name.strip().replace("♭", "b").replace("♯", "#")
+    match = re.fullmatch(r"([A-Ga-g])\s*(#|b|-?\s*sharp|-?\s*flat)?", text)
+    if not match:
+        raise ValueError(f"not a key tonic: {name!r}")
+    pitch = PITCH_CLASSES[match.group(1).upper()]
+    accidental = (match.group(2) or "").replace("-", "").strip()
+    if accidental in ("#", "sharp"):
+        pitch += 1
+    elif accidental in ("b", "flat"):
+        pitch -= 1
+    return pitch % 12
+
+
+_BPM_TEXT = re.compile(r"(\d{2,3})\s*(?:bpm|beats per minute)", re.IGNORECASE)
+_KEY_TEXT = re.compile(r"\b([A-G](?:-flat|-sharp|b|#)?)\s+(major|minor)\b")
+
+
+def prompt_targets(prompt: str, attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """{bpm, tonic, mode, instruments} the prompt asks for, from attributes when given, else from the text.
+
+    Keys the prompt does not state are absent."""
+    targets: dict[str, Any] = {}
+    attributes = attributes or {}
+    if "bpm" in attributes:
+        targets["bpm"] = float(attributes["bpm"])
+    if "tonic_pitch_class" in attributes:
+        targets["tonic"] = int(attributes["tonic_pitch_class"])
+    elif "key" in attributes:
+        targets["tonic"] = parse_pitch_class(str(attributes["key"]))
+    if attributes.get("mode") in MODES:
+        targets["mode"] = attributes["mode"]
+    if "instruments" in attributes:
+        targets["instruments"] = list(attributes["instruments"])
+    if "bpm" not in targets and (match := _BPM_TEXT.search(prompt)):
+        targets["bpm"] = float(match.group(1))
+    if "tonic" not in targets and (match := _KEY_TEXT.search(prompt)):
+        targets["tonic"] = parse_pitch_class(match.group(1))
+        targets.setdefault("mode", match.group(2))
+    return targets
 
 
 def tempo_bucket(bpm: float, edges: Sequence[float]) -> int:
