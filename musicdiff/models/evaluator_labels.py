@@ -69,7 +69,7 @@ def tempo_bucket(bpm: float, edges: Sequence[float]) -> int:
 
 
 def encode_targets(targets: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Class indices / multi-hot for the targets present (keys as prompt_following.prompt_targets gives them)."""
+    """Class indices / multi-hot for the targets present (keys as prompt_targets gives them)."""
     out: dict[str, np.ndarray] = {}
     if "tonic" in targets:
         out["key"] = np.int32(targets["tonic"])
