@@ -16,11 +16,11 @@ import sys
 from absl import app, flags
 
 import launch.common  # noqa: F401  (defines --workdir)
+from musicdiff.convert.stage import FORMATS, convert_checkpoint
 from musicdiff.errors import ConfigError, DataError
 
-FORMATS = ["stable_audio"]
-flags.DEFINE_enum("from", None, FORMATS, "Import a checkpoint of this format.")
-flags.DEFINE_enum("to", None, FORMATS, "Export a musicdiff checkpoint to this format.")
+flags.DEFINE_enum("from", None, list(FORMATS), "Import a checkpoint of this format.")
+flags.DEFINE_enum("to", None, list(FORMATS), "Export a musicdiff checkpoint to this format.")
 flags.DEFINE_string("model_config", None, "Import: the stable-audio-tools model_config.json.")
 flags.DEFINE_string("checkpoint", None, "Import: model.safetensors, or a .ckpt state dict (read with weights_only).")
 flags.DEFINE_string("t5", None, "Import: local Hugging Face directory of the T5 text encoder (default: the "
@@ -33,33 +33,15 @@ flags.DEFINE_bool("use_ema", True, "Export: the EMA weights when the checkpoint 
 FLAGS = flags.FLAGS
 
 
-def convert() -> None:
-    from musicdiff.convert.stable_audio import export_stable_audio, import_stable_audio
-
-    if (FLAGS["from"].value is None) == (FLAGS.to is None):
-        raise ConfigError("pass exactly one of --from=stable_audio (import) or --to=stable_audio (export)")
-    if FLAGS.workdir is None:
-        raise ConfigError("--workdir is required: the directory the converted files go to")
-    if FLAGS["from"].value is not None:
-        if not FLAGS.model_config or not FLAGS.checkpoint:
-            raise ConfigError("import needs --model_config=model_config.json and --checkpoint=model.safetensors")
-        result = import_stable_audio(FLAGS.model_config, FLAGS.checkpoint, FLAGS.workdir, t5_path=FLAGS.t5,
-                                     compute_dtype=FLAGS.dtype)
-        print(f"autoencoder checkpoint: {result.autoencoder}")
-        if result.diffusion is not None:
-            print(f"diffusion checkpoint: {result.diffusion}")
-        return
-    result = export_stable_audio(FLAGS.workdir, diffusion=FLAGS.diffusion, autoencoder=FLAGS.autoencoder,
-                                 use_ema=FLAGS.use_ema)
-    print(f"wrote {result.safetensors} and {result.model_config}")
-
-
 def main(_argv: list[str]) -> None:
     from musicdiff.checkpoints import CheckpointError
 
     logging.getLogger().setLevel(logging.INFO)
     try:
-        convert()
+        convert_checkpoint(workdir=FLAGS.workdir, from_format=FLAGS["from"].value, to_format=FLAGS.to,
+                           model_config=FLAGS.model_config, checkpoint=FLAGS.checkpoint, t5=FLAGS.t5,
+                           dtype=FLAGS.dtype, diffusion=FLAGS.diffusion, autoencoder=FLAGS.autoencoder,
+                           use_ema=FLAGS.use_ema)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from musicdiff.parallel import DEFAULT_SHARDING_RULES
+from musicdiff.files import atomic_write_json
 from musicdiff.models import registry
 from musicdiff.parallel import make_mesh, param_shardings, per_device_bytes
 
@@ -58,3 +60,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"\nall models: {report['param_count']:,d} parameters, "
                  f"{report['per_device_param_bytes']:,d} bytes per device")
     return "\n".join(lines)
+
+
+def describe_stage(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    """launch.describe: prints the report and writes WORKDIR/describe.json."""
+    report = describe_config(config)
+    print(format_report(report))
+    atomic_write_json(Path(workdir) / "describe.json", report)
+    return report

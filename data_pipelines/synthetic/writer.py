@@ -129,3 +129,12 @@ def _remove_stale_clips(root: Path, listed: set[str]) -> int:
     if stale:
         log.info("removed %d clips of an earlier run from %s", len(stale), root / AUDIO_DIR)
     return len(stale)
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, root: str | os.PathLike) -> dict[str, Any]:
+    """launch.prepare_data: renders the set with a progress bar and prints what it wrote."""
+    summary = write_dataset(config, root, progress=True)
+    print(f"wrote {summary['clips']} clips ({summary['hours']:.3f} h of audio) to {summary['root']} in "
+          f"{summary['seconds_taken']:.1f} s with {summary['workers']} worker(s)")
+    print(json.dumps(summary))
+    return summary
