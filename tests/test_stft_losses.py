@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
+from musicdiff.audio.metrics import stft_magnitude
 from musicdiff.audio.stft_losses import (
     SAO_AUTOENCODER_STFT_LOSS,
     STFTLossConfig,
@@ -23,14 +24,8 @@ from musicdiff.audio.stft_losses import (
 # ---- numpy reference (torch.stft semantics: periodic Hann, centre with reflect padding) -----------------------
 
 def np_stft_mag(x, n_fft, hop, win, eps=1e-8):
-    x = np.asarray(x, np.float64)
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
-    left = (n_fft - win) // 2
-    window = np.pad(window, (left, n_fft - win - left))
-    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(n_fft // 2, n_fft // 2)], mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)[..., ::hop, :]
-    spec = np.fft.rfft(frames * window, axis=-1)
-    return np.sqrt(np.maximum(spec.real**2 + spec.imag**2, eps))
+    """The NumPy |STFT| of audio/metrics.py (an independent float64 implementation of the JAX losses' STFT)."""
+    return stft_magnitude(np.asarray(x, np.float64), n_fft, hop, win, eps)
 
 
 def np_mrstft(x, y, fft_sizes, hops, wins, mel=None, weight_taps=None):

@@ -47,12 +47,12 @@ from musicdiff.errors import ConfigError
 from musicdiff.models.attention import Linear, rotary_dim
 from musicdiff.models.denoiser import (BLOCK_ADAPTERS, BLOCK_RESIDUALS, IMPLICIT_NULL_CONTEXT, ConditioningInputs)
 from musicdiff.models.registry import register
-from musicdiff.models.transformer import ContinuousTransformer, TransformerConfig, adapter_options
+from musicdiff.models.transformer import ContinuousTransformer, DtypeFields, TransformerConfig, adapter_options
 from musicdiff.parallel.sharding import split_count
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(DtypeFields):
     io_channels: int = 64
     embed_dim: int = 1536
     depth: int = 24
@@ -116,14 +116,6 @@ class DiTConfig:
             layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
             attention_implementation=self.attention_implementation, remat=self.remat, dtype=self.dtype,
             param_dtype=self.param_dtype, adapter=self.adapter)
-
-    @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self) -> Any:
-        return jnp.dtype(self.param_dtype)
 
 
 class FourierFeatures(nnx.Module):

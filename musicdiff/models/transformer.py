@@ -49,8 +49,20 @@ REMAT_POLICIES = {
 }
 
 
+class DtypeFields:
+    """compute_dtype / weight_dtype of a model config whose `dtype` and `param_dtype` are dtype names."""
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(DtypeFields):
     io_channels: int  # width of what is projected in and out
     embed_dim: int
     depth: int
@@ -88,14 +100,6 @@ class TransformerConfig:
                                   f"bfloat16") from None
         if self.adapter and "name" not in dict(self.adapter):
             raise ConfigError(f"{self.prefix}.adapter: needs a 'name' (one of {', '.join(block_adapters.names())})")
-
-    @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self) -> Any:
-        return jnp.dtype(self.param_dtype)
 
     @property
     def prepend_length(self) -> int:
