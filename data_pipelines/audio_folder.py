@@ -41,6 +41,7 @@ import soundfile
 
 from musicdiff.audio.io import AudioInfo, read_info
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.files import atomic_write_json
 
 MANIFEST_NAME = "manifest.jsonl"
 DEFAULT_LICENSE_ALLOWLIST = ("CC0-1.0", "CC-BY-3.0", "CC-BY-4.0")
@@ -212,7 +213,7 @@ def inspect_folder(config: ml_collections.ConfigDict, workdir: Path) -> dict[str
     result = scan(config)
     print(result.table())
     report = result.report()
-    (Path(workdir) / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(Path(workdir) / "data_report.json", report)
     return report
 
 

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from musicdiff.errors import DataError
+from musicdiff.files import atomic_write_json, atomic_write_text
 
 
 def stage_command(cli: str, config_file: str, overrides: list[str], workdir: Path) -> list[str]:
@@ -96,9 +97,10 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         "final": json.loads((workdir / "autoencoder_eval" / "report.json").read_text())}
     summary["diffusion_loss"] = loss_summary(workdir / "diffusion" / "metrics.jsonl")
     summary["evaluation"] = json.loads((workdir / "evaluation" / "series.json").read_text())
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (workdir / "summary.md").write_text(summary_markdown(summary, workdir))
-    print("\n" + (workdir / "summary.md").read_text())
+    atomic_write_json(workdir / "summary.json", summary)
+    markdown = summary_markdown(summary, workdir)
+    atomic_write_text(workdir / "summary.md", markdown)
+    print("\n" + markdown)
     return summary
 
 
