@@ -32,7 +32,9 @@ Manifest keys: format, version, autoencoder {checkpoint, fingerprint, step, conf
 autoencoder_checkpoint (the same step directory, absolute), text_encoder {name, id, config, max_length,
 embedding_dim (t5) | tokenizer_path, vocab_size (embedded)}, sample_rate, sample_size, downsampling_ratio, latent_rate
 (frames per second), latent_shape [C, F], latent_channels, latent_frames, dtype, posterior, num_items, hours, shards
-[{file, items, sha256, bytes, seconds}], source {kind, root, usable, skipped}, inputs_sha256, windows_per_shard,
+[{file, items, sha256, bytes, seconds}], source {kind, root, usable, skipped}, skipped_windows {changed_since_scan,
+non_finite_latents} (windows laid out but not written: their file changed or vanished after the scan, or their
+latents were not finite), inputs_sha256, windows_per_shard,
 config (the precompute config), plan. `read_manifest` resolves tokenizer_path to an absolute path (also inside
 text_encoder.config, so the section can go straight to load_text_encoder).
 

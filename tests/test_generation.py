@@ -120,6 +120,14 @@ def test_clear_errors(checkpoints, tmp_path):
         SamplerSettings(sampler="k-lms")
     with pytest.raises(ConfigError, match="ddpm"):
         generate_to_folder(gen_config(checkpoints[0], prompt="x", sampler="ddpm", seconds_total=0.3), tmp_path / "ddpm")
+    # Audio-to-audio with no positive noise level is a config error, not a silent text-to-audio run.
+    with pytest.raises(ConfigError, match="init_noise_level"):
+        SamplerSettings(sampler="euler", init_noise_level=0.0)
+    source = tmp_path / "init.wav"
+    soundfile.write(source, np.zeros((int(0.37 * 44100), 2), np.float32), 44100)
+    with pytest.raises(ConfigError, match="init_noise_level"):
+        generate_to_folder(gen_config(checkpoints[0], prompt="x", seconds_total=0.3, init_audio=str(source),
+                                      init_noise_level=0.0), tmp_path / "a2a")
     done = subprocess.run([sys.executable, "-m", "launch.generate", "--config.checkpoint=/no/such/run",
                            "--config.prompt=x", f"--workdir={tmp_path / 'missing'}"],
                           capture_output=True, text=True, timeout=120)

@@ -94,6 +94,38 @@ def test_windows_timing_and_posterior_match_the_autoencoder(setup, unsharded):
 
 
 @pytest.mark.slow
+def test_vanished_files_and_non_finite_latents_are_skipped_and_counted(setup, monkeypatch, capsys):
+    """A file gone between the scan and its read, and windows whose latents are NaN, are skipped and counted."""
+    from musicdiff.inference.precompute import stage
+
+    root = shutil.copytree(setup["root"], setup["base"] / "vanishing")
+    scan, encoder = stage.open_dataset, stage.WindowEncoder
+
+    def scan_then_delete(config):
+        dataset = scan(config)
+        (root / "a.wav").unlink()  # its 6 windows (0-5) were laid out by the scan
+        return dataset
+
+    class FirstRowNaN(encoder):
+        def __call__(self, audio, padding_mask):
+            out = super().__call__(audio, padding_mask)
+            return {**out, "latent_mean": out["latent_mean"].at[0].set(jnp.nan)}
+
+    monkeypatch.setattr(stage, "open_dataset", scan_then_delete)
+    monkeypatch.setattr(stage, "WindowEncoder", FirstRowNaN)
+    workdir = setup["base"] / "skipping"
+    summary = precompute_latents(precompute_config(setup["checkpoint"], root), workdir)
+    # 6 batches of 8 (shards of 16, 16 and 11 windows); batch 0's first row is a.wav's, already unreadable.
+    assert summary["skipped_windows"] == {"changed_since_scan": 6, "non_finite_latents": 5}
+    assert "skipped windows: changed_since_scan=6, non_finite_latents=5" in capsys.readouterr().out
+    manifest = read_manifest(workdir)
+    assert manifest["num_items"] == EXPECTED_WINDOWS - 11 and manifest["skipped_windows"] == summary["skipped_windows"]
+    records = list(iterate_records(workdir, arrays=True))
+    assert len(records) == EXPECTED_WINDOWS - 11 and "a.wav" not in {r["path"] for r in records}
+    assert all(np.isfinite(r["latent_mean"]).all() for r in records)
+    assert {r["window_index"] for r in records}.isdisjoint({0, 1, 2, 3, 4, 5, 8, 16, 24, 32, 40})
+
+
 def test_killed_run_resumes_to_byte_identical_files(setup):
     workdir = setup["base"] / "killed"
     killed = run_cli(cli_args(setup["checkpoint"], setup["root"], workdir), {KILL_AFTER_ENV: "21"})

@@ -18,8 +18,14 @@ from musicdiff.inference.precompute.plan import ShardLayout, plan_sha256, read_j
 from musicdiff.models.text_encoder import text_encoder_kind
 
 
+# Why a window of a shard was not written: its audio changed or vanished after the scan, or its latents are not
+# finite (a broken autoencoder, or input it cannot encode). Counted per shard and in the manifest, never fatal.
+SKIP_REASONS = ("changed_since_scan", "non_finite_latents")
+
+
 class ShardWriter:
-    """One shard: records go to `.partial`, which is renamed once the shard is complete; then its summary."""
+    """One shard: records go to `.partial`, which is renamed once every window is written or skipped; then its
+    summary (items written, windows skipped by reason)."""
 
     def __init__(self, out: Path, shard: int, layout: ShardLayout, options: str, digest: str):
         self.final = out / shard_name(shard, layout.num_shards)
@@ -27,6 +33,7 @@ class ShardWriter:
         self.summary_path = out / shard_summary_name(shard, layout.num_shards)
         start, stop = layout.bounds(shard)
         self.expected, self.items, self.real_samples, self.digest = stop - start, 0, 0, digest
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
         self.summary_path.unlink(missing_ok=True)
         self._writer = ArrayRecordWriter(str(self.partial), options)
 
@@ -35,16 +42,19 @@ class ShardWriter:
         self.items += 1
         self.real_samples += real_samples
 
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
     @property
     def complete(self) -> bool:
-        return self.items == self.expected
+        return self.items + sum(self.skipped.values()) == self.expected
 
     def finish(self, sample_rate: int) -> dict[str, Any]:
         self._writer.close()
         commit_file(self.partial, self.final)
         summary = {"file": self.final.name, "items": self.items, "bytes": self.final.stat().st_size,
                    "sha256": sha256_file(self.final), "seconds": self.real_samples / sample_rate,
-                   "plan_sha256": self.digest}
+                   "skipped": self.skipped, "plan_sha256": self.digest}
         atomic_write_json(self.summary_path, summary)
         return summary
 
@@ -53,14 +63,16 @@ class ShardWriter:
 def write_manifest(out: Path, config, plan: dict[str, Any], dataset: Dataset, ref: CheckpointRef) -> dict:
     ae = ref.config.autoencoder
     ratio = downsampling_ratio(ae)
-    shards = []
+    shards, summaries = [], []
     for shard in range(plan["num_shards"]):
         summary = read_json(out / shard_summary_name(shard, plan["num_shards"]))
         if summary is None or summary.get("plan_sha256") != plan_sha256(plan):
             raise DataError(f"{out / shard_name(shard, plan['num_shards'])}: not finished after every process was "
                             f"done; re-run launch.precompute_latents on {out}")
+        summaries.append(summary)
         shards.append({key: summary[key] for key in ("file", "items", "sha256", "bytes", "seconds")})
     frames = int(config.data.sample_size) // ratio
+    skipped = {reason: sum(shard.get("skipped", {}).get(reason, 0) for shard in summaries) for reason in SKIP_REASONS}
     manifest = {
         "format": FORMAT, "version": VERSION,
         "autoencoder": {**plan["autoencoder"], "config": to_dict(ae)},
@@ -71,7 +83,7 @@ def write_manifest(out: Path, config, plan: dict[str, Any], dataset: Dataset, re
         "latent_channels": int(ae.latent_dim), "latent_frames": frames, "latent_shape": [int(ae.latent_dim), frames],
         "dtype": config.dtype, "posterior": ae.bottleneck.type == "vae",
         "num_items": sum(s["items"] for s in shards), "hours": sum(s["seconds"] for s in shards) / 3600.0,
-        "shards": shards, "source": dataset.report, "inputs_sha256": plan["inputs_sha256"],
+        "shards": shards, "source": dataset.report, "skipped_windows": skipped, "inputs_sha256": plan["inputs_sha256"],
         "windows_per_shard": int(config.windows_per_shard), "config": to_dict(config), "plan": plan,
     }
     atomic_write_json(out / MANIFEST_NAME, manifest)

@@ -24,7 +24,7 @@ from data_pipelines.grain_pipeline import ClipSpec, batch_examples, window_datas
 from data_pipelines.latent_source import MANIFEST_NAME, PLAN_NAME, encode_record
 from musicdiff.checkpoints import CheckpointError, CheckpointRef, find_checkpoint, load_model
 from musicdiff.config import downsampling_ratio, validate
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, DataError
 from musicdiff.files import atomic_write_json
 from musicdiff.inference.precompute.dataset import Dataset, open_dataset
 from musicdiff.inference.precompute.outputs import ShardWriter, write_manifest
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class _PendingWindow(grain.transforms.Map):
-    """Work entry (global window id, or -1 for the padding that completes a shard's last batch) -> example."""
+    """Work entry (global window id, or -1 for the padding that completes a shard's last batch) -> example. A window
+    whose file changed or vanished since the scan becomes padding marked `unreadable`: skipped and counted."""
 
     def __init__(self, windows: grain.MapDataset, spec: ClipSpec):
         self.windows = windows
@@ -52,8 +53,14 @@ class _PendingWindow(grain.transforms.Map):
                         "offset": np.int64(-1)}
 
     def map(self, window: int) -> dict[str, Any]:
-        example = self.windows[int(window)] if window >= 0 else self.padding
-        return {**example, "window": np.int64(window)}
+        example, unreadable = self.padding, False
+        if window >= 0:
+            try:
+                example = self.windows[int(window)]
+            except DataError as err:
+                log.warning("skipping window %d: %s", window, err)
+                unreadable = True
+        return {**example, "window": np.int64(window), "unreadable": np.bool_(unreadable)}
 
 
 def _check_config(config: ml_collections.ConfigDict, ae: ml_collections.ConfigDict) -> None:
@@ -132,21 +139,26 @@ def _encode_shards(config: ml_collections.ConfigDict, out: Path, ref: Checkpoint
                 start, stop = layout.bounds(shard)
                 captions = [dataset.clips[windows[w][0]]["caption"] for w in range(start, stop)]
                 fields = caption_fields(list(dict.fromkeys(captions)))
-            clip_index = int(batch["index"][row])
-            clip = dataset.clips[clip_index]
-            real_samples = int(batch["padding_mask"][row].sum())
             record = {key: value[row] for key, value in host.items()}
-            record.update(seconds_start=float(batch["seconds_start"][row]),
-                          seconds_total=float(batch["seconds_total"][row]), offset=int(batch["offset"][row]),
-                          real_samples=real_samples, clip_index=clip_index, window_index=int(window),
-                          caption=clip["caption"], license=clip["license"], path=clip["path"], title=clip["title"],
-                          artist=clip["artist"], attributes=json.dumps(clip["attributes"], sort_keys=True),
-                          **fields[clip["caption"]])
-            writer.write(encode_record(record), real_samples)
-            written += 1
+            if batch["unreadable"][row]:
+                writer.skip("changed_since_scan")
+            elif not all(np.isfinite(np.asarray(value, np.float32)).all() for value in record.values()):
+                writer.skip("non_finite_latents")
+            else:
+                clip_index = int(batch["index"][row])
+                clip = dataset.clips[clip_index]
+                real_samples = int(batch["padding_mask"][row].sum())
+                record.update(seconds_start=float(batch["seconds_start"][row]),
+                              seconds_total=float(batch["seconds_total"][row]), offset=int(batch["offset"][row]),
+                              real_samples=real_samples, clip_index=clip_index, window_index=int(window),
+                              caption=clip["caption"], license=clip["license"], path=clip["path"],
+                              title=clip["title"], artist=clip["artist"],
+                              attributes=json.dumps(clip["attributes"], sort_keys=True), **fields[clip["caption"]])
+                writer.write(encode_record(record), real_samples)
+                written += 1
+                if kill_after and written >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
             progress.update(1)
-            if kill_after and written >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
             if writer.complete:
                 writer.finish(spec.sample_rate)
                 writer = None
@@ -227,7 +239,8 @@ def _summary(out: Path, manifest: dict[str, Any], dataset: Dataset, *, written: 
     return {"workdir": str(out), "items": manifest["num_items"], "hours": manifest["hours"],
             "shards": len(manifest["shards"]), "shards_skipped": skipped_shards, "windows_encoded": written,
             "encode_seconds": seconds, "windows_per_second": written / seconds if written and seconds > 0 else 0.0,
-            "skipped_inputs": dataset.report["skipped"], "nothing_to_do": nothing_to_do}
+            "skipped_inputs": dataset.report["skipped"], "skipped_windows": manifest.get("skipped_windows", {}),
+            "nothing_to_do": nothing_to_do}
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -237,3 +250,5 @@ def _print_summary(summary: dict[str, Any]) -> None:
           f"{summary['encode_seconds']:.1f} s ({summary['windows_per_second']:.1f} windows/s) and skipped "
           f"{summary['shards_skipped']} finished shards")
     print("skipped inputs: " + (", ".join(f"{reason}={n}" for reason, n in skipped.items()) if skipped else "none"))
+    windows = {reason: n for reason, n in summary["skipped_windows"].items() if n}
+    print("skipped windows: " + (", ".join(f"{reason}={n}" for reason, n in windows.items()) if windows else "none"))
