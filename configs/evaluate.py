@@ -23,6 +23,8 @@ Keys (autoencoder):
   heldout_fraction (-1: the checkpoint's training value; converted checkpoints fall back to 0.1); normalize ("": as
   in training); max_seconds (0: whole clips); max_clips (0: all); the scan thresholds of configs/audio_folder.py.
 - chunk_frames, overlap_frames: chunked encode/decode in latent frames (musicdiff.models.chunking).
+- write_audio: also write the reconstructions to WORKDIR/reconstructions with a generations.jsonl index (captions,
+  attributes), to evaluate them as the "autoencoded" reference row of a checkpoint series.
 
 Keys (generation and embedded):
 - generated_dir: the folder launch.generate wrote (audio + generations.jsonl); step: the TensorBoard step
@@ -40,7 +42,12 @@ Keys (generation and embedded):
 - bootstrap: resamples, fd_resamples, level, seed of the percentile-bootstrap intervals every metric carries
   (musicdiff.eval.intervals). FD recomputes a distance per resample: milliseconds at 64-d (embedded), up to ~1 s
   at 1024-d (OpenL3) with more frames than dimensions; lower fd_resamples there if that is too slow.
-- real_row: a series also evaluates the reference clips as a generation set (the "real" row, the ceiling);
+- prompts_dir: the audio folder whose first num_prompts clips give a series its prompts (captions and attributes,
+  and the label distributions KL pairs each generation with;
+  "" = reference.audio_dir, used when prompts_file is empty). With real_row those clips are the real row: keep it
+  apart from the reference (held-out clips with other captions), so the ceiling is not the reference against itself.
+- real_row: a series also evaluates real clips as a generation set (the "real" row, the ceiling): the prompt clips
+  of prompts_dir when set, else the reference clips;
   reference_rows: further named rows "name=DIR,name=DIR" (e.g. autoencoded=DIR,step_0=DIR); see
   musicdiff.eval.evaluation_table. A series writes the table OUT/report.{json,md} with a verdict per metric.
 - backbones.<name>: per-backbone settings; `python` runs that backbone in another interpreter (an environment
@@ -67,6 +74,7 @@ def _generation_config(kind: str) -> ml_collections.ConfigDict:
     c.checkpoints = ""
     c.prompts_file = ""
     c.num_prompts = 16
+    c.prompts_dir = ""
     generate_file = Path(__file__).resolve().parent / "generate.py"
     c.generate = ml_collections.ConfigDict(to_dict(load_config(f"{generate_file}:{GENERATE_PRESET[kind]}")))
     c.reference = ml_collections.ConfigDict(dict(audio_dir="", stats="", cache_dir="", pair_by="prompt",
@@ -98,6 +106,7 @@ def _autoencoder_config() -> ml_collections.ConfigDict:
     c.use_ema = True
     c.chunk_frames = 128
     c.overlap_frames = 32
+    c.write_audio = False  # also write the reconstructions (OUT/reconstructions, indexed like generations)
     c.data = ml_collections.ConfigDict(dict(
         root="",
         split="heldout",

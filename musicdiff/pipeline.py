@@ -96,7 +96,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         "step_0": json.loads((workdir / "autoencoder_eval_step0" / "report.json").read_text()),
         "final": json.loads((workdir / "autoencoder_eval" / "report.json").read_text())}
     summary["diffusion_loss"] = loss_summary(workdir / "diffusion" / "metrics.jsonl")
-    summary["evaluation"] = json.loads((workdir / "evaluation" / "series.json").read_text())
+    summary["evaluation"] = json.loads((workdir / "evaluation" / "report.json").read_text())
+    summary["spectrogram_grid"] = str(spectrogram_grid(workdir, summary["evaluation"], int(config.preview_clips)))
     atomic_write_json(workdir / "summary.json", summary)
     markdown = summary_markdown(summary, workdir)
     atomic_write_text(workdir / "summary.md", markdown)
@@ -117,12 +118,9 @@ def summary_markdown(summary: dict, workdir: Path) -> str:
              f"{loss['window']} steps {loss['last_steps_mean']:.4f} (step {loss['final_step']})",
              f"- Generated audio (listen here) and spectrograms: {workdir / 'evaluation' / 'generations'}/step_*/",
              f"- Evaluation per checkpoint step: {workdir / 'evaluation' / 'series.png'}", ""]
-    series = summary["evaluation"]
-    if series:
-        metrics = sorted({k for values in series.values() for k in values})
-        lines += ["| step | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-        for step in sorted(series, key=int):
-            lines.append(f"| {step} | " + " | ".join(_cell(series[step].get(m)) for m in metrics) + " |")
+    lines += evaluation_lines(summary["evaluation"])
+    lines += ["", f"Spectrograms, same caption per row (real clip, its reconstruction, the last checkpoint's "
+                  f"generation): {summary['spectrogram_grid']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -138,5 +136,58 @@ def autoencoder_lines(reports: dict) -> list[str]:
     return lines + [""]
 
 
-def _cell(value) -> str:
-    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+# The demo summary's metrics, in this order: prompt following by the independent estimators, the evaluator's
+# attribute accuracies, then the distribution distances.
+SUMMARY_METRICS = ("tempo_acc", "key_acc", "attr_key_acc", "attr_mode_acc", "attr_tempo_bucket_acc",
+                   "attr_instrument_f1", "fd_embedded", "kl_embedded")
+
+
+def evaluation_lines(report: dict) -> list[str]:
+    """The evaluation table transposed (a row per metric, a column per clip set: the real clips (ceiling), their
+    reconstructions, then each checkpoint step, step 0 being the floor), with each metric's verdict."""
+    rows = report["rows"]
+    names = [m for m in SUMMARY_METRICS if any(m in row["metrics"] for row in rows)]
+    labels = [row["name"] if row["step"] is not None else f"{row['name']} (reference)" for row in rows]
+    lines = ["", f"Evaluation of {rows[0]['clips']} held-out prompts ({_crop_text(report)}); value [95% interval]:",
+             "", "| metric | " + " | ".join(labels) + " | last step vs step 0 |", "|---" * (len(labels) + 2) + "|"]
+    for name in names:
+        cells = [_interval(row["metrics"].get(name)) for row in rows]
+        verdict = report["verdicts"].get(name, {}).get("verdict", "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines + ["", "A change is called improved (or worse) only where the two intervals do not overlap."]
+
+
+def _crop_text(report: dict) -> str:
+    seconds = float(report["crop_seconds"])
+    return f"every set cropped to its first {seconds:.2f} s" if seconds > 0 else "whole clips"
+
+
+def _interval(entry: dict | None) -> str:
+    return "" if entry is None else f"{entry['value']:.3g} [{entry['lo']:.3g}, {entry['hi']:.3g}]"
+
+
+def spectrogram_grid(workdir: Path, report: dict, count: int) -> Path:
+    """WORKDIR/spectrograms.png: for the first `count` captions found in every set, the real clip, its
+    reconstruction and the last checkpoint's generation, side by side, each cut to the evaluated length."""
+    from musicdiff.audio.io import load_audio, read_info
+    from musicdiff.audio.spectrogram import save_spectrogram_grid
+    from musicdiff.eval.generation_sets import read_generations
+
+    sets = {"real": workdir / "evaluation" / "rows" / "real",
+            "reconstruction": workdir / "autoencoder_eval" / "reconstructions",
+            "generation": Path(max((r for r in report["rows"] if r["step"] is not None),
+                                   key=lambda r: r["step"])["folder"])}
+    by_caption = {name: {clip.prompt: clip.path for clip in read_generations(folder)} for name, folder in sets.items()}
+    captions = [c for c in by_caption["real"] if all(c in clips for clips in by_caption.values())][:count]
+    if not captions:
+        raise DataError(f"no caption is common to {', '.join(str(f) for f in sets.values())}: the demo's sets do "
+                        f"not pair up")
+    seconds = float(report["crop_seconds"])  # the length every set was evaluated at (0: whole clips)
+
+    def cropped(path: Path) -> tuple[np.ndarray, int]:
+        rate = read_info(str(path)).sample_rate
+        audio = load_audio(str(path), None, None)
+        return (audio[:, : int(round(seconds * rate))] if seconds > 0 else audio), rate
+
+    grid = [[cropped(by_caption[name][caption]) for name in sets] for caption in captions]
+    return save_spectrogram_grid(grid, list(sets), captions, workdir / "spectrograms.png")

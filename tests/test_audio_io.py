@@ -132,3 +132,16 @@ def test_write_audio_is_atomic_and_round_trips(tmp_path):
     assert sorted(os.listdir(target.parent)) == ["out.wav"]  # no temporary file left behind
     audio_io.write_audio(tmp_path / "mono.flac", tone[0], 22050)
     assert audio_io.read_info(tmp_path / "mono.flac").channels == 1
+
+
+def test_spectrogram_grid_lays_out_one_panel_per_clip(tmp_path):
+    from PIL import Image
+
+    from musicdiff.audio.spectrogram import save_spectrogram_grid
+
+    t = np.arange(16000) / 16000
+    clip = (np.sin(2 * np.pi * 440 * t)[None].astype(np.float32), 16000)
+    path = save_spectrogram_grid([[clip, clip, clip], [clip, clip, clip]], ["real", "reconstruction", "generation"],
+                                 ["a caption", "another caption"], tmp_path / "grid.png")
+    width, height = Image.open(path).size
+    assert (width, height) == (1200, 440)  # 4.0 in per column, 2.2 in per row, at 100 dpi

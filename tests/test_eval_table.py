@@ -2,6 +2,7 @@
 on rendered clips with a small numpy backbone (band energies per window) standing in for the real ones."""
 
 import json
+import shutil
 import zlib
 
 import ml_collections
@@ -11,7 +12,7 @@ import pytest
 from data_pipelines.synthetic.writer import write_dataset
 from musicdiff.audio.io import load_audio, write_audio
 from musicdiff.config import load_config
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, DataError
 from musicdiff.eval import generation_eval
 from musicdiff.audio.windows import cut_windows
 from musicdiff.eval.backbones.base import Backbone, ClipAnalysis
@@ -182,3 +183,25 @@ def test_series_takes_its_reference_rows_from_the_config(backbone, reference_roo
     bad = _config(reference_root, tmp_path, "reference_rows=step_0")
     with pytest.raises(ConfigError, match="not name=DIR"):
         evaluate_series(bad, tmp_path / "bad", {100: copies})
+
+
+def test_the_real_row_is_the_prompt_clips_when_prompts_come_from_another_folder(backbone, reference_root, tmp_path):
+    """Held-out prompts: the real row lists the first num_prompts clips of prompts_dir, not the reference, and KL
+    pairs each clip with the prompt folder's clip of its caption (no reference clip has it)."""
+    heldout = tmp_path / "heldout"
+    shutil.copytree(reference_root, heldout)
+    manifest = heldout / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({**entry, "caption": f"held out: {entry['caption']}"}) + "\n" for entry in
+                                map(json.loads, manifest.read_text().splitlines())))
+    config = _config(reference_root, tmp_path, f"prompts_dir={heldout}", "num_prompts=3")
+    index = write_real_row(config, tmp_path / "real") / "generations.jsonl"
+    listed = [json.loads(line) for line in index.read_text().splitlines()]
+    entries = [json.loads(line) for line in (heldout / "manifest.jsonl").read_text().splitlines()][:3]
+    assert [r["path"] for r in listed] == [str((heldout / e["path"]).resolve()) for e in entries]
+    assert [r["prompt"] for r in listed] == [e["caption"] for e in entries]
+    generated = ["generated_dir=" + str(tmp_path / "real"), "prompt_following=false", "clap_backbone="]
+    paired = evaluate_generations(_config(reference_root, tmp_path, f"prompts_dir={heldout}", "num_prompts=3",
+                                          *generated), tmp_path / "paired")
+    assert paired["metrics"]["kl_embedded"]["value"] == pytest.approx(0.0, abs=1e-5)  # each clip against itself (eps)
+    with pytest.raises(DataError, match="no generation pairs"):
+        evaluate_generations(_config(reference_root, tmp_path, *generated), tmp_path / "unpaired")

@@ -33,11 +33,22 @@ def test_loss_summary_and_markdown(tmp_path):
     final = {**report, "step": 500, "metrics": {m: {"mean": 0.5} for m in report["metrics"]}}
     summary = {"seconds": {"data": 60.0, "diffusion": 120.0}, "total_seconds": 180.0,
                "autoencoder": {"step_0": report, "final": final}, "diffusion_loss": loss,
-               "evaluation": {"0": {"fd_embedded": 9.5}, "1500": {"fd_embedded": 4.25}}}
+               "evaluation": {
+                   "crop_seconds": 1.4, "verdicts": {"tempo_acc": {"verdict": "improved"}},
+                   "rows": [row("real", None, 0.9, 0.8, 1.0), row("step 0", 0, 0.1, 0.0, 0.3),
+                            row("step 1500", 1500, 0.6, 0.4, 0.8)]},
+               "spectrogram_grid": str(tmp_path / "spectrograms.png")}
     text = summary_markdown(summary, tmp_path)
     assert "Total 3.0 min: data 60 s, diffusion 120 s" in text
     assert "| mel_distance | 1 | 0.5 | -50.0% |" in text and "| si_sdr | 1 | 0.5 | -0.50 dB |" in text
-    assert "| 1500 | 4.25 |" in text
+    assert "| metric | real (reference) | step 0 | step 1500 | last step vs step 0 |" in text
+    assert "| tempo_acc | 0.9 [0.8, 1] | 0.1 [0, 0.3] | 0.6 [0.4, 0.8] | improved |" in text
+    assert "cropped to its first 1.40 s" in text and "spectrograms.png" in text
+
+
+def row(name, step, value, lo, hi):
+    return {"name": name, "step": step, "clips": 16, "folder": "", "metrics": {"tempo_acc": dict(value=value, lo=lo,
+                                                                                                  hi=hi)}}
 
 
 def test_loss_summary_without_losses_says_which_setting(tmp_path):

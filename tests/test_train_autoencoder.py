@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import soundfile
 from flax import nnx
 
 from musicdiff.config import load_config
@@ -142,8 +143,14 @@ def test_cli_trains_with_demos_then_evaluate_writes_a_report(folder, cache, tmp_
 
     evaluate = cli("launch.evaluate", "--config=configs/evaluate.py:autoencoder", f"--config.checkpoint={run_dir}",
                    f"--config.data.root={folder}", f"--workdir={eval_dir}", "--config.chunk_frames=64",
-                   "--config.overlap_frames=16", cache_dir=cache)
+                   "--config.overlap_frames=16", "--config.write_audio=True", cache_dir=cache)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    # The reconstruction, indexed like a generations folder with its clip's caption (the "autoencoded" row).
+    listed = json.loads((eval_dir / "reconstructions" / "generations.jsonl").read_text())
+    manifest = next(e for e in map(json.loads, (folder / "manifest.jsonl").read_text().splitlines())
+                    if e["path"] == "audio/000000.wav")  # the held-out clip
+    assert listed["prompt"] == manifest["caption"] and listed["attributes"] == manifest["attributes"]
+    assert soundfile.info(listed["path"]).duration == pytest.approx(1.5)
     report = json.loads((eval_dir / "report.json").read_text())
     metrics = report["metrics"]
     assert set(metrics) == {"stft_distance", "mel_distance", "si_sdr", "mrstft_distance"}

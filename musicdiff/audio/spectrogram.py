@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import librosa
@@ -47,6 +48,39 @@ def save_spectrogram_png(audio: np.ndarray, sample_rate: int, path: str | os.Pat
     if title:
         ax.set_title(title if len(title) <= 90 else title[:87] + "...", fontsize=9)
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def save_spectrogram_grid(rows: Sequence[Sequence[tuple[np.ndarray, int]]], column_titles: Sequence[str],
+                          row_titles: Sequence[str], path: str | os.PathLike) -> Path:
+    """One figure of log-mel spectrograms, `rows[i][j]` = (audio, rate) under column j, written atomically: e.g. a
+    real clip, its reconstruction and a generation for the same caption side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import librosa.display
+    import matplotlib.pyplot as plt
+
+    hop = 512
+    fig, axes = plt.subplots(len(rows), len(column_titles), figsize=(4.0 * len(column_titles), 2.2 * len(rows)),
+                             dpi=100, squeeze=False)
+    for i, (row, row_title) in enumerate(zip(rows, row_titles)):
+        for j, (audio, rate) in enumerate(row):
+            ax = axes[i][j]
+            librosa.display.specshow(log_mel(audio, rate, hop=hop), sr=rate, hop_length=hop, x_axis="time",
+                                     y_axis="mel", ax=ax, cmap="magma")
+            ax.set_title(column_titles[j] if i == 0 else "", fontsize=9)
+            ax.set_xlabel("")
+            label = row_title if len(row_title) <= 40 else row_title[:37] + "..."
+            ax.set_ylabel(label if j == 0 else "", fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    """Writes a matplotlib figure as PNG atomically and closes it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

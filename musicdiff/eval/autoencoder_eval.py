@@ -8,7 +8,9 @@ data_pipelines/splits.py) is decoded whole at the model's rate and channels, nor
 the posterior mean and decoded with the chunked encoder/decoder (musicdiff.models.chunking), and scored against
 itself: STFT distance, mel distance, SI-SDR and the training-resolution MR-STFT distance
 (musicdiff.eval.reconstruction, eval_and_control.md §A.7). Writes OUT/report.json and OUT/report.md (mean, std and
-count per metric) and OUT/per_clip.json.
+count per metric) and OUT/per_clip.json. With `write_audio`, the reconstructions also go to OUT/reconstructions/
+(WAV at the model's rate) with a generations.jsonl index carrying each clip's caption and attributes, so they are
+evaluated like generations (the "autoencoded" reference row of a checkpoint series, musicdiff.eval.evaluation_table).
 
 Each clip is zero-padded at its end to a whole number of chunks (`chunk_frames` latent frames), so one compiled
 program serves every clip of the same chunk count instead of one per length; scores use the clip's own samples.
@@ -27,10 +29,12 @@ import numpy as np
 
 from data_pipelines.audio_folder import data_root, scan
 from data_pipelines.splits import check_fraction, split_items
-from musicdiff.audio.io import load_audio, normalization_gain
+from musicdiff.audio.io import load_audio, normalization_gain, write_audio
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.eval.generation_sets import AudioClip, write_index
 
 log = logging.getLogger(__name__)
+RECONSTRUCTIONS_DIR = "reconstructions"
 
 
 def _inherited(value: Any, fallback: Any, unset: Any) -> Any:
@@ -81,7 +85,8 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: Path) -> di
         raise DataError(f"{data_root(config)}: the '{config.data.split}' split is empty (heldout_fraction={fraction}); "
                         f"pick another --config.data.split or set --config.data.heldout_fraction")
     max_samples = int(float(config.data.max_seconds) * rate) or None
-    per_clip = []
+    per_clip, reconstructions = [], []
+    out_audio = Path(workdir) / RECONSTRUCTIONS_DIR
     for index, item in enumerate(items):
         audio = load_audio(item.path, rate, channels, 0, max_samples)
         gain = normalization_gain(normalize, item.peak_db, item.rms_db)
@@ -96,6 +101,10 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: Path) -> di
         if not np.all(np.isfinite(estimate)):
             raise DataError(f"{item.path}: the reconstruction is not finite; the checkpoint {ref.step_dir} is broken")
         scores = reconstruction_metrics(audio, estimate, rate)
+        if bool(config.get("write_audio", False)):
+            path = out_audio / f"{index:03d}.wav"
+            write_audio(path, estimate, rate, subtype="FLOAT")  # unclipped, as scored
+            reconstructions.append(AudioClip(path, item.caption, item.caption, dict(item.attributes)))
         per_clip.append({"path": item.relpath, "seconds": length / rate, **scores})
         log.info("[%d/%d] %s: %s", index + 1, len(items), item.relpath,
                  ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
@@ -111,6 +120,8 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: Path) -> di
     write_report(summary, workdir, "Autoencoder reconstruction", notes=notes,
                  fields={"step": ref.step, "clips": len(per_clip)})
     atomic_write_json(Path(workdir) / "per_clip.json", per_clip)
+    if reconstructions:
+        write_index(out_audio, reconstructions)
     return {"step": ref.step, "clips": len(per_clip), "metrics": summary}
 
 

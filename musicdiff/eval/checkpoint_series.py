@@ -72,11 +72,11 @@ def evaluate_checkpoints(config: Any, workdir: Path, generate: GenerateFn | None
     steps = saved_steps(str(config.checkpoints))
     prompts = str(config.get("prompts_file", ""))
     if not prompts:
-        if not str(config.reference.audio_dir):
-            raise ConfigError("config.prompts_file is empty and there is no config.reference.audio_dir to take "
-                              "prompts from; pass --config.prompts_file=PROMPTS.jsonl")
-        prompts = str(prompts_from_reference(config.reference.audio_dir, int(config.num_prompts),
-                                             workdir / "prompts.jsonl"))
+        source = str(config.get("prompts_dir", "")) or str(config.reference.audio_dir)
+        if not source:
+            raise ConfigError("config.prompts_file is empty and there is no config.prompts_dir or "
+                              "config.reference.audio_dir to take prompts from; pass --config.prompts_file=PROMPTS.jsonl")
+        prompts = str(prompts_from_reference(source, int(config.num_prompts), workdir / "prompts.jsonl"))
     generate = generate or _default_generate
     folders = {}
     for step, step_dir in steps.items():

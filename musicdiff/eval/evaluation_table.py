@@ -126,12 +126,15 @@ def _numeric_points(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
 
 
 def write_real_row(config: Any, folder: str | Path) -> Path:
-    """Lists the reference folder's clips (`config.reference`) as a generation set in `folder`: the "real" row."""
+    """Lists real clips as a generation set in `folder`, the "real" row: the first `num_prompts` clips of
+    `config.prompts_dir` (the clips the series' prompts came from) when set, else the reference clips."""
     ref = config.reference
-    if not str(ref.audio_dir):
-        raise ConfigError("config.real_row needs the reference clips: set --config.reference.audio_dir=DIR")
-    generation_sets.write_index(folder, generation_sets.read_reference(ref.audio_dir, str(ref.pair_by),
-                                                                       int(ref.max_clips)))
+    prompts_dir = str(config.get("prompts_dir", ""))
+    source, count = (prompts_dir, int(config.num_prompts)) if prompts_dir else (str(ref.audio_dir), int(ref.max_clips))
+    if not source:
+        raise ConfigError("config.real_row needs real clips: set --config.prompts_dir=DIR (held-out clips) or "
+                          "--config.reference.audio_dir=DIR")
+    generation_sets.write_index(folder, generation_sets.read_reference(source, str(ref.pair_by), count))
     return Path(folder)
 
 

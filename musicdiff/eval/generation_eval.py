@@ -104,6 +104,7 @@ class GenerationEvaluator:
         self._backbones: dict[str, Backbone] = {}
         self._reference: dict[tuple[str, float], EmbeddingStats] = {}
         self._reference_clips: list[generation_sets.AudioClip] | None = None
+        self._pairing: dict[tuple[str, float], dict[str, dict[str, np.ndarray]]] = {}
         self._loaded_stats = self._read_stats_files()
 
     # ---- backbones and reference --------------------------------------------------------------------------
@@ -124,6 +125,20 @@ class GenerationEvaluator:
             self._reference_clips = (generation_sets.read_reference(ref.audio_dir, str(ref.pair_by),
                                                                     int(ref.max_clips)) if str(ref.audio_dir) else [])
         return self._reference_clips
+
+    def pairing_probs(self, name: str, crop_seconds: float) -> dict[str, dict[str, np.ndarray]]:
+        """Per label group and pairing id, the label distribution a generation's KL is taken against: of the clips
+        its prompt came from (`config.prompts_dir`: held-out clips, whose captions are not in the reference), else
+        of the reference clips with that caption."""
+        prompts_dir = str(self.config.get("prompts_dir", ""))
+        if not prompts_dir:
+            return self.reference_stats(name, crop_seconds).label_probs
+        if (name, crop_seconds) not in self._pairing:
+            clips = generation_sets.read_reference(prompts_dir, str(self.config.reference.pair_by),
+                                                   int(self.config.num_prompts))
+            analyses = _analyze_clips(self.backbone(name), generation_sets.crop_clips(clips, crop_seconds))
+            self._pairing[(name, crop_seconds)] = _mean_probs(analyses, [c.key for c in clips])
+        return self._pairing[(name, crop_seconds)]
 
     def crop_seconds_for(self, clip_sets: Sequence[Sequence[generation_sets.AudioClip]]) -> float:
         """The one length (seconds; 0 = whole clips) that `clip_sets` and the reference are analysed at: the
@@ -248,7 +263,7 @@ class GenerationEvaluator:
         if not backbone.has_labels:
             raise ConfigError(f"config.kl_backbone={name}: backbone '{backbone.id}' gives no label probabilities; "
                               f"use passt or embedded")
-        reference = self.reference_stats(name, crop_seconds).label_probs
+        reference = self.pairing_probs(name, crop_seconds)
         if not reference:
             raise DataError(f"the reference statistics of '{backbone.id}' hold no label probabilities; recompute them "
                             f"from a reference audio folder (config.reference.audio_dir)")
