@@ -91,6 +91,13 @@ def test_inpainting_keeps_the_unmasked_latents(generator):
     assert float(jnp.max(jnp.abs(out[..., ~keep] - known[..., ~keep]))) > 1e-2
 
 
+def test_init_latents_need_a_positive_noise_level(generator):
+    """Audio-to-audio through the library with no noise level raises instead of silently ignoring the init."""
+    init = jnp.zeros((1, 64, LATENT_LENGTH), jnp.float32)
+    with pytest.raises(ConfigError, match="init_noise_level"):
+        generator.sample_latents(["x"], [0.3], SamplerSettings(sampler="euler", steps=2), [0], init=init)
+
+
 def test_audio_to_audio_and_inpaint_cli(checkpoints, tmp_path):
     source = tmp_path / "source.wav"
     t = np.arange(int(0.37 * 44100)) / 44100
