@@ -169,25 +169,19 @@ def _interval(entry: dict | None) -> str:
 def spectrogram_grid(workdir: Path, report: dict, count: int) -> Path:
     """WORKDIR/spectrograms.png: for the first `count` captions found in every set, the real clip, its
     reconstruction and the last checkpoint's generation, side by side, each cut to the evaluated length."""
-    from musicdiff.audio.io import load_audio, read_info
     from musicdiff.audio.spectrogram import save_spectrogram_grid
-    from musicdiff.eval.generation_sets import read_generations
+    from musicdiff.eval.generation_sets import crop_clips, read_generations
 
     sets = {"real": workdir / "evaluation" / "rows" / "real",
             "reconstruction": workdir / "autoencoder_eval" / "reconstructions",
             "generation": Path(max((r for r in report["rows"] if r["step"] is not None),
                                    key=lambda r: r["step"])["folder"])}
-    by_caption = {name: {clip.prompt: clip.path for clip in read_generations(folder)} for name, folder in sets.items()}
+    seconds = float(report["crop_seconds"])  # the length every set was evaluated at (0: whole clips)
+    by_caption = {name: {clip.prompt: clip for clip in crop_clips(read_generations(folder), seconds)}
+                  for name, folder in sets.items()}
     captions = [c for c in by_caption["real"] if all(c in clips for clips in by_caption.values())][:count]
     if not captions:
         raise DataError(f"no caption is common to {', '.join(str(f) for f in sets.values())}: the demo's sets do "
                         f"not pair up")
-    seconds = float(report["crop_seconds"])  # the length every set was evaluated at (0: whole clips)
-
-    def cropped(path: Path) -> tuple[np.ndarray, int]:
-        rate = read_info(str(path)).sample_rate
-        audio = load_audio(str(path), None, None)
-        return (audio[:, : int(round(seconds * rate))] if seconds > 0 else audio), rate
-
-    grid = [[cropped(by_caption[name][caption]) for name in sets] for caption in captions]
+    grid = [[by_caption[name][caption].load() for name in sets] for caption in captions]
     return save_spectrogram_grid(grid, list(sets), captions, workdir / "spectrograms.png")

@@ -129,12 +129,13 @@ def write_real_row(config: Any, folder: str | Path) -> Path:
     """Lists real clips as a generation set in `folder`, the "real" row: the first `num_prompts` clips of
     `config.prompts_dir` (the clips the series' prompts came from) when set, else the reference clips."""
     ref = config.reference
-    prompts_dir = str(config.get("prompts_dir", ""))
-    source, count = (prompts_dir, int(config.num_prompts)) if prompts_dir else (str(ref.audio_dir), int(ref.max_clips))
-    if not source:
-        raise ConfigError("config.real_row needs real clips: set --config.prompts_dir=DIR (held-out clips) or "
-                          "--config.reference.audio_dir=DIR")
-    generation_sets.write_index(folder, generation_sets.read_reference(source, str(ref.pair_by), count))
+    clips = generation_sets.heldout_prompt_clips(config)
+    if clips is None:
+        if not str(ref.audio_dir):
+            raise ConfigError("config.real_row needs real clips: set --config.prompts_dir=DIR (held-out clips) or "
+                              "--config.reference.audio_dir=DIR")
+        clips = generation_sets.read_reference(ref.audio_dir, str(ref.pair_by), int(ref.max_clips))
+    generation_sets.write_index(folder, clips)
     return Path(folder)
 
 

@@ -130,12 +130,10 @@ class GenerationEvaluator:
         """Per label group and pairing id, the label distribution a generation's KL is taken against: of the clips
         its prompt came from (`config.prompts_dir`: held-out clips, whose captions are not in the reference), else
         of the reference clips with that caption."""
-        prompts_dir = str(self.config.get("prompts_dir", ""))
-        if not prompts_dir:
+        clips = generation_sets.heldout_prompt_clips(self.config)
+        if clips is None:
             return self.reference_stats(name, crop_seconds).label_probs
         if (name, crop_seconds) not in self._pairing:
-            clips = generation_sets.read_reference(prompts_dir, str(self.config.reference.pair_by),
-                                                   int(self.config.num_prompts))
             analyses = _analyze_clips(self.backbone(name), generation_sets.crop_clips(clips, crop_seconds))
             self._pairing[(name, crop_seconds)] = _mean_probs(analyses, [c.key for c in clips])
         return self._pairing[(name, crop_seconds)]

@@ -63,6 +63,15 @@ class AudioClip:
             raise DataError(f"{self.path}: cannot be read ({err})") from None
 
 
+def heldout_prompt_clips(config: Any) -> list[AudioClip] | None:
+    """The clips a series' prompts came from when they come from a held-out folder (`config.prompts_dir`: its first
+    `num_prompts` clips), else None. They are the real row and what KL pairs each generation with."""
+    prompts_dir = str(config.get("prompts_dir", ""))
+    if not prompts_dir:
+        return None
+    return read_reference(prompts_dir, str(config.reference.pair_by), int(config.num_prompts))
+
+
 def crop_clips(clips: Sequence[AudioClip], seconds: float) -> list[AudioClip]:
     """The clips cropped to their first `seconds` (0: whole clips), from the start so the crop is deterministic."""
     return [dataclasses.replace(clip, crop_seconds=float(seconds)) for clip in clips]
