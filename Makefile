@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_out
+# configs/demo.py preset: "" (about 20 minutes here) or "long" (about an hour on 2 CPU cores, minutes on a GPU).
+DEMO_PRESET ?=
 PYTEST_ARGS ?=
 # The reference implementation of `make bench` lives in its own venv (bench/reference_requirements.txt says what).
 REF_VENV ?= .venv-ref
@@ -34,7 +36,7 @@ venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(PY) -m launch.demo --workdir=$(DEMO_DIR)
+	$(PY) -m launch.demo --config=configs/demo.py:$(DEMO_PRESET) --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -6,6 +6,10 @@
   (the io_channels of configs/diffusion.py:tiny), VAE; 506,098 parameters, small enough to train for a few
   hundred steps on 2 CPU cores on 16,384-sample (0.37 s) crops.
 - vq_tiny: tiny with a 4-stage residual VQ (256 codes of dimension 8 each) instead of the VAE.
+- demo: the `make demo` autoencoder: tiny's network at 16 kHz mono with latent_dim 32 (256x: 62.5 latent frames/s,
+  a 4.1 s clip is 256 frames), trained on reconstruction only (no adversarial phase within the demo's minutes) with
+  waveform L1 beside the MR-STFT loss and no A-weighting: without them pitch is lost to a hum at the latent frame
+  rate (../shared/reviews/demo-learnability-2026-12-06.md).
 
     python -m launch.describe --config=configs/autoencoder.py:sao --workdir=/tmp/describe_ae
 """
@@ -30,6 +34,14 @@ PRESETS = {
                    bottleneck=dict(type="vae"), remat=False),
         sample_size=16384, batch_size=8, discriminator_filters=8, gen_lr=5e-4, disc_lr=1e-3, num_steps=300,
     ),
+    "demo": dict(
+        model=dict(channels=16, c_mults=(1, 2, 4, 4), strides=(2, 4, 4, 8), latent_dim=32,
+                   bottleneck=dict(type="vae"), remat=False),
+        sample_size=8192, batch_size=8, discriminator_filters=8, gen_lr=1e-3, disc_lr=1e-3, num_steps=600,
+        sample_rate=16000, audio_channels=1,
+        training=dict(lr_warmup=0.95, warmup_steps=600, warmup_mode="full", l1=10.0, stft_perceptual_weighting=False,
+                      checkpoint_every=600, demo_every=600, demo_seconds=4.0),
+    ),
     "vq_tiny": dict(
         model=dict(channels=16, c_mults=(1, 2, 4, 4), strides=(2, 4, 4, 8), latent_dim=32,
                    bottleneck=dict(type="rvq", codebook_size=256, num_quantizers=4, codebook_dim=8), remat=False),
@@ -47,9 +59,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     bottleneck.update(preset["model"]["bottleneck"])
     c.autoencoder = ml_collections.ConfigDict(dict(
         name="oobleck",
-        sample_rate=44100,
-        in_channels=2,
-        out_channels=2,
+        sample_rate=preset.get("sample_rate", 44100),
+        in_channels=preset.get("audio_channels", 2),
+        out_channels=preset.get("audio_channels", 2),
         channels=preset["model"]["channels"],
         c_mults=preset["model"]["c_mults"],
         strides=preset["model"]["strides"],
@@ -66,13 +78,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.discriminator = ml_collections.ConfigDict(dict(
         name="encodec_discriminator",
         filters=preset["discriminator_filters"],
-        audio_channels=2,
+        audio_channels=preset.get("audio_channels", 2),
         n_ffts=SAO_DISCRIMINATOR_FFT_SIZES,
     ))
 
     # Audio folder and Grain pipeline (see configs/audio_folder.py for the keys shared with every stage). The
     # global batch is `batch_size` above; each process reads batch_size / process_count examples.
     c.data = audio_folder_data(
+        sample_rate=c.autoencoder.sample_rate,
+        channels=c.autoencoder.in_channels,
         sample_size=preset["sample_size"],  # crop length in samples; a multiple of the downsampling ratio
         shuffle_seed=0,
         # Clips whose relative-path hash falls below this are held out of training (data_pipelines/splits.py);
@@ -98,14 +112,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         final_lr=0.0,
         loss_weights=ml_collections.ConfigDict(dict(
             mrstft=1.0,  # mid/side MR-STFT + 0.5 · (left + right) MR-STFT
-            l1=0.0,  # time-domain L1, off in the recipe
+            l1=training.get("l1", 0.0),  # time-domain L1, off in the recipe
             adversarial=0.1,
             feature_matching=5.0,
             kl=1e-4,
             quantizer=1.0,  # vq / rvq bottlenecks only
         )),
         stft_fft_sizes=preset.get("stft_fft_sizes", SAO_STFT_FFT_SIZES),
-        stft_perceptual_weighting=True,  # A-weighting FIR pre-filter
+        stft_perceptual_weighting=training.get("stft_perceptual_weighting", True),  # A-weighting FIR pre-filter
         # Before warmup_steps the generator has no adversarial / feature-matching terms. warmup_mode "adv" (the
         # reference default) still trains the discriminator on odd steps meanwhile; "full" makes every warm-up step
         # a generator step and starts the alternation at warmup_steps.

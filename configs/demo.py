@@ -12,59 +12,63 @@ import ml_collections
 
 from musicdiff.config import choose_preset
 
-NUM_CLIPS, SECONDS = 160, 6.0
-HELDOUT_CLIPS = 16  # rendered from another seed: new captions for prompts, the real (ceiling) row and reconstructions
-AUTOENCODER_STEPS = 500
+# The demo's own sizes (the `:sao` presets are untouched): 16 kHz mono, clips exactly one DiT window long (65,536
+# samples = 4.1 s = 256 latent frames of the 256x autoencoder), tempos on a 10 BPM grid so 800 clips hold every
+# tempo ~80 times and every key ~33 times (../shared/reviews/demo-learnability-2026-12-06.md).
+NUM_CLIPS, SAMPLE_RATE, SECONDS = 800, 16000, 4.096
+HELDOUT_CLIPS = 32  # rendered from another seed: new captions for prompts, the real (ceiling) row and reconstructions
+RENDER = (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}", f"sample_rate={SAMPLE_RATE}", "bpm_step=10")
+# Sampling for the rectified-flow DiT of configs/diffusion.py:demo.
+GENERATE = ("generate.sampler=rf-euler", "generate.steps=30", "generate.cfg_scale=5.0", "generate.sigma_min=0.0",
+            "generate.sigma_max=1.0")
+# Training steps per preset: "" fits `make demo` in 20 minutes on 2 CPU cores; "long" is about an hour there.
+PRESETS = {"": dict(autoencoder=450, diffusion=900), "long": dict(autoencoder=1500, diffusion=5000)}
 
-STAGES = (
-    ("data", "prepare_data", "configs/synthetic_data.py",
-     (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}")),
-    ("heldout", "prepare_data", "configs/synthetic_data.py",
-     (f"num_clips={HELDOUT_CLIPS}", f"seconds={SECONDS}", "seed=1")),
-    ("inspect", "inspect_data", "configs/audio_folder.py", ("root={data}",)),
-    # The tiny VAE's reconstruction phase only (the adversarial terms start at warmup_steps): on 2 CPU cores a few
-    # hundred steps of short crops at a high learning rate, with a step-0 checkpoint as the evaluation baseline.
-    ("autoencoder", "train_autoencoder", "configs/autoencoder.py:tiny",
-     ("data.root={data}", f"training.num_steps={AUTOENCODER_STEPS}", f"training.warmup_steps={AUTOENCODER_STEPS}",
-      "training.warmup_mode=full", "batch_size=4", "data.sample_size=8192", "training.generator.learning_rate=1e-3",
-      "training.lr_warmup=0.95", "training.save_initial_checkpoint=True",
-      f"training.checkpoint_every={AUTOENCODER_STEPS}", f"training.demo_every={AUTOENCODER_STEPS}")),
-    # Reconstructions of the held-out set (never seen in training): scored, and kept as the "autoencoded" row.
-    ("autoencoder_eval_step0", "evaluate", "configs/evaluate.py:autoencoder",
-     ("checkpoint={autoencoder}", "step=0", "data.root={heldout}", "data.split=all", "data.max_seconds=3.0")),
-    ("autoencoder_eval", "evaluate", "configs/evaluate.py:autoencoder",
-     ("checkpoint={autoencoder}", "data.root={heldout}", "data.split=all", "data.max_seconds=3.0",
-      "write_audio=True")),
-    ("latents", "precompute_latents", "configs/precompute.py:tiny",
-     ("autoencoder_checkpoint={autoencoder}", "data.root={data}")),
-    ("diffusion", "train_diffusion", "configs/diffusion.py:tiny",
-     ("data.latents={latents}", "data.latent_length=256", "training.num_steps=1500", "training.learning_rate=2e-3",
-      "training.checkpoint_every=1500", "training.save_initial_checkpoint=True", "training.keep_checkpoints=10",
-      "training.log_every=25")),
-    ("evaluator", "train_evaluator", "configs/evaluator.py", ("data.root={data}",)),
-    ("evaluation", "evaluate", "configs/evaluate.py:embedded",
-     ("checkpoints={diffusion}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
-      "prompts_dir={heldout}", f"num_prompts={HELDOUT_CLIPS}", "real_row=True",
-      "reference_rows=autoencoded={autoencoder_eval}/reconstructions", "generate.seconds_total=1.4",
-      "generate.steps=50")),
-)
+
+def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:
+    return (
+        ("data", "prepare_data", "configs/synthetic_data.py", RENDER),
+        ("heldout", "prepare_data", "configs/synthetic_data.py", RENDER[1:] + (f"num_clips={HELDOUT_CLIPS}", "seed=1")),
+        ("inspect", "inspect_data", "configs/audio_folder.py", ("root={data}",)),
+        # Reconstruction phase only (configs/autoencoder.py:demo), with a step-0 checkpoint as the evaluation baseline.
+        ("autoencoder", "train_autoencoder", "configs/autoencoder.py:demo",
+         ("data.root={data}", f"training.num_steps={autoencoder_steps}", f"training.warmup_steps={autoencoder_steps}",
+          "training.save_initial_checkpoint=True", f"training.checkpoint_every={autoencoder_steps}",
+          f"training.demo_every={autoencoder_steps}")),
+        # Reconstructions of the held-out set (never seen in training): scored, and kept as the "autoencoded" row.
+        ("autoencoder_eval_step0", "evaluate", "configs/evaluate.py:autoencoder",
+         ("checkpoint={autoencoder}", "step=0", "data.root={heldout}", "data.split=all")),
+        ("autoencoder_eval", "evaluate", "configs/evaluate.py:autoencoder",
+         ("checkpoint={autoencoder}", "data.root={heldout}", "data.split=all", "write_audio=True")),
+        ("latents", "precompute_latents", "configs/precompute.py:demo",
+         ("autoencoder_checkpoint={autoencoder}", "data.root={data}")),
+        ("diffusion", "train_diffusion", "configs/diffusion.py:demo",
+         ("data.latents={latents}", f"training.num_steps={diffusion_steps}", f"training.checkpoint_every={diffusion_steps}",
+          "training.save_initial_checkpoint=True", "training.keep_checkpoints=10")),
+        ("evaluator", "train_evaluator", "configs/evaluator.py", ("data.root={data}",)),
+        ("evaluation", "evaluate", "configs/evaluate.py:embedded",
+         ("checkpoints={diffusion}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
+          "prompts_dir={heldout}", f"num_prompts={HELDOUT_CLIPS}", "real_row=True",
+          "reference_rows=autoencoded={autoencoder_eval}/reconstructions", f"generate.seconds_total={SECONDS}",
+          *GENERATE)),
+    )
 
 FAST = {
-    "data": ("num_clips=24", "seconds=4.0"),
-    "heldout": ("num_clips=4", "seconds=4.0"),
+    "data": ("num_clips=24",),
+    "heldout": ("num_clips=4",),
     "autoencoder": ("training.num_steps=20", "training.warmup_steps=20", "training.checkpoint_every=20",
                     "training.demo_every=20"),
-    "diffusion": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5"),
+    "diffusion": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5", "batch_size=8"),
     "evaluator": ("training.num_steps=10",),
     "evaluation": ("num_prompts=4", "generate.steps=4", "bootstrap.resamples=200", "bootstrap.fd_resamples=200"),
 }
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    choose_preset(arg, {"": None})
+    steps = choose_preset(arg, PRESETS)
     return ml_collections.ConfigDict(dict(
         fast=False,
         preview_clips=4,  # captions and spectrograms of this many rendered clips
-        stages=STAGES,
+        stages=stages(steps["autoencoder"], steps["diffusion"]),
         fast_overrides=FAST,
     ))

@@ -2,7 +2,12 @@
 
 - sao: Stable Audio Open 1.0's DiT (spec §2.1): 1,056,828,544 parameters, v-objective, 1024 latent frames.
 - sao_small: Stable Audio Open Small's DiT (spec §8.2): 340,863,104 parameters, rectified flow, 256 frames.
-- tiny: a 2-block DiT that trains on CPU in seconds (tests, demos), conditioned through the embedded text encoder.
+- tiny: a 2-block DiT that trains on CPU in seconds (tests), conditioned through the embedded text encoder.
+- demo: the `make demo` DiT: 4 blocks of width 128 over the 32-channel latents of configs/autoencoder.py:demo, 256
+  frames (4.1 s at 16 kHz) read as 64 tokens of 4 frames (patch_size 4), batch 32, rectified flow with logit-normal
+  times, prompts through the embedded text encoder with digits as tokens. On 2 CPU cores a narrow model taking more
+  steps learns more than a wider one at equal wall time (demo-learnability review); patches of 4 frames buy a 4x
+  larger batch for the same step time.
 
 Sections: `model` (the DiT), `conditioner` (a stable-audio-tools `conditioning` block with its routing, built as
 musicdiff.models.conditioning.MultiConditioner), `prompt_encoder` (how prompts become the prompt conditioner's input at
@@ -38,6 +43,15 @@ PRESETS = {
         model=dict(io_channels=64, embed_dim=64, depth=2, num_heads=4, cond_token_dim=32, global_cond_dim=64,
                    project_cond_tokens=False, remat="none", dtype="float32", rotary_min_dim=8),
         objective="v", latent_length=32, cond_tokens=34, batch_size=8, cond_dim=32, text="embedded",
+        training=dict(num_steps=200, learning_rate=1e-3, log_every=10, checkpoint_every=100),
+    ),
+    "demo": dict(
+        model=dict(io_channels=32, embed_dim=128, depth=4, num_heads=4, cond_token_dim=32, global_cond_dim=64,
+                   project_cond_tokens=True, remat="none", dtype="float32", rotary_min_dim=8, patch_size=4),
+        objective="rectified_flow", timestep_sampler="logit_normal", latent_length=256, cond_tokens=50,
+        batch_size=32, cond_dim=32, text="embedded",
+        text_max_length=48,  # with one token per digit, 99% of the embedded set's captions fit in 39 tokens
+        training=dict(num_steps=1500, learning_rate=1e-3, log_every=25, checkpoint_every=1500),
     ),
 }
 
@@ -110,18 +124,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         use_cross_attn_mask=True,
         qk_norm="none",  # "ln": LayerNorm over each head's q and k (SAO Small)
         attention_implementation="auto",  # "auto" | "xla" | "cudnn"
+        patch_size=1,  # latent frames per token (1 = SAO; p > 1 shortens the sequence p times)
         param_dtype="float32",
     ))
     c.model.update(preset["model"])
 
     c.conditioner = conditioner_config(preset["text"], preset["cond_dim"])
     c.prompt_encoder = prompt_encoder_config(preset["text"])
+    if "text_max_length" in preset:
+        c.conditioner.conditioning.configs[0]["config"]["max_length"] = preset["text_max_length"]
+        c.prompt_encoder.max_length = preset["text_max_length"]
     c.autoencoder_checkpoint = ""
     c.init_from = ""  # a checkpoint whose weights (EMA when present) start a new run; the optimiser starts fresh
 
     c.objective = ml_collections.ConfigDict(dict(
         name=preset["objective"],  # "v" | "rectified_flow" | "ddpm_eps"
-        timestep_sampler="uniform",  # "uniform" | "logit_normal" | "truncated_logit_normal"
+        timestep_sampler=preset.get("timestep_sampler", "uniform"),  # "uniform" | "logit_normal" | ...
         t_min=0.0,
         t_max=1.0,
         logit_mean=0.0,
@@ -134,9 +152,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     ))
 
     c.training = ml_collections.ConfigDict(dict(
-        num_steps=100_000 if arg != "tiny" else 200,
+        num_steps=100_000,
         optimizer="adamw",
-        learning_rate=5e-5 if arg != "tiny" else 1e-3,
+        learning_rate=5e-5,
         b1=0.9,
         b2=0.999,
         eps=1e-8,
@@ -156,8 +174,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         trainable=(),  # glob patterns of parameters to train (inside params/, e.g. "model/transformer/*"); () = all
         frozen=(),  # glob patterns of parameters to freeze (no optimiser state, no update)
         peak_flops_per_device=0.0,  # device peak FLOP/s for the MFU metric (0 = unknown: no MFU); H100 bf16 ~989e12
-        log_every=100 if arg != "tiny" else 10,
-        checkpoint_every=10_000 if arg != "tiny" else 100,
+        log_every=100,
+        checkpoint_every=10_000,
         keep_checkpoints=3,
         keep_period=0,  # also keep every step that is a multiple of this (0 = off)
         save_initial_checkpoint=False,  # checkpoint step 0 too (a baseline for launch.evaluate series)
@@ -167,6 +185,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         demo_cfg_scale=6.0,
         demo_prompts=DEMO_PROMPTS[preset["text"]],
     ))
+    c.training.update(preset.get("training", {}))
 
     c.data = ml_collections.ConfigDict(dict(
         latents="",  # directory of pre-encoded latent records

@@ -5,6 +5,7 @@
 
 - tiny: the demo: the `:tiny` autoencoder (256x, 172 frames/s), 65,536-sample windows (256 latent frames), embedded
   text (the caption tokenizer of configs/diffusion.py:tiny: vocabulary 1024, 32 tokens), float32 records.
+- demo: tiny for configs/autoencoder.py:demo: 16 kHz mono, 65,536-sample windows (4.1 s, 256 latent frames).
 - sao: Stable Audio Open: its VAE (2048x), 2,097,152-sample windows (1024 latent frames, SAO's training length),
   frozen t5-base (a local directory or hub name in text_encoder.path), bfloat16 records.
 
@@ -65,6 +66,8 @@ def _text_encoder(kind: str) -> ml_collections.ConfigDict:
 
 PRESETS = {
     "tiny": dict(sample_size=65536, batch_size=8, windows_per_shard=64, dtype="float32", text="embedded"),
+    "demo": dict(sample_size=65536, batch_size=8, windows_per_shard=64, dtype="float32", text="embedded",
+                 sample_rate=16000, channels=1, text_max_length=48),
     "sao": dict(sample_size=2097152, batch_size=8, windows_per_shard=512, dtype="bfloat16", text="t5"),
 }
 
@@ -85,8 +88,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.barrier_timeout_s = 7 * 24 * 3600.0  # the end-of-work barrier waits for the slowest process
     c.data = audio_folder_data(
         source="audio_folder",
+        sample_rate=preset.get("sample_rate", 44100),
+        channels=preset.get("channels", 2),
         sample_size=preset["sample_size"],
         random_crop=False,  # consecutive windows; the latent source crops at training time
     )
     c.text_encoder = _text_encoder(preset["text"])
+    c.text_encoder.max_length = preset.get("text_max_length", c.text_encoder.max_length)
     return c

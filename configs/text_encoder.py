@@ -33,6 +33,7 @@ def embedded() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="embedded",
         tokenizer_path="",  # directory written by text_encoder.build_caption_tokenizer
+        split_digits=True,  # one token per digit: tempos that differ by a few BPM share tokens
         max_length=64,
         dtype="float32",
         param_dtype="float32",

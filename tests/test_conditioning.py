@@ -186,6 +186,20 @@ def test_caption_tokenizer_round_trip(tmp_path):
         load_caption_tokenizer(tmp_path / "missing", 8)
 
 
+def test_split_digits_gives_every_digit_its_own_token(tmp_path):
+    captions = [f"a calm piece in C major at {bpm} BPM" for bpm in range(70, 161)] * 2
+    for split, expected in ((True, [" ", "1", "4", "7", " BPM"]), (False, None)):
+        directory = build_caption_tokenizer(captions, tmp_path / f"tok{split}", vocab_size=320, split_digits=split)
+        tokenizer = load_caption_tokenizer(directory, max_length=16)
+        ids = tokenizer(["at 147 BPM"])["input_ids"][0]
+        pieces = [tokenizer.tokenizer.decode([i]) for i in ids if i > 1]
+        assert tokenizer.decode(ids) == "at 147 BPM"
+        if split:
+            assert pieces[1:] == expected
+        else:  # whole-number BPE merges: "147" is not three digit tokens
+            assert not {"1", "4", "7"} <= set(pieces)
+
+
 def test_embedded_encoder_trains_through_conditioner_and_frozen_t5_does_not(tmp_path):
     directory = build_caption_tokenizer(CAPTIONS, tmp_path / "tok", vocab_size=320)
     tokenizer = load_caption_tokenizer(directory, max_length=16)

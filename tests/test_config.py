@@ -120,7 +120,7 @@ def test_every_preset_loads_and_validates(spec):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ConfigError, match=r"diffusion.py:huge: unknown preset 'huge'; choose one of sao, sao_small"):
         load_config(f"{CONFIG_DIR / 'diffusion.py'}:huge")
-    with pytest.raises(ConfigError, match=r"demo.py:fast: takes no preset, got 'fast'"):
+    with pytest.raises(ConfigError, match=r"demo.py:fast: unknown preset 'fast'; choose one of \(none\), long"):
         load_config(f"{CONFIG_DIR / 'demo.py'}:fast")
     assert choose_preset(None, {"": 1, "tiny": 2}) == 1
 

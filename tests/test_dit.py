@@ -341,3 +341,23 @@ def test_rows_past_the_context_equal_the_all_zero_null_context(overrides):
     assert not np.allclose(implicit[:2], implicit[2:], atol=1e-3)
     with pytest.raises(ValueError, match="cross_mask"):
         dit_forward(model, x2, t2, cross, mask[:1], glob2)
+
+
+@pytest.mark.parametrize("block_type", ["sao", "adaln_zero"])
+def test_patches_are_consecutive_frames_read_as_one_wider_token(block_type):
+    """patch_size=p over C channels is the p=1 DiT over p·C channels fed x regrouped by hand: token j holds frames
+    j·p .. j·p+p-1, frame-major (frame k's C channels at k·C .. k·C+C-1), and the output is regrouped back."""
+    p, C, L = 4, 16, 32
+    patched = randomize(registry.build(model_config(block_type=block_type, io_channels=C, patch_size=p),
+                                       nnx.Rngs(0)))
+    wide = registry.build(model_config(block_type=block_type, io_channels=p * C), nnx.Rngs(1))
+    nnx.update(wide, nnx.state(patched, nnx.Param))
+    x, t, cross, mask, glob = inputs(channels=C, length=L)
+    grouped = np.asarray(x).transpose(0, 2, 1).reshape(2, L // p, p * C).transpose(0, 2, 1)  # [B, p·C, L/p]
+    expected = dit_forward(wide, jnp.asarray(grouped), t, cross, mask, glob)
+    expected = np.asarray(expected).transpose(0, 2, 1).reshape(2, L, C).transpose(0, 2, 1)
+    np.testing.assert_allclose(np.asarray(dit_forward(patched, x, t, cross, mask, glob)), expected, atol=1e-5)
+    assert dit_forward_flops(model_config(io_channels=C, patch_size=p), 1, L, 8) == dit_forward_flops(
+        model_config(io_channels=p * C), 1, L // p, 8)
+    with pytest.raises(ValueError, match="multiple of config.model.patch_size"):
+        forward(patched, x[:, :, :30], t)

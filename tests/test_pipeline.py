@@ -35,14 +35,20 @@ def test_loss_summary_and_markdown(tmp_path):
                "autoencoder": {"step_0": report, "final": final}, "diffusion_loss": loss,
                "evaluation": {
                    "crop_seconds": 1.4, "verdicts": {"tempo_acc": {"verdict": "improved"}},
-                   "rows": [row("real", None, 0.9, 0.8, 1.0), row("step 0", 0, 0.1, 0.0, 0.3),
-                            row("step 1500", 1500, 0.6, 0.4, 0.8)]},
+                   "rows": [row("real", None, 0.9, 0.8, 1.0), row("autoencoded", None, 0.8, 0.7, 0.9),
+                            row("step 0", 0, 0.1, 0.0, 0.3), row("step 1500", 1500, 0.6, 0.4, 0.8)]},
                "spectrogram_grid": str(tmp_path / "spectrograms.png")}
     text = summary_markdown(summary, tmp_path)
     assert "Total 3.0 min: data 60 s, diffusion 120 s" in text
     assert "| mel_distance | 1 | 0.5 | -50.0% |" in text and "| si_sdr | 1 | 0.5 | -0.50 dB |" in text
-    assert "| metric | real (reference) | step 0 | step 1500 | last step vs step 0 |" in text
-    assert "| tempo_acc | 0.9 [0.8, 1] | 0.1 [0, 0.3] | 0.6 [0.4, 0.8] | improved |" in text
+    assert ("| metric | real (reference) | autoencoded (reference) | step 0 | step 1500 | last step vs step 0 |"
+            in text)
+    assert "| tempo_acc | 0.9 [0.8, 1] | 0.8 [0.7, 0.9] | 0.1 [0, 0.3] | 0.6 [0.4, 0.8] | improved |" in text
+    # the bars: 0.5 <= 1.385 met, SI-SDR 0.5 > 0 met, 0.8 < 0.9 x 0.9 = 0.81 not met, 0.6 >= 0.5 met
+    assert "| autoencoder mel distance | 0.5 | <= 1.39 | yes |" in text
+    assert "| autoencoder SI-SDR (dB) | 0.5 | > 0 | yes |" in text
+    assert "| reconstructions' tempo_acc | 0.8 | >= 0.9 x real = 0.81 | no |" in text
+    assert "| step 1500 tempo_acc | 0.6 | >= 0.5 | yes |" in text and "key_acc |" not in text
     assert "cropped to its first 1.40 s" in text and "spectrograms.png" in text
 
 

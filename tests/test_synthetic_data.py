@@ -121,6 +121,13 @@ def test_tempo_is_the_stated_bpm(bpm, seed):
         assert min(abs(anywhere / bpm - ratio) for ratio in (0.5, 1.0, 2.0)) < 0.02, (anywhere, bpm, allowed)
 
 
+def test_tempo_grid_draws_every_step_and_step_one_is_the_whole_bpm_draw():
+    grid = {render.plan_clip(seed, 4.0, 16000, bpm_step=10).bpm for seed in range(300)}
+    assert grid == set(range(70, 161, 10))
+    for seed in range(20):  # step 1 consumes the generator exactly as integers(bpm_min, bpm_max + 1) does
+        assert render.plan_clip(seed, 4.0).bpm == int(np.random.default_rng(seed).integers(70, 161))
+
+
 def test_drawn_tempo_attribute_matches_the_audio():
     for seed in (10, 11, 12):
         clip = render.render_clip(seed, 6.0)
@@ -224,7 +231,7 @@ def test_config_presets_and_checks(repo_root):
     default = load_config(path)
     assert (default.num_clips, default.seconds, default.seed, default.num_workers) == (500, 10.0, 0, 0)
     for override, key in (("bpm_min=300", "bpm_min"), ("instruments=('piano','kazoo')", "instruments"),
-                          ("seconds=0.0", "seconds")):
+                          ("seconds=0.0", "seconds"), ("bpm_step=0", "bpm_step")):
         with pytest.raises(ValueError, match=key):
             writer.check_config(load_config(f"{path}:tiny", [override]))
 

@@ -99,8 +99,8 @@ def energy_word(bpm: int, drum_pattern: str | None) -> str:
 
 
 def plan_clip(seed: int, seconds: float = 10.0, sample_rate: int = 44100, *, bpm_range: tuple[int, int] = (70, 160),
-              instruments_allowed: tuple[str, ...] = ALL_INSTRUMENTS, bpm: int | None = None, key: str | None = None,
-              mode: str | None = None) -> ClipPlan:
+              bpm_step: int = 1, instruments_allowed: tuple[str, ...] = ALL_INSTRUMENTS, bpm: int | None = None,
+              key: str | None = None, mode: str | None = None) -> ClipPlan:
     """Draws every musical decision of a clip. `key` is a tonic name ("Eb", "F#") and `mode` "major"/"minor"."""
     unknown = set(instruments_allowed) - set(ALL_INSTRUMENTS)
     if unknown or not instruments_allowed:
@@ -109,7 +109,8 @@ def plan_clip(seed: int, seconds: float = 10.0, sample_rate: int = 44100, *, bpm
         raise ValueError(f"mode {mode!r}: choose from {', '.join(music.MODES)}")
     rng = np.random.default_rng(seed)
     allowed = set(instruments_allowed)
-    drawn_bpm = int(rng.integers(bpm_range[0], bpm_range[1] + 1))
+    # bpm_min + step * k: the same draw as integers(bpm_min, bpm_max + 1) when step is 1
+    drawn_bpm = bpm_range[0] + bpm_step * int(rng.integers(0, (bpm_range[1] - bpm_range[0]) // bpm_step + 1))
     bpm = drawn_bpm if bpm is None else int(bpm)
     drawn_key = music.Key(int(rng.integers(12)), music.MODES[int(rng.integers(2))])
     tonic = drawn_key.tonic if key is None else _pitch_class(key)

@@ -61,6 +61,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.bpm_min={config.bpm_min}, config.bpm_max={config.bpm_max}: need {low} <= bpm_min <= bpm_max "
             f"<= {high}")
+    if config.bpm_step < 1:
+        raise ConfigError(f"config.bpm_step={config.bpm_step}: use a positive step in BPM (1 = every whole BPM)")
     unknown = [name for name in config.instruments if name not in render.ALL_INSTRUMENTS]
     if unknown or not config.instruments:
         problem = "unknown " + ", ".join(unknown) if unknown else "empty"
@@ -68,10 +70,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"{', '.join(render.ALL_INSTRUMENTS)}")
 
 
-def _render_and_write(task: tuple[int, int, float, int, tuple[int, int], tuple[str, ...], str]) -> dict[str, Any]:
+def _render_and_write(task: tuple[int, int, float, int, tuple[int, int], int, tuple[str, ...], str]) -> dict[str, Any]:
     """Worker: one clip rendered and written; returns its manifest entry."""
-    index, seed, seconds, sample_rate, bpm_range, instruments_allowed, root = task
-    clip = render.render_clip(seed, seconds, sample_rate, bpm_range=bpm_range, instruments_allowed=instruments_allowed)
+    index, seed, seconds, sample_rate, bpm_range, bpm_step, instruments_allowed, root = task
+    clip = render.render_clip(seed, seconds, sample_rate, bpm_range=bpm_range, bpm_step=bpm_step,
+                              instruments_allowed=instruments_allowed)
     relpath = f"{AUDIO_DIR}/{index:06d}.wav"
     write_audio(Path(root) / relpath, clip.audio, sample_rate, subtype="PCM_16")
     return {"path": relpath, "caption": clip.caption, "license": clip.license, "attributes": clip.attributes,
@@ -84,7 +87,7 @@ def write_dataset(config: ml_collections.ConfigDict, root: str | os.PathLike, pr
     root = Path(root)
     (root / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
     tasks = [(i, clip_seed(config.seed, i), float(config.seconds), int(config.sample_rate),
-              (int(config.bpm_min), int(config.bpm_max)), tuple(config.instruments), str(root))
+              (int(config.bpm_min), int(config.bpm_max)), int(config.bpm_step), tuple(config.instruments), str(root))
              for i in range(config.num_clips)]
     workers = min(config.num_workers or os.cpu_count() or 1, len(tasks))
     started = time.perf_counter()

@@ -28,7 +28,9 @@ PyTorch weights, split heads reshaped head-major):
     transformer.layers.N.ff.proj.kernel [E, 2, 4E] / .bias [2, 4E]      ....ff.ff.0.proj.weight / .bias
     transformer.layers.N.ff.out.kernel [4E, E] / .bias                  ....ff.ff.2.weight / .bias
     transformer.layers.N.{self_attn,cross_attn}.{q_norm,k_norm}.scale / .bias   (qk_norm="ln") ....weight / .bias
-The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored. Adapters (`model.adapter`) live
+`patch_size` p > 1 (not in SAO; p = 1 is the reference) makes each token p consecutive latent frames: [B, C, L] is
+read as [B, L/p, p·C] around the convs and the transformer (their widths become p·C), so the sequence is p times
+shorter for the same audio. The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored. Adapters (`model.adapter`) live
 under transformer.adapters.N, outside these keys.
 """
 
@@ -73,8 +75,11 @@ class DiTConfig(DtypeFields):
     dtype: str = "bfloat16"  # compute
     param_dtype: str = "float32"
     adapter: tuple[tuple[str, Any], ...] = ()  # per-block adapters (models/block_adapters.py); () = none
+    patch_size: int = 1  # latent frames per token (1 = SAO)
 
     def __post_init__(self):
+        if self.patch_size < 1:
+            raise ConfigError(f"config.model.patch_size={self.patch_size}: use 1 (one latent frame per token) or more")
         _ = self.transformer  # building it validates the transformer options
 
     @classmethod
@@ -88,6 +93,11 @@ class DiTConfig(DtypeFields):
         if unknown:
             raise ConfigError(f"config.model.{unknown[0]}: not a DiT option; options are {', '.join(sorted(fields))}")
         return cls(**values)
+
+    @property
+    def token_channels(self) -> int:
+        """Width of one token before project_in: patch_size frames of io_channels."""
+        return self.io_channels * self.patch_size
 
     @property
     def head_dim(self) -> int:
@@ -110,7 +120,7 @@ class DiTConfig(DtypeFields):
     @property
     def transformer(self) -> TransformerConfig:
         return TransformerConfig(
-            io_channels=self.io_channels, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            io_channels=self.token_channels, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
             context_dim=self.context_dim, prepend_cond=self.block_type == "sao", block_type=self.block_type,
             ff_mult=self.ff_mult, rotary_min_dim=self.rotary_min_dim, rotary_base=self.rotary_base,
             layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
@@ -152,7 +162,7 @@ class DiT(nnx.Module):
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         self.config = config
-        E, C = config.embed_dim, config.io_channels
+        E, C = config.embed_dim, config.token_channels
         kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
         self.timestep_features = FourierFeatures(config.timestep_features_dim, rngs=rngs,
                                                  param_dtype=config.weight_dtype)
@@ -181,12 +191,16 @@ class DiT(nnx.Module):
         if cond is not None and cond.cross_tokens is not None and self.to_cond_embed is not None:
             cross_tokens, cross_mask = _rows_for_null_context(cond.cross_tokens, cond.cross_mask, x.shape[0])
             context = self.to_cond_embed(cross_tokens)
-        h = jnp.swapaxes(x, 1, 2)  # [B, L, C]
+        batch, channels, length = x.shape
+        p = config.patch_size
+        if length % p:
+            raise ValueError(f"DiT: {length} latent frames are not a multiple of config.model.patch_size={p}")
+        h = jnp.swapaxes(x, 1, 2).reshape(batch, length // p, p * channels)  # [B, L/p, p·C], frame-major
         h = h + self.preprocess_conv(h)
         out = self.transformer(h, embedding, context, cross_mask, block_residuals=block_residuals,
                                adapter_inputs=adapter_inputs)
         out = out + self.postprocess_conv(out)
-        return jnp.swapaxes(out, 1, 2).astype(x.dtype)
+        return jnp.swapaxes(out.reshape(batch, length, channels), 1, 2).astype(x.dtype)
 
     def forward_flops(self, batch: int, length: int, cond_tokens: int) -> int:
         return dit_forward_flops(self.config, batch, length, cond_tokens)
@@ -235,7 +249,8 @@ def dit_forward_flops(model_config: DiTConfig | ml_collections.ConfigDict | dict
     (2·T·Dc·2Dc), which is half of jax_anchors §6.2's "4·L·768·d" term.
     """
     c = _as_dit_config(model_config)
-    E, C, Dc, F = c.embed_dim, c.io_channels, c.context_dim, c.ff_mult * c.embed_dim
+    E, C, Dc, F = c.embed_dim, c.token_channels, c.context_dim, c.ff_mult * c.embed_dim
+    length = length // c.patch_size  # tokens
     N, T = length + c.prepend_length, cond_tokens
     outside = (
         2 * (c.timestep_features_dim * E + E * E)

@@ -159,7 +159,12 @@ class DiffusionTrainer(Trainer):
 
     def batch_spec(self, mesh, rules):
         # One batch of a separate one-epoch pass gives the layout without moving the training iterator.
-        return self.device_batch(next(iter(latent_batches(self.config, mesh, rules, num_epochs=1))))
+        try:
+            return self.device_batch(next(iter(latent_batches(self.config, mesh, rules, num_epochs=1))))
+        except StopIteration:
+            raise ConfigError(f"config.batch_size={self.config.batch_size}: the latents at {self.config.data.latents} "
+                              f"hold fewer windows than one batch (batches drop their remainder); lower "
+                              f"--config.batch_size or precompute more audio") from None
 
     # ---- state
 

@@ -148,7 +148,8 @@ class EmbeddedKind(TextEncoderKind):
             return
         shutil.rmtree(target, ignore_errors=True)
         with atomic_directory(target) as staging:
-            build_caption_tokenizer(captions, staging, int(section.vocab_size))
+            build_caption_tokenizer(captions, staging, int(section.vocab_size),
+                                    split_digits=bool(section.get("split_digits", False)))
 
     def caption_fields(self, section: ml_collections.ConfigDict, out: Path, *, mesh: Mesh, rules: Rules,
                        batch_size: int, dtype: Any) -> CaptionFieldsFn:
@@ -175,8 +176,10 @@ class EmbeddedKind(TextEncoderKind):
 
     def resolve_training(self, prompt_section: ml_collections.ConfigDict, entry: Mapping[str, Any],
                          conditioner_config: Mapping[str, Any]) -> None:
-        """The run uses the latents' caption tokenizer; the conditioner's vocabulary must hold all its tokens."""
+        """The run uses the latents' caption tokenizer and token length; the conditioner's vocabulary must hold all
+        its tokens."""
         prompt_section.tokenizer_path = str(entry["tokenizer_path"])
+        prompt_section.max_length = int(entry.get("max_length", prompt_section.max_length))
         vocab = int(entry.get("vocab_size", conditioner_config["vocab_size"]))
         if vocab > int(conditioner_config["vocab_size"]):
             raise ConfigError(f"config.conditioner prompt vocab_size={conditioner_config['vocab_size']}: the "

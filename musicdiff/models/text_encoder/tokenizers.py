@@ -38,10 +38,12 @@ class TextTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def build_caption_tokenizer(captions: Iterable[str], out_dir: str | Path, vocab_size: int) -> Path:
+def build_caption_tokenizer(captions: Iterable[str], out_dir: str | Path, vocab_size: int,
+                            split_digits: bool = False) -> Path:
     """Trains a byte-level BPE tokenizer on the dataset captions (no download) and saves it where AutoTokenizer finds
     it. Byte-level means every caption round-trips exactly and nothing maps to <unk>. Ids: 0 <pad>, 1 </s>, 2 <unk>;
-    an </s> is appended to every caption, as T5's tokenizer does."""
+    an </s> is appended to every caption, as T5's tokenizer does. `split_digits` makes every digit its own token, so
+    nearby numbers share tokens ("147" and "150" share "1"; whole-number tokens relate 147 to 150 in no way)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +53,9 @@ def build_caption_tokenizer(captions: Iterable[str], out_dir: str | Path, vocab_
         raise ConfigError(f"vocab_size={vocab_size}: a byte-level tokenizer needs at least "
                           f"{len(alphabet) + len(specials)} entries")
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
                                   show_progress=False)
