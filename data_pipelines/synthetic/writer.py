@@ -61,7 +61,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.bpm_min={config.bpm_min}, config.bpm_max={config.bpm_max}: need {low} <= bpm_min <= bpm_max "
             f"<= {high}")
-    if config.bpm_step < 1:
+    if config.get("bpm_step", 1) < 1:
         raise ConfigError(f"config.bpm_step={config.bpm_step}: use a positive step in BPM (1 = every whole BPM)")
     unknown = [name for name in config.instruments if name not in render.ALL_INSTRUMENTS]
     if unknown or not config.instruments:
@@ -86,8 +86,9 @@ def write_dataset(config: ml_collections.ConfigDict, root: str | os.PathLike, pr
     check_config(config)
     root = Path(root)
     (root / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
+    bpm_step = int(config.get("bpm_step", 1))  # configs written before the key existed: every whole BPM
     tasks = [(i, clip_seed(config.seed, i), float(config.seconds), int(config.sample_rate),
-              (int(config.bpm_min), int(config.bpm_max)), int(config.bpm_step), tuple(config.instruments), str(root))
+              (int(config.bpm_min), int(config.bpm_max)), bpm_step, tuple(config.instruments), str(root))
              for i in range(config.num_clips)]
     workers = min(config.num_workers or os.cpu_count() or 1, len(tasks))
     started = time.perf_counter()
