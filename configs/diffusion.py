@@ -48,9 +48,10 @@ PRESETS = {
     "demo": dict(
         model=dict(io_channels=32, embed_dim=128, depth=4, num_heads=4, cond_token_dim=32, global_cond_dim=64,
                    project_cond_tokens=True, remat="none", dtype="float32", rotary_min_dim=8, patch_size=4),
+        # cond_tokens: the 48 caption tokens of configs/precompute.py:demo (training takes the token length from the
+        # latents manifest) + 2 timing tokens
         objective="rectified_flow", timestep_sampler="logit_normal", latent_length=256, cond_tokens=50,
         batch_size=32, cond_dim=32, text="embedded",
-        text_max_length=48,  # with one token per digit, 99% of the embedded set's captions fit in 39 tokens
         training=dict(num_steps=1500, learning_rate=1e-3, log_every=25, checkpoint_every=1500),
     ),
 }
@@ -131,9 +132,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.conditioner = conditioner_config(preset["text"], preset["cond_dim"])
     c.prompt_encoder = prompt_encoder_config(preset["text"])
-    if "text_max_length" in preset:
-        c.conditioner.conditioning.configs[0]["config"]["max_length"] = preset["text_max_length"]
-        c.prompt_encoder.max_length = preset["text_max_length"]
     c.autoencoder_checkpoint = ""
     c.init_from = ""  # a checkpoint whose weights (EMA when present) start a new run; the optimiser starts fresh
 
