@@ -37,10 +37,10 @@ PRESETS = {
     "demo": dict(
         model=dict(channels=16, c_mults=(1, 2, 4, 4), strides=(2, 4, 4, 8), latent_dim=32,
                    bottleneck=dict(type="vae"), remat=False),
-        sample_size=8192, batch_size=8, discriminator_filters=8, gen_lr=1e-3, disc_lr=1e-3, num_steps=600,
+        sample_size=8192, batch_size=8, discriminator_filters=8, gen_lr=1e-3, disc_lr=1e-3, num_steps=400,
         sample_rate=16000, audio_channels=1,
-        training=dict(lr_warmup=0.95, warmup_steps=600, warmup_mode="full", l1=10.0, stft_perceptual_weighting=False,
-                      checkpoint_every=600, demo_every=600, demo_seconds=4.0),
+        training=dict(lr_warmup=0.95, warmup_steps=400, warmup_mode="full", l1=10.0, stft_perceptual_weighting=False,
+                      checkpoint_every=400, demo_every=400, demo_seconds=4.0),
     ),
     "vq_tiny": dict(
         model=dict(channels=16, c_mults=(1, 2, 4, 4), strides=(2, 4, 4, 8), latent_dim=32,

@@ -52,7 +52,7 @@ PRESETS = {
         # latents manifest) + 2 timing tokens
         objective="rectified_flow", timestep_sampler="logit_normal", latent_length=256, cond_tokens=50,
         batch_size=32, cond_dim=32, text="embedded",
-        training=dict(num_steps=1500, learning_rate=1e-3, log_every=25, checkpoint_every=1500),
+        training=dict(num_steps=800, learning_rate=1e-3, log_every=25, checkpoint_every=800),
     ),
 }
 
