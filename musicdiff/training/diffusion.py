@@ -136,21 +136,27 @@ def _tokens_of(batch: Mapping[str, Any], cond_id: str) -> int:
 # ---------------------------------------------------------------------------------------------------- the trainer
 
 
+def _graphdefs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {name: nnx.graphdef(nnx.eval_shape(lambda n=name: registry.build(config[n], nnx.Rngs(0))))
+            for name in SECTIONS}
+
+
 @register_trainer("diffusion")
 class DiffusionTrainer(Trainer):
     """Denoiser + conditioner on precomputed latents (see the module docstring)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.graphdefs = {name: nnx.graphdef(nnx.eval_shape(lambda n=name: registry.build(config[n], nnx.Rngs(0))))
-                          for name in SECTIONS}
+        self.graphdefs = _graphdefs(config)
         self.objective = make_objective(config.objective)
         self.optimizer = self.freezing.wrap(make_optimizer(config.training))
         self.learning_rate = learning_rate_schedule(config.training)
 
     def prepare(self, workdir: Path) -> ml_collections.ConfigDict:
         manifest = _latents_manifest(self.config)
-        return prepare_workdir(resolve_config(self.config, manifest), workdir)
+        config = prepare_workdir(resolve_config(self.config, manifest), workdir)
+        self.graphdefs = _graphdefs(config)  # the latents can decide model structure (e.g. the prompt's digit ids)
+        return config
 
     # ---- data
 

@@ -3,6 +3,8 @@
 - "t5": a frozen T5 from a local Hugging Face directory or hub name (`path`); precompute stores its embeddings.
 - "embedded": the same architecture, small and randomly initialised, owned and trained by the prompt conditioner;
   precompute builds a byte-level BPE tokenizer from the dataset captions into OUT/tokenizer and stores token ids.
+  With `number_max` > 0 in the conditioner entry, digit tokens also carry the value of their number
+  (text_encoder/numbers.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from musicdiff.config import to_dict
 from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_directory, sha256_file
 from musicdiff.models.text_encoder.frozen import FrozenEmbeddingsKind
+from musicdiff.models.text_encoder.numbers import NumberAwareT5Encoder, digit_token_ids
 from musicdiff.models.text_encoder.hf_checkpoint import load_t5_encoder, resolve_checkpoint_dir
 from musicdiff.models.text_encoder.registry import (CaptionFieldsFn, PromptEncoderFn, TextEncoderKind,
                                                     register_text_encoder)
@@ -123,6 +126,10 @@ class EmbeddedKind(TextEncoderKind):
     def conditioner_encoder(self, entry_id: str, config: Mapping[str, Any], rngs: nnx.Rngs, dtype: Any
                             ) -> tuple[int, T5Encoder]:
         encoder_config = T5EncoderConfig.from_mapping(config)
+        if config.get("number_max"):
+            return encoder_config.d_model, NumberAwareT5Encoder(
+                encoder_config, number_max=float(config["number_max"]), digit_ids=config.get("digit_ids"),
+                rngs=rngs, dtype=dtype)
         return encoder_config.d_model, T5Encoder(encoder_config, rngs=rngs, dtype=dtype)
 
     def prompt_encoder(self, section: ml_collections.ConfigDict, key: str) -> PromptEncoderFn:
@@ -177,8 +184,11 @@ class EmbeddedKind(TextEncoderKind):
     def resolve_training(self, prompt_section: ml_collections.ConfigDict, entry: Mapping[str, Any],
                          conditioner_config: Mapping[str, Any]) -> None:
         """The run uses the latents' caption tokenizer and token length; the conditioner's vocabulary must hold all
-        its tokens."""
+        its tokens, and a number-aware conditioner (`number_max` > 0) takes its digit token ids from it."""
         prompt_section.tokenizer_path = str(entry["tokenizer_path"])
+        if conditioner_config.get("number_max"):
+            tokenizer = load_caption_tokenizer(entry["tokenizer_path"], int(entry.get("max_length", 1)))
+            conditioner_config["digit_ids"] = digit_token_ids(tokenizer, f"{entry['tokenizer_path']}")
         prompt_section.max_length = int(entry.get("max_length", prompt_section.max_length))
         vocab = int(entry.get("vocab_size", conditioner_config["vocab_size"]))
         if vocab > int(conditioner_config["vocab_size"]):

@@ -205,12 +205,16 @@ class T5Encoder(nnx.Module):
         values = jnp.take(self.relative_attention_bias[...].astype(jnp.float32), jnp.asarray(buckets), axis=0)
         return jnp.transpose(values, (2, 0, 1))[None]
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
-                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, rngs: nnx.Rngs | None = None,
+                 token_offsets: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`token_offsets` [B, T, d_model], if given, is added to the token embeddings (the number-aware encoder's
+        values of numbers, text_encoder/numbers.py)."""
         mask = attention_mask.astype(bool)
         # Gathering from the fsdp-split table directly makes XLA rematerialise it; all-gather its embed dim first.
         table = constrain(self.shared[...], ("vocab", None))
         x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
+        if token_offsets is not None:
+            x = x + token_offsets.astype(self.dtype)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
         # Padded keys get the most negative float32, as Hugging Face adds (1 - mask) * finfo.min to the bias.
