@@ -19,6 +19,7 @@ Checkpoints hold params/{model, conditioner} and ema/{model, conditioner}.
 A preset's `number_max` (embedded text only) adds the value of each number in a caption to its digit tokens
 (musicdiff/models/text_encoder/numbers.py; needs latents precomputed with text_encoder.split_digits=True). On the demo
 it did not teach tempo within 1600 steps (tempo 0.09, key 0.22 on 32 held-out prompts), so no preset sets it.
+Neither did `model.sinusoidal_embedding=True` (absolute token positions; tempo 0.09, key 0.19 at 1600 steps).
 
 The optimiser recipe is SAO's (spec §3.4): AdamW(5e-5, (0.9, 0.999), wd 1e-3) with InverseLR
 lr(step) = lr · (1 - warmup^(step+1)) · (1 + step/inv_gamma)^(-power), EMA 0.9999 with power-3/4 warm-up,
@@ -135,6 +136,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         qk_norm="none",  # "ln": LayerNorm over each head's q and k (SAO Small)
         attention_implementation="auto",  # "auto" | "xla" | "cudnn"
         patch_size=1,  # latent frames per token (1 = SAO; p > 1 shortens the sequence p times)
+        sinusoidal_embedding=False,  # absolute positions beside rotary (the reference's use_sinusoidal_emb)
         param_dtype="float32",
     ))
     c.model.update(preset["model"])

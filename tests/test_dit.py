@@ -361,3 +361,31 @@ def test_patches_are_consecutive_frames_read_as_one_wider_token(block_type):
         model_config(io_channels=p * C), 1, L // p, 8)
     with pytest.raises(ValueError, match="multiple of config.model.patch_size"):
         forward(patched, x[:, :, :30], t)
+
+
+def test_sinusoidal_embedding_is_the_reference_table_added_after_the_prepended_token():
+    """scale · [sin(n f_j), cos(n f_j)], f_j = 10000^(-j/(D/2)), scale = D^-0.5 at init; position 0 is the prepended
+    conditioning token. A zero scale gives back the model without it, so the table is all that the option adds."""
+    from musicdiff.models.transformer import ScaledSinusoidalEmbedding
+
+    dim, length = 8, 5
+    table = np.asarray(ScaledSinusoidalEmbedding(dim)(length))
+    for n in range(length):
+        for j in range(dim // 2):
+            angle = n * 10000.0 ** (-j / (dim // 2))
+            assert table[n, j] == pytest.approx(math.sin(angle) / math.sqrt(dim), abs=1e-6)
+            assert table[n, dim // 2 + j] == pytest.approx(math.cos(angle) / math.sqrt(dim), abs=1e-6)
+
+    with_positions = randomize(registry.build(model_config(sinusoidal_embedding=True), nnx.Rngs(0)))
+    plain = registry.build(model_config(), nnx.Rngs(1))
+    weights = nnx.to_pure_dict(nnx.state(with_positions, nnx.Param))
+    del weights["transformer"]["pos_emb"]  # the one parameter the option adds
+    plain_state = nnx.state(plain, nnx.Param)
+    nnx.replace_by_pure_dict(plain_state, weights)
+    nnx.update(plain, plain_state)
+    x, t, cross, mask, glob = inputs()
+    assert not np.allclose(dit_forward(with_positions, x, t, cross, mask, glob), dit_forward(plain, x, t, cross, mask,
+                                                                                          glob), atol=1e-4)
+    with_positions.transformer.pos_emb.scale[...] = jnp.zeros((1,))
+    np.testing.assert_allclose(dit_forward(with_positions, x, t, cross, mask, glob),
+                               dit_forward(plain, x, t, cross, mask, glob), atol=1e-6)

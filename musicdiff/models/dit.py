@@ -76,6 +76,7 @@ class DiTConfig(DtypeFields):
     param_dtype: str = "float32"
     adapter: tuple[tuple[str, Any], ...] = ()  # per-block adapters (models/block_adapters.py); () = none
     patch_size: int = 1  # latent frames per token (1 = SAO)
+    sinusoidal_embedding: bool = False  # absolute token positions beside rotary (reference use_sinusoidal_emb)
 
     def __post_init__(self):
         if self.patch_size < 1:
@@ -125,7 +126,7 @@ class DiTConfig(DtypeFields):
             ff_mult=self.ff_mult, rotary_min_dim=self.rotary_min_dim, rotary_base=self.rotary_base,
             layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
             attention_implementation=self.attention_implementation, remat=self.remat, dtype=self.dtype,
-            param_dtype=self.param_dtype, adapter=self.adapter)
+            param_dtype=self.param_dtype, adapter=self.adapter, sinusoidal_embedding=self.sinusoidal_embedding)
 
 
 class FourierFeatures(nnx.Module):

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from musicdiff.errors import ConfigError
@@ -81,6 +82,7 @@ class TransformerConfig(DtypeFields):
     dtype: str = "float32"
     param_dtype: str = "float32"
     adapter: tuple[tuple[str, Any], ...] = ()  # (("name", registered adapter), (option, value), ...); () = none
+    sinusoidal_embedding: bool = False  # absolute positions, as the reference's use_sinusoidal_emb (SAO: off)
     prefix: str = "config.model"  # where the options live in the user's config, for error messages
 
     def __post_init__(self):
@@ -190,6 +192,24 @@ def _run_block(modules: tuple[TransformerBlock, nnx.Module | None], h, cond, con
     return block(h, cond, context, context_mask, cos, sin, adapter, adapter_inputs)
 
 
+class ScaledSinusoidalEmbedding(nnx.Module):
+    """Absolute positions n -> scale · [sin(n·f_j), cos(n·f_j)], f_j = 10000^(-j/(dim/2)), with one learned `scale`
+    (init dim^-0.5): the reference's ScaledSinusoidalEmbedding. Rotary attention sees only offsets between tokens;
+    this tells each token where it is in the window (e.g. how far from a clip's first beat)."""
+
+    def __init__(self, dim: int, *, param_dtype: Any = jnp.float32):
+        if dim % 2:
+            raise ConfigError(f"sinusoidal_embedding: embed_dim={dim} must be even")
+        self.scale = nnx.Param(jnp.full((1,), dim**-0.5, param_dtype), out_sharding=(None,))
+        self.half = dim // 2
+
+    def __call__(self, length: int) -> jax.Array:
+        inv_freq = 10000.0 ** -(np.arange(self.half, dtype=np.float64) / self.half)
+        angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+        table = jnp.asarray(np.concatenate([np.sin(angles), np.cos(angles)], axis=-1), jnp.float32)
+        return table * self.scale[...].astype(jnp.float32)
+
+
 class ContinuousTransformer(nnx.Module):
     """[B, L, io] -> [B, L, io]; the conditioning token is prepended at rotary position 0 (`prepend_cond`)."""
 
@@ -202,6 +222,8 @@ class ContinuousTransformer(nnx.Module):
         self.project_in = Linear((config.io_channels,), (config.embed_dim,), (None, "embed"), use_bias=False, **kw)
         self.layers = nnx.List([TransformerBlock(config, rngs=rngs) for _ in range(config.depth)])
         self.project_out = Linear((config.embed_dim,), (config.io_channels,), ("embed", None), use_bias=False, **kw)
+        self.pos_emb = (ScaledSinusoidalEmbedding(config.embed_dim, param_dtype=config.weight_dtype)
+                        if config.sinusoidal_embedding else None)
         # Adapters sit beside `layers`, not inside the blocks, so the blocks' parameter paths never change.
         self.adapters = (nnx.List([block_adapters.build(config, index, rngs) for index in range(config.depth)])
                          if config.adapter else None)
@@ -212,6 +234,8 @@ class ContinuousTransformer(nnx.Module):
         h = self.project_in(x)
         if self.prepend_length:
             h = jnp.concatenate([cond[:, None, :].astype(h.dtype), h], axis=1)
+        if self.pos_emb is not None:  # after the prepended token, which takes position 0, as in the reference
+            h = h + self.pos_emb(h.shape[1])[None].astype(h.dtype)
         h = constrain(h, ACTIVATION)
         cos, sin = rotary_angles(h.shape[1], self.rotary_dim, self.rotary_base)
         residuals = list(block_residuals or ())
