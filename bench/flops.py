@@ -4,6 +4,7 @@ The DiT counts come from musicdiff.models.dit (dit_forward_flops / dit_train_flo
 counted here by walking its layer list: a Conv1d with kernel k from C_in to C_out costs 2·k·C_in·C_out per output
 step; a ConvTranspose1d (stride s) costs 2·k·C_in·C_out per input step, which is what a polyphase or a
 zero-skipping implementation does (a naive zero-inserted input would do s times more, and is not counted).
+The "nearest" decoder upsampler is counted as its conv at the repeated rate.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import Any
 from flax import nnx
 
 from musicdiff.models.autoencoder import OobleckAutoencoder
-from musicdiff.models.oobleck_layers import WNConv1d, WNConvTranspose1d
+from musicdiff.models.oobleck_layers import NearestUpsample1d, WNConv1d, WNConvTranspose1d
 
 
 def _conv_output_length(conv: WNConv1d, length: int) -> int:
     kernel = conv.weight_v.shape[0]
-    return (length + 2 * conv.padding - conv.dilation * (kernel - 1) - 1) // conv.stride + 1
+    return (length + sum(conv.padding) - conv.dilation * (kernel - 1) - 1) // conv.stride + 1
 
 
 def _walk(module: Any, length: int) -> tuple[int, int]:
@@ -30,6 +31,8 @@ def _walk(module: Any, length: int) -> tuple[int, int]:
     if isinstance(module, WNConvTranspose1d):
         kernel, c_in, c_out = module.weight_v.shape
         return 2 * kernel * c_in * c_out * length, module.output_length(length)
+    if isinstance(module, NearestUpsample1d):  # the conv runs at the repeated rate
+        return _walk(module.conv, length * module.stride)
     layers = getattr(module, "layers", None)
     if layers is None:  # activations
         return 0, length

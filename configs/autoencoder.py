@@ -71,6 +71,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         final_tanh=False,
         dtype="float32",  # the reference keeps the VAE in float32 (spec §9.5.8)
         remat=preset["model"]["remat"],
+        # Decoder upsampling: "transpose" (SAO's transposed conv; its checkpoints convert) or "nearest" (repeat each
+        # step, then a conv: no phase-dependent taps, so no periodic artefact at the latent rate to learn away).
+        decoder_upsample=preset["model"].get("decoder_upsample", "transpose"),
         bottleneck=ml_collections.ConfigDict(bottleneck),
     ))
 

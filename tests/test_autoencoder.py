@@ -20,7 +20,8 @@ from musicdiff.config import downsampling_ratio, load_config, validate
 from musicdiff.models import registry
 from musicdiff.models.autoencoder import BottleneckConfig, OobleckConfig, ResidualVQBottleneck, VAEBottleneck
 from musicdiff.models.chunking import chunked_decode, chunked_encode, plan_chunks, receptive_radius_frames
-from musicdiff.models.oobleck_layers import Snake, WNConv1d, WNConvTranspose1d
+from musicdiff.errors import ConfigError
+from musicdiff.models.oobleck_layers import NearestUpsample1d, Snake, WNConv1d, WNConvTranspose1d
 
 # These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
 pytestmark = pytest.mark.usefixtures("unsharded")
@@ -144,6 +145,58 @@ def test_transposed_conv_matches_torch_semantics(stride):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def set_nearest_upsampler_weights(upsampler, w):
+    """Sets the upsampler's conv to the torch-layout kernel w [out, in, k] (g = ||v||, so the kernel is w)."""
+    upsampler.conv.weight_v.set_value(jnp.asarray(w.transpose(2, 1, 0), jnp.float32))
+    upsampler.conv.weight_g.set_value(jnp.asarray(np.sqrt(np.sum(w**2, axis=(1, 2))), jnp.float32))
+
+
+@pytest.mark.parametrize("stride", [2, 3, 8])
+def test_nearest_upsampler_is_repeat_then_torch_same_conv(stride):
+    # stable-audio-tools' use_nearest_upsample: nn.Upsample(nearest) then Conv1d(k 2s, padding='same', no bias);
+    # torch's 'same' pads (k - 1) // 2 = s - 1 on the left and s on the right.
+    rng = np.random.default_rng(stride)
+    length = 7
+    upsampler = NearestUpsample1d(5, 3, stride, rngs=nnx.Rngs(0))
+    w = rng.normal(size=(3, 5, 2 * stride))
+    set_nearest_upsampler_weights(upsampler, w)
+    x = rng.normal(size=(5, length))
+    repeated = np.pad(np.repeat(x, stride, axis=1), ((0, 0), (stride - 1, stride)))
+    expected = torch_conv1d(repeated, w, None)
+    got = np.asarray(upsampler(jnp.asarray(x.T[None], jnp.float32)))[0].T
+    assert got.shape == expected.shape == (3, stride * length)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_constant_input_stays_constant_through_nearest_but_not_transposed_upsampling():
+    # Why the "nearest" option exists: a transposed conv sums a different subset of taps at each output phase,
+    # so a constant input comes out periodic at the input rate (the decoder's hum at the latent frame rate).
+    stride, length = 4, 6
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=5)
+    x = jnp.asarray(np.tile(c, (1, length, 1)), jnp.float32)  # [1, L, 5], constant along time
+    w = rng.normal(size=(3, 5, 2 * stride))  # [out, in, k]
+    upsampler = NearestUpsample1d(5, 3, stride, rngs=nnx.Rngs(0))
+    set_nearest_upsampler_weights(upsampler, w)
+    interior = slice(stride - 1, stride * length - stride)  # outputs whose window lies inside the signal
+    # Away from the padded ends every output sees 2s repeated copies of c: Σ_j w[:, :, j] @ c.
+    nearest = np.asarray(upsampler(x))[0, interior]
+    np.testing.assert_allclose(nearest, np.tile(w.sum(axis=2) @ c, (nearest.shape[0], 1)), rtol=1e-4, atol=1e-4)
+
+    padding = stride // 2
+    transposed = WNConvTranspose1d(5, 3, 2 * stride, stride=stride, padding=padding, rngs=nnx.Rngs(0))
+    v = w.transpose(1, 0, 2)  # torch ConvTranspose1d layout [in, out, k]
+    transposed.weight_v.set_value(jnp.asarray(v.transpose(2, 0, 1), jnp.float32))
+    transposed.weight_g.set_value(jnp.asarray(np.sqrt(np.sum(v**2, axis=(1, 2))), jnp.float32))
+    transposed.bias.set_value(jnp.zeros((3,), jnp.float32))
+    # Output n = l·s − p + j: phase r = n mod s collects the taps j ≡ r + p (mod s).
+    phases = np.stack([v[:, :, [(r + padding) % stride, (r + padding) % stride + stride]].sum(axis=2).T @ c
+                       for r in range(stride)])
+    got = np.asarray(transposed(x))[0, stride:stride * (length - 1)]  # whole periods inside the signal
+    np.testing.assert_allclose(got, np.tile(phases, (length - 2, 1)), rtol=1e-4, atol=1e-4)
+    assert np.ptp(phases, axis=0).min() > 0.1  # periodic, not constant
+
+
 # ---------------------------------------------------------------- SAO sizes, checkpoint layout, describe
 
 
@@ -223,6 +276,32 @@ def test_presets_load_and_validate(devices):
     assert downsampling_ratio(model_config("tiny")) == 256
     with pytest.raises(Exception, match="antialias"):
         OobleckConfig.from_config(model_config("tiny", antialias=True))
+
+
+def param_shapes(config):
+    model = nnx.eval_shape(lambda: registry.build(config, nnx.Rngs(0)))
+    return {".".join(map(str, path)): tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_decoder_upsample_option_swaps_only_the_upsampling_layers():
+    default = param_shapes(model_config("tiny"))
+    assert sum(map(math.prod, default.values())) == 506_098  # configs/autoencoder.py's tiny, before the option
+    assert param_shapes(model_config("tiny", decoder_upsample="transpose")) == default
+    nearest = param_shapes(model_config("tiny", decoder_upsample="nearest"))
+    # Blocks 1-4 of the decoder, widest first: (in, out, stride) from widths 16·[1, 1, 2, 4, 4], strides reversed.
+    blocks = {1: (64, 64, 8), 2: (64, 32, 4), 3: (32, 16, 4), 4: (16, 16, 2)}
+    transposed = {f"decoder.layers.{b}.layers.1.{name}" for b in blocks for name in ("weight_v", "weight_g", "bias")}
+    assert set(default) - set(nearest) == transposed
+    assert {k: v for k, v in nearest.items() if k not in default} == {
+        **{f"decoder.layers.{b}.layers.1.conv.weight_v": (2 * s, cin, cout) for b, (cin, cout, s) in blocks.items()},
+        **{f"decoder.layers.{b}.layers.1.conv.weight_g": (cout,) for b, (cin, cout, s) in blocks.items()},
+    }
+    # Same kernels, no bias, and a norm per output instead of per input channel.
+    assert sum(map(math.prod, nearest.values())) == 506_098 - sum(cin for cin, _, _ in blocks.values())
+    model = registry.build(model_config("tiny", decoder_upsample="nearest"), nnx.Rngs(0))
+    assert model.decode(jnp.zeros((1, 64, 3))).shape == (1, 2, 3 * 256)
+    with pytest.raises(ConfigError, match="decoder_upsample='linear'"):
+        OobleckConfig.from_config(model_config("tiny", decoder_upsample="linear"))
 
 
 # ---------------------------------------------------------------- bottlenecks

@@ -25,7 +25,7 @@ from flax import nnx
 
 from musicdiff.config import load_config, validate
 from musicdiff.convert.stable_audio import TensorSource, check_keys, iter_converted, plan_section
-from musicdiff.convert.stable_audio_config import import_configs
+from musicdiff.convert.stable_audio_config import import_configs, reference_model_config
 from musicdiff.convert.stable_audio_keys import PRETRANSFORM_PREFIX
 from musicdiff.errors import ConfigError, DataError
 
@@ -197,6 +197,14 @@ def _modified(path: str, value) -> dict:
 def test_unsupported_options_are_refused_by_name(path, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plans_for(_modified(path, value))
+
+
+def test_nearest_upsampling_decoder_is_refused_by_export():
+    # Its keys would map one to one, but the reference config would describe a transposed-conv decoder.
+    section = load_config("configs/autoencoder.py:demo").autoencoder.to_dict()
+    assert reference_model_config(None, section)["model"]["decoder"]["type"] == "oobleck"
+    with pytest.raises(ConfigError, match="decoder_upsample='nearest'"):
+        reference_model_config(None, {**section, "decoder_upsample": "nearest"})
 
 
 def test_autoencoder_only_model_config():

@@ -353,6 +353,9 @@ def reference_autoencoder(section: Mapping[str, Any]) -> dict[str, Any]:
                           f"musicdiff's VQ bottlenecks; only vae and none export")
     if section.get("antialias", False):
         raise ConfigError("config.autoencoder.antialias=True: not exportable")
+    if section.get("decoder_upsample", "transpose") != "transpose":
+        raise ConfigError(f"config.autoencoder.decoder_upsample={section['decoder_upsample']!r}: only 'transpose' "
+                          f"exports (the converter maps SAO's transposed-conv keys)")
     shared = dict(channels=int(section["channels"]), c_mults=list(section["c_mults"]),
                   strides=list(section["strides"]), use_snake=bool(section["use_snake"]))
     latent_dim = int(section["latent_dim"])

@@ -32,7 +32,7 @@ import ml_collections
 from flax import nnx
 
 from musicdiff.errors import ConfigError
-from musicdiff.models.oobleck_layers import OobleckDecoder, OobleckEncoder, WNConv1d
+from musicdiff.models.oobleck_layers import DECODER_UPSAMPLING, OobleckDecoder, OobleckEncoder, WNConv1d
 from musicdiff.models.registry import register
 
 BOTTLENECK_TYPES = ("vae", "vq", "rvq", "none")
@@ -74,6 +74,7 @@ class OobleckConfig:
     final_tanh: bool = False
     dtype: str = "float32"  # compute dtype; parameters and weight norms stay float32
     remat: bool = False  # recompute residual units in the backward pass, as the reference's training does
+    decoder_upsample: str = "transpose"  # "transpose" (SAO) or "nearest" (repeat + conv): oobleck_layers.DecoderBlock
     bottleneck: BottleneckConfig = BottleneckConfig()
 
     def __post_init__(self):
@@ -83,6 +84,9 @@ class OobleckConfig:
         if self.antialias:
             raise ConfigError("config.autoencoder.antialias=True: anti-aliased activations are not implemented "
                               "(SAO does not use them); set it to False")
+        if self.decoder_upsample not in DECODER_UPSAMPLING:
+            raise ConfigError(f"config.autoencoder.decoder_upsample='{self.decoder_upsample}': expected one of "
+                              f"{', '.join(DECODER_UPSAMPLING)}")
         if any(s < 1 for s in self.strides):
             raise ConfigError(f"config.autoencoder.strides={self.strides}: strides must be positive")
         try:
@@ -269,7 +273,8 @@ class OobleckAutoencoder(nnx.Module):
                                       dtype=dtype, remat=config.remat)
         self.decoder = OobleckDecoder(config.latent_dim, config.channels, config.c_mults, config.strides,
                                       config.out_channels, use_snake=config.use_snake, final_tanh=config.final_tanh,
-                                      rngs=rngs, dtype=dtype, remat=config.remat)
+                                      rngs=rngs, dtype=dtype, remat=config.remat,
+                                      upsample=config.decoder_upsample)
         self.bottleneck = build_bottleneck(config, rngs)
 
     @property

@@ -66,21 +66,24 @@ def activation(channels: int, use_snake: bool, dtype: Any) -> Snake | ELU:
 
 
 class WNConv1d(nnx.Module):
-    """Weight-normalised Conv1d: w = g · v / ||v||, the norm over (kernel, in) per output channel; symmetric padding.
+    """Weight-normalised Conv1d: w = g · v / ||v||, the norm over (kernel, in) per output channel. `padding` is
+    one count for both sides (default (k − 1)·d / 2) or a (left, right) pair.
 
     Initialised like PyTorch's Conv1d (uniform ±1/sqrt(in·k) for v and bias) with g = ||v||, as weight_norm does,
     so the initial effective weight equals v.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs, stride: int = 1,
-                 dilation: int = 1, padding: int | None = None, use_bias: bool = True, dtype: Any = jnp.float32):
+                 dilation: int = 1, padding: int | tuple[int, int] | None = None, use_bias: bool = True,
+                 dtype: Any = jnp.float32):
         bound = 1.0 / math.sqrt(in_channels * kernel_size)
         direction = _uniform(rngs, (kernel_size, in_channels, out_channels), bound)
         self.weight_v = nnx.Param(direction, out_sharding=("kernel", "conv_in", "conv_out"))
         self.weight_g = nnx.Param(_l2_norm(direction, (0, 1)), out_sharding=("conv_out",))
         self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound), out_sharding=("conv_out",)) if use_bias else None
         self.stride, self.dilation = stride, dilation
-        self.padding = (kernel_size - 1) * dilation // 2 if padding is None else padding
+        padding = (kernel_size - 1) * dilation // 2 if padding is None else padding
+        self.padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
         self.dtype = dtype
 
     def kernel(self) -> jax.Array:
@@ -91,7 +94,7 @@ class WNConv1d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel().astype(self.dtype), window_strides=(self.stride,),
-            padding=((self.padding, self.padding),), rhs_dilation=(self.dilation,),
+            padding=(self.padding,), rhs_dilation=(self.dilation,),
             dimension_numbers=("NWC", "WIO", "NWC"),
         )
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
@@ -132,6 +135,40 @@ class WNConvTranspose1d(nnx.Module):
             padding=((edge, edge),), lhs_dilation=(self.stride,), dimension_numbers=("NWC", "WIO", "NWC"),
         )
         return y + self.bias[...].astype(self.dtype)
+
+
+class NearestUpsample1d(nnx.Module):
+    """Repeat every step `stride` times, then WNConv1d(kernel 2s, no bias, PyTorch padding='same': s − 1 left, s
+    right): L → s·L. stable-audio-tools' `use_nearest_upsample` decoder layer.
+
+    Why: a transposed conv gives each of the s output phases its own taps, so even a constant input comes out
+    periodic at the input step rate (checkerboard, Odena et al. 2016): at the latent rate, a hum. Repeating first
+    makes the whole layer a transposed conv whose kernel is w convolved with a length-s box, whose nulls at the
+    input rate's harmonics cancel that pattern for any w: a constant input gives a constant output.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32):
+        self.stride = stride
+        self.conv = WNConv1d(in_channels, out_channels, 2 * stride, padding=(stride - 1, stride), use_bias=False,
+                             rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jnp.repeat(x, self.stride, axis=1))
+
+
+DECODER_UPSAMPLING = ("transpose", "nearest")
+
+
+def upsampling_layer(kind: str, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs,
+                     dtype: Any) -> WNConvTranspose1d | NearestUpsample1d:
+    """A decoder block's L → s·L layer: "transpose" (SAO's, whose checkpoints load) or "nearest"."""
+    if kind == "transpose":
+        return WNConvTranspose1d(in_channels, out_channels, 2 * stride, stride=stride,
+                                 padding=math.ceil(stride / 2), rngs=rngs, dtype=dtype)
+    if kind == "nearest":
+        return NearestUpsample1d(in_channels, out_channels, stride, rngs=rngs, dtype=dtype)
+    raise ValueError(f"decoder upsampling {kind!r}: expected one of {', '.join(DECODER_UPSAMPLING)}")
 
 
 class ResidualUnit(nnx.Module):
@@ -181,14 +218,14 @@ class EncoderBlock(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-    """Act → WNConvTranspose1d(kernel 2s, stride s, padding ceil(s/2)) → RU(1) → RU(3) → RU(9): L → s·L, even s."""
+    """Act → upsampling → RU(1) → RU(3) → RU(9): L → s·L (even s for "transpose"). `upsample` "transpose" is
+    WNConvTranspose1d(kernel 2s, stride s, padding ceil(s/2)); "nearest" is NearestUpsample1d."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, *, use_snake: bool, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32, remat: bool = False):
+                 dtype: Any = jnp.float32, remat: bool = False, upsample: str = "transpose"):
         self.layers = nnx.List([
             activation(in_channels, use_snake, dtype),
-            WNConvTranspose1d(in_channels, out_channels, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
-                              rngs=rngs, dtype=dtype),
+            upsampling_layer(upsample, in_channels, out_channels, stride, rngs=rngs, dtype=dtype),
         ] + _residual_units(out_channels, use_snake, rngs, dtype, remat))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -229,16 +266,17 @@ class OobleckDecoder(nnx.Module):
     """latents `[B, F, latent_dim]` → audio `[B, F · prod(strides), out_channels]` (NWC).
 
     `layers` = [WNConv k7, DecoderBlock × len(strides) (widest first), Act, WNConv k7 without bias]; the reference's
-    trailing Identity/Tanh (index 8) holds no parameters and is the `final_tanh` flag here.
+    trailing Identity/Tanh (index 8) holds no parameters and is the `final_tanh` flag here. `upsample`: each
+    block's upsampling layer (DecoderBlock).
     """
 
     def __init__(self, latent_dim: int, channels: int, c_mults: tuple[int, ...], strides: tuple[int, ...],
                  out_channels: int, *, use_snake: bool, final_tanh: bool, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 remat: bool = False):
+                 remat: bool = False, upsample: str = "transpose"):
         widths = channel_ladder(channels, c_mults)
         layers: list[nnx.Module] = [WNConv1d(latent_dim, widths[-1], 7, rngs=rngs, dtype=dtype)]
         layers += [DecoderBlock(widths[i + 1], widths[i], strides[i], use_snake=use_snake, rngs=rngs, dtype=dtype,
-                                remat=remat) for i in reversed(range(len(strides)))]
+                                remat=remat, upsample=upsample) for i in reversed(range(len(strides)))]
         layers += [activation(widths[0], use_snake, dtype),
                    WNConv1d(widths[0], out_channels, 7, use_bias=False, rngs=rngs, dtype=dtype)]
         self.layers = nnx.List(layers)
