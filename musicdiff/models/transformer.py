@@ -33,7 +33,7 @@ from flax import nnx
 from musicdiff.errors import ConfigError
 from musicdiff.models import block_adapters
 from musicdiff.models.attention import (QK_NORMS, CrossAttention, LayerNorm, Linear, SelfAttention, rotary_angles,
-                                       rotary_dim)
+                                       rotary_dim, rotary_inv_freq)
 from musicdiff.models.remat import checkpointed
 from musicdiff.parallel.sharding import constrain
 
@@ -201,11 +201,11 @@ class ScaledSinusoidalEmbedding(nnx.Module):
         if dim % 2:
             raise ConfigError(f"sinusoidal_embedding: embed_dim={dim} must be even")
         self.scale = nnx.Param(jnp.full((1,), dim**-0.5, param_dtype), out_sharding=(None,))
-        self.half = dim // 2
+        self.dim = dim
 
     def __call__(self, length: int) -> jax.Array:
-        inv_freq = 10000.0 ** -(np.arange(self.half, dtype=np.float64) / self.half)
-        angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+        # The rotary embedding's frequencies: 10000^(-2j/dim) = 10000^(-j/(dim/2)).
+        angles = np.arange(length, dtype=np.float64)[:, None] * rotary_inv_freq(self.dim)[None, :]
         table = jnp.asarray(np.concatenate([np.sin(angles), np.cos(angles)], axis=-1), jnp.float32)
         return table * self.scale[...].astype(jnp.float32)
 

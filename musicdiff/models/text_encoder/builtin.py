@@ -188,7 +188,7 @@ class EmbeddedKind(TextEncoderKind):
         prompt_section.tokenizer_path = str(entry["tokenizer_path"])
         if conditioner_config.get("number_max"):
             tokenizer = load_caption_tokenizer(entry["tokenizer_path"], int(entry.get("max_length", 1)))
-            conditioner_config["digit_ids"] = digit_token_ids(tokenizer, f"{entry['tokenizer_path']}")
+            conditioner_config["digit_ids"] = digit_token_ids(tokenizer, str(entry["tokenizer_path"]))
         prompt_section.max_length = int(entry.get("max_length", prompt_section.max_length))
         vocab = int(entry.get("vocab_size", conditioner_config["vocab_size"]))
         if vocab > int(conditioner_config["vocab_size"]):
