@@ -33,6 +33,7 @@ import copy
 import ml_collections
 
 from musicdiff.config import choose_preset, stage_config
+from musicdiff.models.beat_grid import DEFAULT_HARMONICS, grid_channels
 
 PRESETS = {
     "sao": dict(
@@ -57,7 +58,7 @@ PRESETS = {
         # cond_tokens: the 48 caption tokens of configs/precompute.py:demo (training takes the token length from the
         # latents manifest) + 2 timing tokens
         objective="rectified_flow", timestep_sampler="logit_normal", latent_length=256, cond_tokens=50,
-        batch_size=16, cond_dim=32, text="embedded",
+        batch_size=16, cond_dim=32, text="embedded", beat_grid=dict(harmonics=DEFAULT_HARMONICS, dropout=0.1),
         training=dict(num_steps=800, learning_rate=1e-3, log_every=25, checkpoint_every=800),
     ),
 }
@@ -97,10 +98,13 @@ def _for_text(table: dict, text: str) -> dict:
     return copy.deepcopy(table[text])
 
 
-def conditioner_config(text: str, cond_dim: int, number_max: float = 0.0) -> ml_collections.ConfigDict:
+def conditioner_config(text: str, cond_dim: int, number_max: float = 0.0,
+                       beat_grid: dict | None = None) -> ml_collections.ConfigDict:
     """SAO's conditioning (spec §8.1): prompt + seconds_start + seconds_total as cross-attention tokens, the two
     timing values concatenated as the global embedding. `number_max` > 0 makes the embedded prompt encoder
-    number-aware (numbers in [0, number_max]; musicdiff/models/text_encoder/numbers.py)."""
+    number-aware (numbers in [0, number_max]; musicdiff/models/text_encoder/numbers.py). `beat_grid` (its config:
+    harmonics, dropout) adds the prompt's tempo as beat features concatenated to the DiT's input (id "tempo";
+    musicdiff/models/beat_grid.py; frames and frame rate come from the latents)."""
     timing = [dict(id=name, type="number", config=dict(min_val=0, max_val=512))
               for name in ("seconds_start", "seconds_total")]
     prompt = _for_text(PROMPT_CONDITIONERS, text)
@@ -108,12 +112,17 @@ def conditioner_config(text: str, cond_dim: int, number_max: float = 0.0) -> ml_
         if text != "embedded":
             raise ValueError(f"number_max: only the embedded text encoder has a number embedding, not {text!r}")
         prompt["config"]["number_max"] = float(number_max)
-    return ml_collections.ConfigDict(dict(
+    section = dict(
         name="multi_conditioner",
         conditioning=dict(configs=[prompt] + timing, cond_dim=cond_dim),
         cross_attention_cond_ids=("prompt", "seconds_start", "seconds_total"),
         global_cond_ids=("seconds_start", "seconds_total"),
-    ))
+    )
+    if beat_grid:
+        tempo = dict(id="tempo", type="beat_grid", config=dict(frames=0, frame_rate=0.0, **beat_grid))
+        section["conditioning"]["configs"].append(tempo)
+        section["input_concat_cond_ids"] = ("tempo",)
+    return ml_collections.ConfigDict(section)
 
 
 def prompt_encoder_config(text: str) -> ml_collections.ConfigDict:
@@ -143,7 +152,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     ))
     c.model.update(preset["model"])
 
-    c.conditioner = conditioner_config(preset["text"], preset["cond_dim"], preset.get("number_max", 0.0))
+    c.conditioner = conditioner_config(preset["text"], preset["cond_dim"], preset.get("number_max", 0.0),
+                                       preset.get("beat_grid"))
+    if preset.get("beat_grid"):
+        c.model.input_concat_dim = grid_channels(preset["beat_grid"]["harmonics"])
     c.prompt_encoder = prompt_encoder_config(preset["text"])
     c.autoencoder_checkpoint = ""
     c.init_from = ""  # a checkpoint whose weights (EMA when present) start a new run; the optimiser starts fresh

@@ -41,7 +41,9 @@ text_encoder.config, so the section can go straight to load_text_encoder).
 Training batches (`latent_training_dataset`): latents float32 [B, C, latent_length], a fresh sample
 mean + std·ε per example and epoch (ε from Grain's per-element seed, so a restored iterator is exact), randomly
 cropped within the real frames when the window is longer, zero-padded and masked when shorter; padding_mask float32
-[B, latent_length]; seconds_start (of the crop) and seconds_total float32 [B]; prompt_embeddings [B, T, D] float32 +
+[B, latent_length]; seconds_start (of the crop) and seconds_total float32 [B]; bpm float32 [B] (the clip's
+`attributes.bpm`, 0 when it has none) and beat_offset float32 [B] (seconds from the crop's start to a beat: the clip's
+`attributes.first_beat`, default 0, minus the crop's start in the clip) for beat-grid conditioning; prompt_embeddings [B, T, D] float32 +
 prompt_mask bool [B, T] (t5) or prompt_input_ids int32 [B, T] + prompt_attention_mask bool [B, T] (embedded); caption
 (NumPy unicode [B]).
 """
@@ -215,11 +217,14 @@ class CropAndSample(grain.transforms.RandomMap):
         out_mask = np.zeros(length, np.float32)
         out_mask[: stop - start] = frames_mask[start:stop]
         offset = int(record["offset"]) + start * self.samples_per_frame
+        attributes = json.loads(record["attributes"]) if record.get("attributes") else {}
         example = {
             "latents": out_latents,
             "padding_mask": out_mask,
             "seconds_start": np.float32(math.floor(offset / self.sample_rate)),
             "seconds_total": np.float32(record["seconds_total"]),
+            "bpm": np.float32(attributes.get("bpm", 0.0)),
+            "beat_offset": np.float32(float(attributes.get("first_beat", 0.0)) - offset / self.sample_rate),
             "caption": str(record["caption"]),
         }
         example.update(self.text_kind.record_fields(record, self.text_entry))

@@ -36,6 +36,7 @@ from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser
 from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.conditioning import null_condition
+from musicdiff.models.beat_grid import prompt_bpm
 from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
 from musicdiff.parallel.sharding import unsharded
 
@@ -88,8 +89,11 @@ def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax
     def cond_and_null(x2, t2):
         # null_condition zeroes only the cross tokens: a denoiser with the implicit null context takes them for the
         # rows past the context's and skips their cross-attention, which zero tokens make exactly zero.
-        double = None if cond.global_embed is None else jnp.concatenate([cond.global_embed] * 2, axis=0)
-        return model(x2, t2, ConditioningInputs(cond.cross_tokens, cond.cross_mask, double),
+        def double(a):
+            return None if a is None else jnp.concatenate([a] * 2, axis=0)
+
+        return model(x2, t2, cond._replace(global_embed=double(cond.global_embed),
+                                           input_concat=double(cond.input_concat)),
                      **_doubled(extras, x2.shape[0]))
 
     implicit = IMPLICIT_NULL_CONTEXT in capabilities(model)
@@ -158,6 +162,16 @@ def mask_from_spans(spec: str, total_seconds: float, frames: int, frame_rate: fl
     return mask
 
 
+def conditioning_inputs(encoded: Mapping[str, Any], prompts: Sequence[str], seconds_start: Sequence[float],
+                        seconds_total: Sequence[float]) -> dict[str, Any]:
+    """The MultiConditioner's inputs at generation (host arrays): the encoded prompts, timing, and the tempo each
+    prompt names for a beat-grid conditioner with id "tempo" (a beat at the start of the piece)."""
+    starts = np.asarray(seconds_start, np.float32)
+    return {"prompt": {k: np.asarray(v) for k, v in encoded.items()}, "seconds_start": starts,
+            "seconds_total": np.asarray(seconds_total, np.float32),
+            "tempo": {"bpm": np.asarray([prompt_bpm(p) for p in prompts], np.float32), "beat_offset": -starts}}
+
+
 class Generator:
     """A loaded diffusion checkpoint + its autoencoder + prompt encoder, ready to turn prompts into audio."""
 
@@ -203,9 +217,7 @@ class Generator:
 
     def conditioning_inputs(self, prompts: Sequence[str], seconds_start: Sequence[float],
                             seconds_total: Sequence[float]) -> dict[str, Any]:
-        return {"prompt": {k: jnp.asarray(v) for k, v in self.prompt_encoder(prompts).items()},
-                "seconds_start": jnp.asarray(seconds_start, jnp.float32),
-                "seconds_total": jnp.asarray(seconds_total, jnp.float32)}
+        return conditioning_inputs(self.prompt_encoder(prompts), prompts, seconds_start, seconds_total)
 
     def _sampler(self, settings: SamplerSettings) -> Callable:
         """The jit'ed batch sampler: one `make_sampler` program of batch 1 vmapped over per-clip keys, so a clip's

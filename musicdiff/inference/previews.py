@@ -21,7 +21,7 @@ from musicdiff.audio.io import write_audio
 from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.diffusion.objectives import make_objective
 from musicdiff.diffusion.samplers import sampler_spec
-from musicdiff.inference.generate import SamplerSettings, make_sampler
+from musicdiff.inference.generate import SamplerSettings, conditioning_inputs, make_sampler
 from musicdiff.inference.prompts import PromptEncoder
 from musicdiff.metrics import MetricLogger
 from musicdiff.models.chunking import chunked_decode
@@ -45,9 +45,8 @@ class DiffusionPreview:
         seconds = int(config.data.latent_length) * int(self.autoencoder.downsampling_ratio) / self.rate
         encoded = PromptEncoder(config.prompt_encoder)(self.prompts)
         # Host arrays: under several processes jit takes them as replicated inputs (every process passes the same).
-        self.inputs = {"prompt": {k: np.asarray(v) for k, v in encoded.items()},
-                       "seconds_start": np.zeros(len(self.prompts), np.float32),
-                       "seconds_total": np.full(len(self.prompts), seconds, np.float32)}
+        self.inputs = conditioning_inputs(encoded, self.prompts, [0.0] * len(self.prompts),
+                                          [seconds] * len(self.prompts))
         sampler = make_objective(config.objective).default_sampler
         sigma_min, sigma_max = sampler_spec(sampler).sigma_range
         settings = SamplerSettings(sampler=sampler, steps=int(training.get("demo_steps", 50)),

@@ -8,14 +8,17 @@ The `conditioning` structure is the one in a stable-audio-tools `model_config.js
 - "t5": text from a frozen T5. Its encoder is not part of this module's state (as in SAO, where T5 is absent from the
   checkpoint): pass precomputed `{"embeddings", "mask"}` (see text_encoder.encode_captions) or token ids together
   with `encoders={id: t5}` at call time; gradients never flow into it;
-- "embedded": text from the small trainable T5-style encoder owned by this module (its `config` holds the sizes).
-Routing (`cross_attention_cond_ids`, `global_cond_ids`) builds the cross-attention tokens [B, S, cond_dim] (sequence
-concatenation; SAO: 128 text + 1 + 1 timing tokens), their mask, and the global embedding (feature concatenation;
-SAO: [B, 1536], seconds_start first).
+- "embedded": text from the small trainable T5-style encoder owned by this module (its `config` holds the sizes);
+- "beat_grid": a tempo as frame-aligned beat features [B, F, frames] (models/beat_grid.py), no parameters.
+Routing (`cross_attention_cond_ids`, `global_cond_ids`, `input_concat_cond_ids`) builds the cross-attention tokens
+[B, S, cond_dim] (sequence concatenation; SAO: 128 text + 1 + 1 timing tokens), their mask, the global embedding
+(feature concatenation; SAO: [B, 1536], seconds_start first) and the input-concatenated features [B, F, frames]
+(channel concatenation, as stable-audio-tools' input_concat_ids; the denoiser appends them to its input channels).
 
 Classifier-free guidance, as the reference DiT: per sample with probability p (SAO 0.1) the cross-attention tokens
 are replaced by zeros. The null condition keeps the mask unchanged (the reference zeroes only the tokens, and its DiT
-ignores the mask, so zeroed pads still take softmax mass) and never touches the global embedding.
+ignores the mask, so zeroed pads still take softmax mass) and never touches the global embedding. Input-concatenated conditions are kept in the null condition too (as the
+reference); training hides each one (zero features) with the probability its own `config.dropout` gives.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import ml_collections
 from flax import nnx
 
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.models.beat_grid import DEFAULT_HARMONICS, BeatGridConditioner
 from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.models.number_embedding import NumberConditioner, torch_linear_init
 from musicdiff.models.registry import register
@@ -91,12 +95,16 @@ def build_conditioner(entry: Mapping[str, Any], cond_dim: int, rngs: nnx.Rngs, d
     if kind == "number":
         return NumberConditioner(output_dim, config.get("min_val", 0.0), config.get("max_val", 1.0), rngs=rngs,
                                  dtype=dtype)
+    if kind == "beat_grid":
+        return BeatGridConditioner(config.get("frames", 0), config.get("frame_rate", 0.0),
+                                   tuple(config.get("harmonics", DEFAULT_HARMONICS)),
+                                   config.get("dropout", 0.0))
     if is_text_encoder(kind):
         dim, encoder = text_encoder_kind(kind).conditioner_encoder(entry["id"], config, rngs, dtype)
         return TextConditioner(dim, output_dim, rngs=rngs, project_out=config.get("project_out", False),
                                encoder=encoder, dtype=dtype)
-    raise ConfigError(f"conditioning '{entry['id']}': type {kind!r} is not supported; use number or a text encoder "
-                      f"({', '.join(text_encoder_names())})")
+    raise ConfigError(f"conditioning '{entry['id']}': type {kind!r} is not supported; use number, beat_grid or a text "
+                      f"encoder ({', '.join(text_encoder_names())})")
 
 
 def cfg_drop_masks(key: jax.Array, batch_size: int, prob: float | Mapping[str, float], ids: Sequence[str]
@@ -114,7 +122,7 @@ def cfg_drop_masks(key: jax.Array, batch_size: int, prob: float | Mapping[str, f
 
 def null_condition(cond: ConditioningInputs) -> ConditioningInputs:
     """The unconditional input for CFG: zero tokens, mask and global embedding kept (reference behaviour)."""
-    return ConditioningInputs(jnp.zeros_like(cond.cross_tokens), cond.cross_mask, cond.global_embed)
+    return cond._replace(cross_tokens=jnp.zeros_like(cond.cross_tokens))
 
 
 class MultiConditioner(nnx.Module):
@@ -122,18 +130,29 @@ class MultiConditioner(nnx.Module):
 
     def __init__(self, conditioning: Mapping[str, Any], *, rngs: nnx.Rngs,
                  cross_attention_cond_ids: Sequence[str] = (), global_cond_ids: Sequence[str] = (),
-                 dtype: Any = jnp.float32):
+                 input_concat_cond_ids: Sequence[str] = (), dtype: Any = jnp.float32):
         conditioning = _plain(conditioning)
         self.cond_dim = int(conditioning["cond_dim"])
         self.default_keys = dict(conditioning.get("default_keys", {}))
         entries = conditioning["configs"]
         self.conditioners = nnx.Dict({e["id"]: build_conditioner(e, self.cond_dim, rngs, dtype) for e in entries})
-        for kind, ids in (("cross_attention_cond_ids", cross_attention_cond_ids), ("global_cond_ids", global_cond_ids)):
+        for kind, ids in (("cross_attention_cond_ids", cross_attention_cond_ids), ("global_cond_ids", global_cond_ids),
+                          ("input_concat_cond_ids", input_concat_cond_ids)):
             unknown = [i for i in ids if i not in self.conditioners]
             if unknown:
                 raise ConfigError(f"{kind}: {unknown} name no conditioner; configured ids: {list(self.conditioners)}")
+        framed = [i for i in input_concat_cond_ids if not isinstance(self.conditioners[i], BeatGridConditioner)]
+        if framed:
+            raise ConfigError(f"input_concat_cond_ids: {framed} give no frame-aligned features; only beat_grid "
+                              f"conditioners can be concatenated to the input")
         self.cross_attention_cond_ids = tuple(cross_attention_cond_ids)
         self.global_cond_ids = tuple(global_cond_ids)
+        self.input_concat_cond_ids = tuple(input_concat_cond_ids)
+
+    @property
+    def input_concat_channels(self) -> int:
+        """Channels the routed input-concatenated features have (the denoiser's input_concat_dim)."""
+        return sum(self.conditioners[i].channels for i in self.input_concat_cond_ids)
 
     def _input(self, inputs: Mapping[str, Any], cond_id: str) -> Any:
         if cond_id in inputs:
@@ -160,8 +179,8 @@ class MultiConditioner(nnx.Module):
 
     def route(self, outputs: Mapping[str, tuple[jax.Array, jax.Array]],
               dropped: Mapping[str, jax.Array] | None = None) -> ConditioningInputs:
-        """Concatenates cross-attention conditions along the sequence (zeroing dropped samples' tokens) and global
-        conditions along features."""
+        """Concatenates cross-attention conditions along the sequence, global conditions along features and
+        input-concatenated ones along channels (zeroing what `dropped` marks for a sample)."""
         tokens, masks = [], []
         for cond_id in self.cross_attention_cond_ids:
             t, m = outputs[cond_id]
@@ -183,7 +202,15 @@ class MultiConditioner(nnx.Module):
                 t = t[:, 0]
             globals_.append(t)
         global_embed = jnp.concatenate(globals_, axis=-1) if globals_ else None
-        return ConditioningInputs(jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1), global_embed)
+        framed = []
+        for cond_id in self.input_concat_cond_ids:
+            features = outputs[cond_id][0]
+            if dropped is not None and cond_id in dropped:
+                features = jnp.where(dropped[cond_id][:, None, None], jnp.zeros_like(features), features)
+            framed.append(features)
+        input_concat = jnp.concatenate(framed, axis=1) if framed else None
+        return ConditioningInputs(jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1), global_embed,
+                                  input_concat)
 
     def condition(self, inputs: Mapping[str, Any], *, key: jax.Array | None = None,
                   cfg_dropout_prob: float | Mapping[str, float] = 0.0,
@@ -193,9 +220,13 @@ class MultiConditioner(nnx.Module):
         dropped = None
         no_dropout = not cfg_dropout_prob if not isinstance(cfg_dropout_prob, Mapping) else not any(
             cfg_dropout_prob.values())
+        batch = outputs[self.cross_attention_cond_ids[0]][0].shape[0]
         if key is not None and not no_dropout:
-            batch = outputs[self.cross_attention_cond_ids[0]][0].shape[0]
             dropped = cfg_drop_masks(key, batch, cfg_dropout_prob, self.cross_attention_cond_ids)
+        hidden = {i: self.conditioners[i].dropout for i in self.input_concat_cond_ids if self.conditioners[i].dropout}
+        if key is not None and hidden:
+            # A key of its own, so the cross-attention draws stay those of a model without input conditions.
+            dropped = dict(dropped or {}, **cfg_drop_masks(jax.random.fold_in(key, 1), batch, hidden, tuple(hidden)))
         return self.route(outputs, dropped)
 
 
@@ -204,4 +235,5 @@ def build_multi_conditioner(model_config: ml_collections.ConfigDict, rngs: nnx.R
     """From a section with `conditioning`, `cross_attention_cond_ids`, `global_cond_ids` (as SAO's model_config)."""
     return MultiConditioner(model_config.conditioning, rngs=rngs,
                             cross_attention_cond_ids=tuple(model_config.get("cross_attention_cond_ids", ())),
-                            global_cond_ids=tuple(model_config.get("global_cond_ids", ())))
+                            global_cond_ids=tuple(model_config.get("global_cond_ids", ())),
+                            input_concat_cond_ids=tuple(model_config.get("input_concat_cond_ids", ())))

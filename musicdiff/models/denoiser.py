@@ -30,11 +30,13 @@ BLOCK_ADAPTERS = "block_adapters"
 
 class ConditioningInputs(NamedTuple):
     """What the denoiser receives: cross-attention tokens [B, S, D], their mask [B, S] bool, global embedding [B, G]
-    (None when no global conditions are routed)."""
+    (None when no global conditions are routed), and features concatenated to its input channels [B, F, L] (None when
+    none are routed; a denoiser built for them takes None as the hidden, all-zero condition)."""
 
     cross_tokens: jax.Array
     cross_mask: jax.Array
     global_embed: jax.Array | None
+    input_concat: jax.Array | None = None
 
 
 @runtime_checkable

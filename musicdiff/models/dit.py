@@ -2,8 +2,13 @@
 (models/denoiser.py):
 
     model(x [B, C, L], t [B] in [0, 1], cond: ConditioningInputs(cross_tokens [B, T, cond_token_dim],
-          cross_mask [B, T] bool, global_embed [B, global_cond_dim] or None) | None,
+          cross_mask [B, T] bool, global_embed [B, global_cond_dim] or None,
+          input_concat [B, input_concat_dim, L] or None) | None,
           block_residuals=None, adapter_inputs=None) -> [B, C, L]
+
+With input_concat_dim > 0 (0 in SAO) the features are appended to the latent channels before patching, as the
+reference's input concatenation: preprocess_conv and project_in take (C + input_concat_dim)·patch_size channels,
+project_out and postprocess_conv give C·patch_size.
 
 Forward (spec §2.3): ctx = to_cond_embed(cross_tokens); cond = to_timestep_embed(fourier(t)) + to_global_embed(g);
 x += preprocess_conv(x); transformer (cond prepended as one token for "sao" blocks, or modulating "adaln_zero"
@@ -77,8 +82,11 @@ class DiTConfig(DtypeFields):
     adapter: tuple[tuple[str, Any], ...] = ()  # per-block adapters (models/block_adapters.py); () = none
     patch_size: int = 1  # latent frames per token (1 = SAO)
     sinusoidal_embedding: bool = False  # absolute token positions beside rotary (reference use_sinusoidal_emb)
+    input_concat_dim: int = 0  # channels of cond.input_concat appended to the latents' (reference input_concat_dim)
 
     def __post_init__(self):
+        if self.input_concat_dim < 0:
+            raise ConfigError(f"config.model.input_concat_dim={self.input_concat_dim}: must be 0 or more")
         if self.patch_size < 1:
             raise ConfigError(f"config.model.patch_size={self.patch_size}: use 1 (one latent frame per token) or more")
         _ = self.transformer  # building it validates the transformer options
@@ -97,8 +105,13 @@ class DiTConfig(DtypeFields):
 
     @property
     def token_channels(self) -> int:
-        """Width of one token before project_in: patch_size frames of io_channels."""
+        """Width of one output token: patch_size frames of io_channels."""
         return self.io_channels * self.patch_size
+
+    @property
+    def input_token_channels(self) -> int:
+        """Width of one token before project_in: patch_size frames of io_channels + input_concat_dim."""
+        return (self.io_channels + self.input_concat_dim) * self.patch_size
 
     @property
     def head_dim(self) -> int:
@@ -121,7 +134,7 @@ class DiTConfig(DtypeFields):
     @property
     def transformer(self) -> TransformerConfig:
         return TransformerConfig(
-            io_channels=self.token_channels, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            io_channels=self.input_token_channels, out_channels=self.token_channels, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
             context_dim=self.context_dim, prepend_cond=self.block_type == "sao", block_type=self.block_type,
             ff_mult=self.ff_mult, rotary_min_dim=self.rotary_min_dim, rotary_base=self.rotary_base,
             layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
@@ -163,7 +176,7 @@ class DiT(nnx.Module):
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         self.config = config
-        E, C = config.embed_dim, config.token_channels
+        E, C, C_in = config.embed_dim, config.token_channels, config.input_token_channels
         kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
         self.timestep_features = FourierFeatures(config.timestep_features_dim, rngs=rngs,
                                                  param_dtype=config.weight_dtype)
@@ -173,7 +186,7 @@ class DiT(nnx.Module):
         self.to_global_embed = (ConditionMLP(config.global_cond_dim, E, "cond_embed", use_bias=False, **kw)
                                 if config.global_cond_dim else None)
         # 1x1 convs over channels, zero-initialised and used residually, so they start as the identity.
-        self.preprocess_conv = Linear((C,), (C,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
+        self.preprocess_conv = Linear((C_in,), (C_in,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
         self.postprocess_conv = Linear((C,), (C,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
         self.transformer = ContinuousTransformer(config.transformer, rngs=rngs)
 
@@ -196,12 +209,28 @@ class DiT(nnx.Module):
         p = config.patch_size
         if length % p:
             raise ValueError(f"DiT: {length} latent frames are not a multiple of config.model.patch_size={p}")
-        h = jnp.swapaxes(x, 1, 2).reshape(batch, length // p, p * channels)  # [B, L/p, p·C], frame-major
+        h = jnp.swapaxes(self._with_input_concat(x, cond), 1, 2)
+        h = h.reshape(batch, length // p, p * h.shape[-1])  # [B, L/p, p·C_in], frame-major
         h = h + self.preprocess_conv(h)
         out = self.transformer(h, embedding, context, cross_mask, block_residuals=block_residuals,
                                adapter_inputs=adapter_inputs)
         out = out + self.postprocess_conv(out)
         return jnp.swapaxes(out.reshape(batch, length, channels), 1, 2).astype(x.dtype)
+
+    def _with_input_concat(self, x: jax.Array, cond: ConditioningInputs | None) -> jax.Array:
+        """x with cond.input_concat appended to its channels; absent features are the hidden (all-zero) condition."""
+        dim = self.config.input_concat_dim
+        features = None if cond is None else cond.input_concat
+        if not dim:
+            if features is not None:
+                raise ValueError("cond.input_concat was given but config.model.input_concat_dim is 0")
+            return x
+        if features is None:
+            features = jnp.zeros((x.shape[0], dim, x.shape[2]), x.dtype)
+        if features.shape != (x.shape[0], dim, x.shape[2]):
+            raise ValueError(f"DiT: cond.input_concat has shape {features.shape}; expected [{x.shape[0]} (batch), "
+                             f"{dim} (config.model.input_concat_dim), {x.shape[2]} latent frames]")
+        return jnp.concatenate([x, features.astype(x.dtype)], axis=1)
 
     def forward_flops(self, batch: int, length: int, cond_tokens: int) -> int:
         return dit_forward_flops(self.config, batch, length, cond_tokens)
@@ -250,15 +279,15 @@ def dit_forward_flops(model_config: DiTConfig | ml_collections.ConfigDict | dict
     (2·T·Dc·2Dc), which is half of jax_anchors §6.2's "4·L·768·d" term.
     """
     c = _as_dit_config(model_config)
-    E, C, Dc, F = c.embed_dim, c.token_channels, c.context_dim, c.ff_mult * c.embed_dim
+    E, C, C_in, Dc, F = c.embed_dim, c.token_channels, c.input_token_channels, c.context_dim, c.ff_mult * c.embed_dim
     length = length // c.patch_size  # tokens
     N, T = length + c.prepend_length, cond_tokens
     outside = (
         2 * (c.timestep_features_dim * E + E * E)
         + (2 * (c.global_cond_dim * E + E * E) if c.global_cond_dim else 0)
         + (2 * T * (c.cond_token_dim * Dc + Dc * Dc) if c.cond_token_dim else 0)
-        + 2 * 2 * length * C * C  # pre/post 1x1 convs
-        + 2 * length * C * E + 2 * N * E * C  # project_in (before the prepend), project_out (after)
+        + 2 * length * (C_in * C_in + C * C)  # pre/post 1x1 convs
+        + 2 * length * C_in * E + 2 * N * E * C  # project_in (before the prepend), project_out (after)
     )
     self_attn = 2 * N * E * 3 * E + 2 * N * E * E + 4 * N * N * E
     cross_attn = (2 * N * E * E + 2 * T * Dc * 2 * Dc + 4 * N * T * E + 2 * N * E * E) if c.cond_token_dim else 0

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from musicdiff.models.audio_evaluator import MODE_CLASSES
+from musicdiff.models.beat_grid import prompt_bpm
 
 HEADS = ("key", "mode", "tempo", "instruments")
 PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -36,7 +37,6 @@ def parse_pitch_class(name: str) -> int:
     return pitch % 12
 
 
-_BPM_TEXT = re.compile(r"(\d{2,3})\s*(?:bpm|beats per minute)", re.IGNORECASE)
 _KEY_TEXT = re.compile(r"\b([A-G](?:-flat|-sharp|b|#)?)\s+(major|minor)\b")
 
 
@@ -56,8 +56,8 @@ def prompt_targets(prompt: str, attributes: Mapping[str, Any] | None = None) -> 
         targets["mode"] = attributes["mode"]
     if "instruments" in attributes:
         targets["instruments"] = list(attributes["instruments"])
-    if "bpm" not in targets and (match := _BPM_TEXT.search(prompt)):
-        targets["bpm"] = float(match.group(1))
+    if "bpm" not in targets and (bpm := prompt_bpm(prompt)):
+        targets["bpm"] = bpm
     if "tonic" not in targets and (match := _KEY_TEXT.search(prompt)):
         targets["tonic"] = parse_pitch_class(match.group(1))
         targets.setdefault("mode", match.group(2))

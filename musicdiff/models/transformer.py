@@ -64,7 +64,7 @@ class DtypeFields:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig(DtypeFields):
-    io_channels: int  # width of what is projected in and out
+    io_channels: int  # width of what is projected in (and out, unless out_channels says otherwise)
     embed_dim: int
     depth: int
     num_heads: int
@@ -78,6 +78,7 @@ class TransformerConfig(DtypeFields):
     use_cross_attn_mask: bool = True
     qk_norm: str = "none"
     attention_implementation: str = "auto"
+    out_channels: int = 0  # width projected out; 0: io_channels (a denoiser with input-concatenated features)
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -221,7 +222,8 @@ class ContinuousTransformer(nnx.Module):
         self.remat = config.remat
         self.project_in = Linear((config.io_channels,), (config.embed_dim,), (None, "embed"), use_bias=False, **kw)
         self.layers = nnx.List([TransformerBlock(config, rngs=rngs) for _ in range(config.depth)])
-        self.project_out = Linear((config.embed_dim,), (config.io_channels,), ("embed", None), use_bias=False, **kw)
+        self.project_out = Linear((config.embed_dim,), (config.out_channels or config.io_channels,), ("embed", None),
+                                  use_bias=False, **kw)
         self.pos_emb = (ScaledSinusoidalEmbedding(config.embed_dim, param_dtype=config.weight_dtype)
                         if config.sinusoidal_embedding else None)
         # Adapters sit beside `layers`, not inside the blocks, so the blocks' parameter paths never change.

@@ -56,9 +56,13 @@ SECTIONS = ("model", "conditioner")  # the config sections whose models this tra
 
 
 def conditioning_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
-    """The MultiConditioner's inputs from a latent batch: prompt (cached embeddings or token ids) and timing."""
-    return {"prompt": prompt_from_batch(batch), "seconds_start": batch["seconds_start"],
-            "seconds_total": batch["seconds_total"]}
+    """The MultiConditioner's inputs from a latent batch: prompt (cached embeddings or token ids), timing, and the
+    tempo for a beat-grid conditioner with id "tempo"."""
+    inputs = {"prompt": prompt_from_batch(batch), "seconds_start": batch["seconds_start"],
+              "seconds_total": batch["seconds_total"]}
+    if "bpm" in batch:
+        inputs["tempo"] = {"bpm": batch["bpm"], "beat_offset": batch["beat_offset"]}
+    return inputs
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -91,6 +95,10 @@ def resolve_config(config: ml_collections.ConfigDict, manifest: Mapping[str, Any
                           f"in {config.data.latents} hold {latents_kind.name!r} text fields; precompute with a "
                           f"{prompt_kind.name} text_encoder or use a {latents_kind.name} prompt conditioner")
     prompt_kind.resolve_training(config.prompt_encoder, text, prompt_entry["config"])
+    for entry in config.conditioner.conditioning.configs:
+        if entry["type"] == "beat_grid":  # the grid spans the training window at the latents' frame rate
+            entry["config"]["frames"] = int(config.data.latent_length)
+            entry["config"]["frame_rate"] = float(manifest["latent_rate"])
     return config
 
 
