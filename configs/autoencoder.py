@@ -115,6 +115,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         final_lr=0.0,
         loss_weights=ml_collections.ConfigDict(dict(
             mrstft=1.0,  # mid/side MR-STFT + 0.5 · (left + right) MR-STFT
+            mel=training.get("mel", 0.0),  # mel-scaled MR-STFT (mel_fft_sizes, mel_bins), off in the recipe
             l1=training.get("l1", 0.0),  # time-domain L1, off in the recipe
             adversarial=0.1,
             feature_matching=5.0,
@@ -123,6 +124,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         )),
         stft_fft_sizes=preset.get("stft_fft_sizes", SAO_STFT_FFT_SIZES),
         stft_perceptual_weighting=training.get("stft_perceptual_weighting", True),  # A-weighting FIR pre-filter
+        mel_fft_sizes=(2048, 1024),  # the mel term's resolutions (hops fft / 4) and mel bands
+        mel_bins=128,
         # Before warmup_steps the generator has no adversarial / feature-matching terms. warmup_mode "adv" (the
         # reference default) still trains the discriminator on odd steps meanwhile; "full" makes every warm-up step
         # a generator step and starts the alternation at warmup_steps.

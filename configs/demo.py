@@ -23,7 +23,7 @@ GENERATE = ("generate.sampler=rf-euler", "generate.steps=30", "generate.cfg_scal
             "generate.sigma_max=1.0")
 # Training steps per preset: "" is `make demo` (~20 min on 2 CPU cores); "long" ~1 h there (AE 0.95 s and DiT 0.4 s a
 # step in the default run).
-PRESETS = {"": dict(autoencoder=400, diffusion=800), "long": dict(autoencoder=1500, diffusion=5000)}
+PRESETS = {"": dict(autoencoder=400, diffusion=1200), "long": dict(autoencoder=1500, diffusion=5000)}
 
 
 def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:

@@ -43,7 +43,9 @@ mean + std·ε per example and epoch (ε from Grain's per-element seed, so a res
 cropped within the real frames when the window is longer, zero-padded and masked when shorter; padding_mask float32
 [B, latent_length]; seconds_start (of the crop) and seconds_total float32 [B]; bpm float32 [B] (the clip's
 `attributes.bpm`, 0 when it has none) and beat_offset float32 [B] (seconds from the crop's start to a beat: the clip's
-`attributes.first_beat`, default 0, minus the crop's start in the clip) for beat-grid conditioning; prompt_embeddings [B, T, D] float32 +
+`attributes.first_beat`, default 0, minus the crop's start in the clip) for beat-grid conditioning; tonic int32 [B]
+(`attributes.tonic_pitch_class`, C = 0) and mode int32 [B] (`attributes.mode`: 0 major, 1 minor), −1 where unknown,
+for key conditioning; prompt_embeddings [B, T, D] float32 +
 prompt_mask bool [B, T] (t5) or prompt_input_ids int32 [B, T] + prompt_attention_mask bool [B, T] (embedded); caption
 (NumPy unicode [B]).
 """
@@ -63,6 +65,7 @@ import numpy as np
 
 from data_pipelines.grain_pipeline import batch_examples, process_rows, shard_for_process
 from musicdiff.errors import DataError
+from musicdiff.models.evaluator_labels import MODES
 from musicdiff.models.text_encoder import text_encoder_kind
 
 FORMAT = "musicdiff-latents"
@@ -225,6 +228,8 @@ class CropAndSample(grain.transforms.RandomMap):
             "seconds_total": np.float32(record["seconds_total"]),
             "bpm": np.float32(attributes.get("bpm", 0.0)),
             "beat_offset": np.float32(float(attributes.get("first_beat", 0.0)) - offset / self.sample_rate),
+            "tonic": np.int32(attributes.get("tonic_pitch_class", -1)),
+            "mode": np.int32(MODES.index(attributes["mode"]) if attributes.get("mode") in MODES else -1),
             "caption": str(record["caption"]),
         }
         example.update(self.text_kind.record_fields(record, self.text_entry))

@@ -197,3 +197,25 @@ def test_nan_batch_is_skipped_and_the_guard_stops_after_k(one_device_run, tmp_pa
                 assert int(after["step"]) == step + 1
                 logger.push(step + 1, metrics)
             logger.flush()
+
+
+def test_the_mel_term_is_the_reconstruction_metrics_mel_distance():
+    """loss_weights.mel adds the mel-scaled MR-STFT; at the metric's one resolution it is audio/metrics.mel_distance
+    (an independent NumPy implementation), with the real audio in the spectral-convergence denominator."""
+    from musicdiff.audio.metrics import mel_distance
+
+    config = small_config("training.loss_weights.mel=2.0", "training.loss_weights.l1=3.0",
+                          "training.mel_fft_sizes=(1024,)", "training.mel_bins=128")
+    trainer = AutoencoderTrainer(config)
+    rng = np.random.default_rng(1)
+    t = np.arange(8192) / 44100.0
+    audio = (0.3 * np.sin(2 * np.pi * 440.0 * t) + 0.05 * rng.standard_normal((1, 2, 8192))).astype(np.float32)
+    decoded = (0.8 * audio + 0.05 * rng.standard_normal(audio.shape)).astype(np.float32)
+    zero = jnp.zeros(())
+    loss, metrics = trainer._generator_objective(
+        jnp.asarray(audio), jnp.asarray(decoded), {"kl": jnp.asarray(0.5)},
+        dict(adversarial=zero, feature_matching=zero, discriminator=zero), jnp.asarray(False))
+    assert float(metrics["mel"]) == pytest.approx(mel_distance(audio[0], decoded[0], 44100), rel=1e-4)
+    assert float(metrics["l1"]) == pytest.approx(float(np.mean(np.abs(decoded - audio))), rel=1e-5)
+    assert float(loss) == pytest.approx(float(metrics["spectral"]) + 2.0 * float(metrics["mel"])
+                                        + 3.0 * float(metrics["l1"]) + 1e-4 * 0.5, rel=1e-5)

@@ -44,11 +44,12 @@ def test_loss_summary_and_markdown(tmp_path):
     assert ("| metric | real (reference) | autoencoded (reference) | step 0 | step 1500 | last step vs step 0 |"
             in text)
     assert "| tempo_acc | 0.9 [0.8, 1] | 0.8 [0.7, 0.9] | 0.1 [0, 0.3] | 0.6 [0.4, 0.8] | improved |" in text
-    # the bars: 0.5 <= 1.385 met, SI-SDR 0.5 > 0 met, 0.8 < 0.9 x 0.9 = 0.81 not met, 0.6 >= 0.5 met
+    # the bars: 0.5 <= 1.385 met, SI-SDR 0.5 > 0 met, 0.8 < 0.9 x 0.9 = 0.81 not met, 0.6 >= 0.5 met, 0.6 < 0.8 x 0.9
     assert "| autoencoder mel distance | 0.5 | <= 1.39 | yes |" in text
     assert "| autoencoder SI-SDR (dB) | 0.5 | > 0 | yes |" in text
     assert "| reconstructions' tempo_acc | 0.8 | >= 0.9 x real = 0.81 | no |" in text
     assert "| step 1500 tempo_acc | 0.6 | >= 0.5 | yes |" in text and "key_acc |" not in text
+    assert "| step 1500 tempo_acc (the long preset's bar) | 0.6 | >= 0.8 x real = 0.72 | no |" in text
     assert "cropped to its first 1.40 s" in text and "spectrograms.png" in text
 
 

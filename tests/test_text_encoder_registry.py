@@ -138,8 +138,8 @@ def test_an_unknown_text_encoder_names_the_key_and_the_registered_kinds():
         text_encoder_kind("clap")
     with pytest.raises(ConfigError, match="config.prompt_encoder.name='clap': no such text encoder"):
         PromptEncoder(ml_collections.ConfigDict(dict(name="clap")))
-    with pytest.raises(ConfigError, match=f"type 'clap' is not supported; use number, beat_grid or a text "
-                                          f"encoder \\({registered}\\)"):
+    with pytest.raises(ConfigError, match=f"type 'clap' is not supported; use number, beat_grid, "
+                                          f"key_chroma or a text encoder \\({registered}\\)"):
         build_conditioner({"id": "prompt", "type": "clap", "config": {}}, 8, nnx.Rngs(0))
     manifest = {"downsampling_ratio": 8, "sample_rate": 64, "text_encoder": {"name": "clap", "max_length": 4}}
     with pytest.raises(ConfigError, match="manifest.json text_encoder.name='clap': no such text encoder"):

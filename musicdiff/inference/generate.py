@@ -36,7 +36,7 @@ from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser
 from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.conditioning import null_condition
-from musicdiff.models.beat_grid import prompt_bpm
+from musicdiff.models.evaluator_labels import MODES, prompt_targets
 from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
 from musicdiff.parallel.sharding import unsharded
 
@@ -80,20 +80,23 @@ class SamplerSettings:
 def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax.Array, rescale: float = 0.0,
                  **extras: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """(x, t) -> the denoiser's output under classifier-free guidance with conditioner outputs `cond` and the null
-    condition (`null_condition`: zero cross tokens, mask and global embedding kept), as one doubled batch.
+    condition (`null_condition`: zero cross tokens and frame features, mask and global embedding kept), as one
+    doubled batch.
     `extras` (the denoiser's keyword inputs, e.g. adapter_inputs) go to both halves alike."""
 
     def model_out(x, t, c):
         return model(x, t, c, **_doubled(extras, x.shape[0]))
 
     def cond_and_null(x2, t2):
-        # null_condition zeroes only the cross tokens: a denoiser with the implicit null context takes them for the
-        # rows past the context's and skips their cross-attention, which zero tokens make exactly zero.
-        def double(a):
-            return None if a is None else jnp.concatenate([a] * 2, axis=0)
+        # The cross tokens go in for the conditional rows only: a denoiser with the implicit null context gives the
+        # rows past them the null context (zero tokens) and skips their cross-attention, which zero tokens make
+        # exactly zero. The other fields are doubled with their null halves.
+        def with_null(a, n):
+            return None if a is None else jnp.concatenate([a, n], axis=0)
 
-        return model(x2, t2, cond._replace(global_embed=double(cond.global_embed),
-                                           input_concat=double(cond.input_concat)),
+        null = null_condition(cond)
+        return model(x2, t2, cond._replace(global_embed=with_null(cond.global_embed, null.global_embed),
+                                           input_concat=with_null(cond.input_concat, null.input_concat)),
                      **_doubled(extras, x2.shape[0]))
 
     implicit = IMPLICIT_NULL_CONTEXT in capabilities(model)
@@ -164,12 +167,16 @@ def mask_from_spans(spec: str, total_seconds: float, frames: int, frame_rate: fl
 
 def conditioning_inputs(encoded: Mapping[str, Any], prompts: Sequence[str], seconds_start: Sequence[float],
                         seconds_total: Sequence[float]) -> dict[str, Any]:
-    """The MultiConditioner's inputs at generation (host arrays): the encoded prompts, timing, and the tempo each
-    prompt names for a beat-grid conditioner with id "tempo" (a beat at the start of the piece)."""
+    """The MultiConditioner's inputs at generation (host arrays): the encoded prompts, timing, and the tempo and key
+    each prompt names ("... in E minor at 120 BPM") for frame conditioners with ids "tempo" (a beat at the start of
+    the piece) and "key"; −1 / 0 where a prompt names none."""
     starts = np.asarray(seconds_start, np.float32)
+    targets = [prompt_targets(p) for p in prompts]
     return {"prompt": {k: np.asarray(v) for k, v in encoded.items()}, "seconds_start": starts,
             "seconds_total": np.asarray(seconds_total, np.float32),
-            "tempo": {"bpm": np.asarray([prompt_bpm(p) for p in prompts], np.float32), "beat_offset": -starts}}
+            "tempo": {"bpm": np.asarray([t.get("bpm", 0.0) for t in targets], np.float32), "beat_offset": -starts},
+            "key": {"tonic": np.asarray([t.get("tonic", -1) for t in targets], np.int32),
+                    "mode": np.asarray([MODES.index(t["mode"]) if "mode" in t else -1 for t in targets], np.int32)}}
 
 
 class Generator:

@@ -24,9 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
 from musicdiff.errors import ConfigError
+from musicdiff.models.frame_conditioner import FrameConditioner
 
 DEFAULT_HARMONICS = (0.25, 0.5, 1.0, 2.0, 4.0)
 _BPM_TEXT = re.compile(r"(\d{2,3}(?:\.\d+)?)\s*(?:bpm|beats per minute)", re.IGNORECASE)
@@ -57,30 +56,25 @@ def grid_channels(harmonics: Sequence[float]) -> int:
     return 2 * len(harmonics) + 1
 
 
-class BeatGridConditioner(nnx.Module):
-    """`{"bpm", "beat_offset"}` -> (grid [B, F, frames], known [B] bool); no parameters.
+class BeatGridConditioner(FrameConditioner):
+    """`{"bpm", "beat_offset"}` -> (grid [B, F, frames], known [B] bool); no parameters (models/frame_conditioner.py)."""
 
-    `frames` and `frame_rate` are the denoiser's window (training fills them from the latents; 0 until then); `dropout` is how often
-    training hides the tempo (all-zero grid) so the model also generates from prompts that name none."""
+    kind = "beat_grid"
 
     def __init__(self, frames: int, frame_rate: float, harmonics: Sequence[float] = DEFAULT_HARMONICS,
                  dropout: float = 0.0):
+        super().__init__(frames, dropout)
         if not harmonics or any(h <= 0 for h in harmonics):
             raise ConfigError(f"beat_grid conditioner: harmonics={list(harmonics)} must be positive beats-per-cycle")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"beat_grid conditioner: dropout={dropout} must be in [0, 1)")
-        self.frames, self.frame_rate = int(frames), float(frame_rate)
+        self.frame_rate = float(frame_rate)
         self.harmonics = tuple(float(h) for h in harmonics)
-        self.dropout = float(dropout)
 
     @property
     def channels(self) -> int:
         return grid_channels(self.harmonics)
 
     def __call__(self, inputs: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        if self.frames <= 0 or self.frame_rate <= 0:
-            raise ConfigError(f"beat_grid conditioner: frames={self.frames}, frame_rate={self.frame_rate}: both must "
-                              f"be positive (training fills them from the latents manifest)")
+        self.check_window(frame_rate=self.frame_rate)
         bpm = jnp.asarray(inputs["bpm"], jnp.float32).reshape(-1)
         offset = inputs.get("beat_offset", jnp.zeros_like(bpm))
         return beat_grid(bpm, offset, self.frames, self.frame_rate, self.harmonics), bpm > 0

@@ -11,8 +11,8 @@ Alternation, as the reference: a step is a discriminator step when its global st
 (`warmup_mode == "adv"` or the adversarial warm-up is over); every other step is a generator step, with the
 adversarial terms from `warmup_steps` on. So there are three kinds of step (`step_kind`), each a straight-line pure
 function of (state, batch) (`step(kind)`):
-- generator warm-up step: encode (VAE sample) + decode with gradients, loss = mrstft·spectral + l1·L1 + kl·KL (or
-  quantizer·VQ loss), no discriminator pass at all; AdamW update of the autoencoder, then EMA;
+- generator warm-up step: encode (VAE sample) + decode with gradients, loss = mrstft·spectral + mel·mel-scaled
+  MR-STFT + l1·L1 + kl·KL (or quantizer·VQ loss), no discriminator pass at all; AdamW update of the autoencoder, then EMA;
 - generator step: the same + adversarial·G_hinge + feature_matching·FM from a pass of the (fixed) discriminator over
   [reals; fakes];
 - discriminator step: the same reconstruction without gradients, hinge loss of the discriminator on
@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from musicdiff.audio.stft_losses import STFTLossConfig, autoencoder_spectral_loss
+from musicdiff.audio.stft_losses import STFTLossConfig, autoencoder_spectral_loss, multi_resolution_stft_loss
 from musicdiff.errors import ConfigError
 from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
@@ -63,13 +63,14 @@ from musicdiff.training.trainer import DemoFn, Trainer, register_trainer
 
 log = logging.getLogger(__name__)
 WARMUP_MODES = ("adv", "full")
-LOSS_WEIGHT_KEYS = ("mrstft", "l1", "adversarial", "feature_matching", "kl", "quantizer")
+LOSS_WEIGHT_KEYS = ("mrstft", "mel", "l1", "adversarial", "feature_matching", "kl", "quantizer")
 _ADVERSARIAL_TERMS = ("discriminator", "adversarial", "feature_matching")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     mrstft: float = 1.0
+    mel: float = 0.0
     l1: float = 0.0
     adversarial: float = 0.1
     feature_matching: float = 5.0
@@ -142,6 +143,10 @@ class AutoencoderTrainer(Trainer):
         self.stft = STFTLossConfig(fft_sizes=tuple(int(n) for n in training.stft_fft_sizes),
                                    perceptual_weighting=bool(training.stft_perceptual_weighting),
                                    sample_rate=int(config.autoencoder.sample_rate))
+        # The mel-scaled MR-STFT (auraloss scale="mel"), the reconstruction metric's own distance.
+        self.mel_stft = STFTLossConfig(fft_sizes=tuple(int(n) for n in training.mel_fft_sizes),
+                                       n_mels=int(training.mel_bins),
+                                       sample_rate=int(config.autoencoder.sample_rate))
         # The generator's optimiser sees params/autoencoder alone: freezing patterns name "autoencoder/...".
         self.generator_freezing = self.freezing.scoped("autoencoder")
         self.generator_tx = self.generator_freezing.wrap(
@@ -220,6 +225,9 @@ class AutoencoderTrainer(Trainer):
         spectral = autoencoder_spectral_loss(audio, decoded, self.stft)
         metrics = {**_scalar_metrics(info), **spectral}
         loss = w.mrstft * spectral["spectral"]
+        if w.mel:
+            metrics["mel"] = multi_resolution_stft_loss(decoded, audio, self.mel_stft)  # reals in the denominator
+            loss = loss + w.mel * metrics["mel"]
         if w.l1:
             metrics["l1"] = jnp.mean(jnp.abs(decoded - audio))
             loss = loss + w.l1 * metrics["l1"]

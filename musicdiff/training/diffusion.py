@@ -57,11 +57,13 @@ SECTIONS = ("model", "conditioner")  # the config sections whose models this tra
 
 def conditioning_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
     """The MultiConditioner's inputs from a latent batch: prompt (cached embeddings or token ids), timing, and the
-    tempo for a beat-grid conditioner with id "tempo"."""
+    clips' tempo and key for frame conditioners with ids "tempo" and "key"."""
     inputs = {"prompt": prompt_from_batch(batch), "seconds_start": batch["seconds_start"],
               "seconds_total": batch["seconds_total"]}
     if "bpm" in batch:
         inputs["tempo"] = {"bpm": batch["bpm"], "beat_offset": batch["beat_offset"]}
+    if "tonic" in batch:
+        inputs["key"] = {"tonic": batch["tonic"], "mode": batch["mode"]}
     return inputs
 
 
@@ -96,8 +98,9 @@ def resolve_config(config: ml_collections.ConfigDict, manifest: Mapping[str, Any
                           f"{prompt_kind.name} text_encoder or use a {latents_kind.name} prompt conditioner")
     prompt_kind.resolve_training(config.prompt_encoder, text, prompt_entry["config"])
     for entry in config.conditioner.conditioning.configs:
-        if entry["type"] == "beat_grid":  # the grid spans the training window at the latents' frame rate
+        if entry["type"] in ("beat_grid", "key_chroma"):  # frame conditioners span the training window
             entry["config"]["frames"] = int(config.data.latent_length)
+        if entry["type"] == "beat_grid":  # at the latents' frame rate
             entry["config"]["frame_rate"] = float(manifest["latent_rate"])
     return config
 

@@ -1,5 +1,6 @@
-"""Beat-grid conditioning: the grid against its closed form, the routing into the DiT's input channels, and the one
-beat-time convention shared by the training data (a crop's beat_offset) and generation (the prompt's tempo)."""
+"""Frame conditioners: the beat grid and the key features against their closed forms, the routing into the DiT's
+input channels, and the conventions shared by the training data (a crop's beat_offset, the clip's key) and
+generation (the tempo and key a prompt names)."""
 
 import json
 
@@ -16,6 +17,7 @@ from musicdiff.models.beat_grid import BeatGridConditioner, beat_grid, prompt_bp
 from musicdiff.models.conditioning import MultiConditioner, null_condition
 from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.models.dit import DiT, DiTConfig
+from musicdiff.models.key_chroma import KeyChromaConditioner, key_features
 
 RATE = 62.5  # latent frames per second of the demo autoencoder (16 kHz / 256)
 
@@ -52,6 +54,23 @@ def test_an_unknown_tempo_is_the_all_zero_grid():
         BeatGridConditioner(0, 0.0)({"bpm": jnp.array([100.0])})
 
 
+def test_key_features_are_the_scale_and_the_tonic_triad():
+    c_major, a_minor, e_flat_minor, unknown = np.asarray(key_features(jnp.array([0, 9, 3, 4]),
+                                                                      jnp.array([0, 1, 1, -1])))
+    np.testing.assert_array_equal(np.flatnonzero(c_major[:12]), [0, 2, 4, 5, 7, 9, 11])  # C D E F G A B
+    np.testing.assert_array_equal(np.flatnonzero(c_major[12:24]), [0, 4, 7])  # C E G
+    # The relative minor has the same notes; its triad (A C E) tells it apart.
+    np.testing.assert_array_equal(a_minor[:12], c_major[:12])
+    np.testing.assert_array_equal(np.flatnonzero(a_minor[12:24]), [0, 4, 9])
+    np.testing.assert_array_equal(np.flatnonzero(e_flat_minor[:12]), [1, 3, 5, 6, 8, 10, 11])  # Eb F Gb Ab Bb B(Cb) Db
+    np.testing.assert_array_equal(np.flatnonzero(e_flat_minor[12:24]), [3, 6, 10])  # Eb Gb Bb
+    assert c_major[24] == a_minor[24] == 1.0
+    np.testing.assert_array_equal(unknown, 0.0)
+    features, known = KeyChromaConditioner(5)({"tonic": jnp.array([9]), "mode": jnp.array([1])})
+    assert features.shape == (1, 25, 5) and bool(known[0])
+    np.testing.assert_array_equal(np.asarray(features[0, :, 3]), a_minor)
+
+
 def _conditioner(dropout: float) -> MultiConditioner:
     entries = [dict(id="seconds_total", type="number", config=dict(min_val=0, max_val=10)),
                dict(id="tempo", type="beat_grid", config=dict(frames=8, frame_rate=RATE, harmonics=(1.0,),
@@ -61,7 +80,7 @@ def _conditioner(dropout: float) -> MultiConditioner:
 
 
 @pytest.mark.usefixtures("unsharded")
-def test_routing_concatenates_channels_hides_with_its_own_draws_and_keeps_them_for_cfg():
+def test_routing_concatenates_channels_and_hides_them_with_its_own_draws_and_for_cfg():
     inputs = {"seconds_total": jnp.full(64, 4.0), "tempo": {"bpm": jnp.full(64, 120.0), "beat_offset": jnp.zeros(64)}}
     key = jax.random.key(3)
     kept = _conditioner(0.0).condition(inputs, key=key, cfg_dropout_prob=0.5)
@@ -74,9 +93,9 @@ def test_routing_concatenates_channels_hides_with_its_own_draws_and_keeps_them_f
     zero = np.asarray(jnp.all(hidden.input_concat == 0, axis=(1, 2)))
     assert 16 < zero.sum() < 48
     np.testing.assert_array_equal(np.asarray(hidden.input_concat)[~zero], np.asarray(kept.input_concat)[~zero])
-    # Classifier-free guidance's null condition keeps the features (as the reference's input concatenation).
-    np.testing.assert_array_equal(np.asarray(null_condition(kept).input_concat), np.asarray(kept.input_concat))
-    with pytest.raises(ConfigError, match="only beat_grid conditioners"):
+    # Classifier-free guidance's null condition hides the features, as training does.
+    np.testing.assert_array_equal(np.asarray(null_condition(kept).input_concat), 0.0)
+    with pytest.raises(ConfigError, match="only frame conditioners"):
         MultiConditioner(dict(configs=[dict(id="n", type="number", config={})], cond_dim=4), rngs=nnx.Rngs(0),
                          cross_attention_cond_ids=("n",), input_concat_cond_ids=("n",))
 
@@ -122,6 +141,7 @@ def test_a_training_crop_and_a_generation_window_place_beats_alike():
     trained = conditioner({"bpm": example["bpm"][None], "beat_offset": example["beat_offset"][None]})[0]
     generated = conditioning_inputs({}, ["a song at 90 BPM"], [2.0], [2.0])["tempo"]
     np.testing.assert_allclose(np.asarray(conditioner(generated)[0]), np.asarray(trained), atol=1e-5)
+    assert (example["tonic"], example["mode"]) == (-1, -1)  # the clip states no key
     # 90 BPM: beats every 2/3 s, so at 2 s (a whole beat, 3 beats in) the window starts on a beat.
     assert float(trained[0, 4, 0]) == pytest.approx(1.0, abs=1e-5)
     # A first beat a quarter beat late delays the beat channel by a quarter period: cos(φ − π/2) = sin φ.
@@ -131,11 +151,11 @@ def test_a_training_crop_and_a_generation_window_place_beats_alike():
     np.testing.assert_allclose(np.asarray(shifted[0, 4]), np.asarray(trained[0, 5]), atol=1e-4)
 
 
-def test_the_demo_preset_routes_the_tempo_into_the_dit():
+def test_the_demo_preset_routes_tempo_and_key_into_the_dit():
     config = load_config("configs/diffusion.py:demo")
     entry = next(e for e in config.conditioner.conditioning.configs if e["id"] == "tempo")
-    assert entry["type"] == "beat_grid" and tuple(config.conditioner.input_concat_cond_ids) == ("tempo",)
-    assert config.model.input_concat_dim == 2 * len(entry["config"]["harmonics"]) + 1
+    assert entry["type"] == "beat_grid" and tuple(config.conditioner.input_concat_cond_ids) == ("tempo", "key")
+    assert config.model.input_concat_dim == 2 * len(entry["config"]["harmonics"]) + 1 + 25
     for preset in ("sao", "sao_small", "tiny"):
         other = load_config(f"configs/diffusion.py:{preset}")
         assert "input_concat_dim" not in other.model and "input_concat_cond_ids" not in other.conditioner
@@ -150,14 +170,15 @@ def tempo_latents(tmp_path_factory):
     root = write_audio_folder(base / "audio")
     lines = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
     for k, line in enumerate(lines):
-        line["attributes"] = dict(line.get("attributes", {}), bpm=80 + 10 * k)
+        line["attributes"] = dict(line.get("attributes", {}), bpm=80 + 10 * k, tonic_pitch_class=k,
+                                  mode=("major", "minor")[k % 2])
     (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = base / "latents"
     precompute_latents(precompute_config(save_autoencoder(base / "autoencoder"), root), out)
     return out
 
 
-def test_training_fills_the_grid_from_the_latents_and_generation_reads_the_prompts_tempo(tempo_latents, tmp_path):
+def test_training_fills_the_window_from_the_latents_and_generation_reads_tempo_and_key(tempo_latents, tmp_path):
     from data_pipelines.latent_source import read_manifest
     from musicdiff.inference.generate import Generator, SamplerSettings
     from musicdiff.parallel.sharding import unsharded
@@ -166,24 +187,67 @@ def test_training_fills_the_grid_from_the_latents_and_generation_reads_the_promp
     config = load_config("configs/diffusion.py:tiny", [f"data.latents={tempo_latents}", "training.num_steps=2",
                                                        "training.checkpoint_every=2", "batch_size=8"])
     config.unlock()
-    config.conditioner.conditioning.configs.append(dict(id="tempo", type="beat_grid",
-                                                        config=dict(frames=0, frame_rate=0.0, dropout=0.1)))
-    config.conditioner.input_concat_cond_ids = ("tempo",)
-    config.model.input_concat_dim = 11
+    config.conditioner.conditioning.configs.extend([
+        dict(id="tempo", type="beat_grid", config=dict(frames=0, frame_rate=0.0, dropout=0.1)),
+        dict(id="key", type="key_chroma", config=dict(frames=0))])
+    config.conditioner.input_concat_cond_ids = ("tempo", "key")
+    config.model.input_concat_dim = 11 + 25
     train(config, tmp_path / "run", default_trainer="diffusion")
 
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    tempo = saved["conditioner"]["conditioning"]["configs"][-1]["config"]
-    assert tempo["frames"] == saved["data"]["latent_length"] == 32
+    tempo, key = (entry["config"] for entry in saved["conditioner"]["conditioning"]["configs"][-2:])
+    assert tempo["frames"] == key["frames"] == saved["data"]["latent_length"] == 32
     assert tempo["frame_rate"] == read_manifest(tempo_latents)["latent_rate"] == 44100 / 256
 
     generator = Generator.from_checkpoint(str(tmp_path / "run"))
     conditioner = nnx.merge(generator.graphdefs["conditioner"], generator.params["conditioner"])
     with unsharded():
-        cond = conditioner.condition(generator.conditioning_inputs(["warm piano at 120 BPM", "warm piano"],
-                                                                   [0.0, 0.0], [0.1, 0.1]))
-    expected = beat_grid(jnp.array([120.0, 0.0]), jnp.zeros(2), 32, 44100 / 256)
-    np.testing.assert_allclose(np.asarray(cond.input_concat), np.asarray(expected), atol=1e-6)
+        cond = conditioner.condition(generator.conditioning_inputs(["warm piano in D minor at 120 BPM",
+                                                                    "warm piano"], [0.0, 0.0], [0.1, 0.1]))
+    grid = beat_grid(jnp.array([120.0, 0.0]), jnp.zeros(2), 32, 44100 / 256)
+    key = jnp.broadcast_to(key_features(jnp.array([2, -1]), jnp.array([1, -1]))[:, :, None], (2, 25, 32))
+    np.testing.assert_allclose(np.asarray(cond.input_concat), np.asarray(jnp.concatenate([grid, key], axis=1)),
+                               atol=1e-6)
     settings = SamplerSettings(sampler="dpmpp-2m", steps=2, cfg_scale=3.0, sigma_min=0.03, sigma_max=80.0)
     latents = generator.sample_latents(["warm piano at 120 BPM", "warm piano"], [0.1, 0.1], settings, [0, 1])
     assert latents.shape == (2, 64, 32) and bool(jnp.isfinite(latents).all())
+
+
+def test_a_clips_key_and_a_prompts_key_give_the_same_features():
+    from musicdiff.inference.generate import conditioning_inputs
+
+    manifest = {"downsampling_ratio": 256, "sample_rate": 16000, "text_encoder": {"name": "embedded", "max_length": 4}}
+    record = {"latent_mean": np.zeros((2, 8), np.float32), "latent_mask": np.ones(8, bool), "offset": 0,
+              "seconds_total": 1.0, "caption": "x", "prompt_input_ids": np.ones(4, np.int32),
+              "prompt_attention_mask": np.ones(4, bool),
+              "attributes": json.dumps({"key": "Eb", "tonic_pitch_class": 3, "mode": "minor"})}
+    example = CropAndSample(8, manifest).random_map(record, np.random.default_rng(0))
+    assert (example["tonic"], example["mode"]) == (3, 1)
+    prompts = ["a sad song in E-flat minor", "a song in Eb minor at 80 BPM", "a song with no key"]
+    key = conditioning_inputs({}, prompts, [0.0] * 3, [1.0] * 3)["key"]
+    np.testing.assert_array_equal(key["tonic"], [3, 3, -1])
+    np.testing.assert_array_equal(key["mode"], [1, 1, -1])
+    conditioner = KeyChromaConditioner(8)
+    trained = conditioner({"tonic": example["tonic"][None], "mode": example["mode"][None]})[0]
+    np.testing.assert_array_equal(np.asarray(conditioner(key)[0][:2]), np.asarray(jnp.concatenate([trained] * 2)))
+    np.testing.assert_array_equal(np.asarray(conditioner(key)[0][2]), 0.0)
+
+
+@pytest.mark.usefixtures("unsharded")
+def test_guidance_with_the_implicit_null_context_hides_the_frame_features_as_the_explicit_null():
+    from musicdiff.diffusion.parameterization import cfg_denoiser
+    from musicdiff.inference.generate import guided_model
+
+    sizes = dict(io_channels=4, embed_dim=16, depth=1, num_heads=2, cond_token_dim=8, global_cond_dim=6,
+                 rotary_min_dim=4, dtype="float32", patch_size=2)
+    model = DiT(DiTConfig(**sizes, input_concat_dim=3), rngs=nnx.Rngs(0))
+    model.transformer.project_in.kernel[...] = jax.random.normal(jax.random.key(2), (14, 16))  # features matter
+    keys = jax.random.split(jax.random.key(1), 5)
+    cond = ConditioningInputs(jax.random.normal(keys[0], (2, 5, 8)), jnp.ones((2, 5), bool),
+                              jax.random.normal(keys[1], (2, 6)), jax.random.normal(keys[2], (2, 3, 6)))
+    x, t = jax.random.normal(keys[3], (2, 4, 6)), jnp.array([0.4, 0.9])
+    implicit = guided_model(model, cond, 4.0)(x, t)
+    explicit = cfg_denoiser(model, cond, null_condition(cond), 4.0)(x, t)
+    np.testing.assert_allclose(np.asarray(implicit), np.asarray(explicit), rtol=1e-5, atol=1e-5)
+    kept = cfg_denoiser(model, cond, null_condition(cond)._replace(input_concat=cond.input_concat), 4.0)(x, t)
+    assert not np.allclose(np.asarray(kept), np.asarray(explicit), atol=1e-4)
