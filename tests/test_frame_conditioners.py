@@ -191,6 +191,9 @@ def test_training_fills_the_window_from_the_latents_and_generation_reads_tempo_a
         dict(id="tempo", type="beat_grid", config=dict(frames=0, frame_rate=0.0, dropout=0.1)),
         dict(id="key", type="key_chroma", config=dict(frames=0))])
     config.conditioner.input_concat_cond_ids = ("tempo", "key")
+    config.model.input_concat_dim = 11
+    with pytest.raises(ConfigError, match="input_concat_dim=11: .* give 36 channels"):
+        train(config, tmp_path / "wrong", default_trainer="diffusion")
     config.model.input_concat_dim = 11 + 25
     train(config, tmp_path / "run", default_trainer="diffusion")
 

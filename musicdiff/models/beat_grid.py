@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+
 from musicdiff.errors import ConfigError
 from musicdiff.models.frame_conditioner import FrameConditioner
 
@@ -57,7 +58,8 @@ def grid_channels(harmonics: Sequence[float]) -> int:
 
 
 class BeatGridConditioner(FrameConditioner):
-    """`{"bpm", "beat_offset"}` -> (grid [B, F, frames], known [B] bool); no parameters (models/frame_conditioner.py)."""
+    """`{"bpm", "beat_offset"}` -> (grid [B, F, frames], known [B] bool); no parameters
+    (models/frame_conditioner.py)."""
 
     kind = "beat_grid"
 

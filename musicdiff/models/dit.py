@@ -134,8 +134,9 @@ class DiTConfig(DtypeFields):
     @property
     def transformer(self) -> TransformerConfig:
         return TransformerConfig(
-            io_channels=self.input_token_channels, out_channels=self.token_channels, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
-            context_dim=self.context_dim, prepend_cond=self.block_type == "sao", block_type=self.block_type,
+            io_channels=self.input_token_channels, out_channels=self.token_channels, embed_dim=self.embed_dim,
+            depth=self.depth, num_heads=self.num_heads, context_dim=self.context_dim,
+            prepend_cond=self.block_type == "sao", block_type=self.block_type,
             ff_mult=self.ff_mult, rotary_min_dim=self.rotary_min_dim, rotary_base=self.rotary_base,
             layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
             attention_implementation=self.attention_implementation, remat=self.remat, dtype=self.dtype,

@@ -12,7 +12,8 @@ Alternation, as the reference: a step is a discriminator step when its global st
 adversarial terms from `warmup_steps` on. So there are three kinds of step (`step_kind`), each a straight-line pure
 function of (state, batch) (`step(kind)`):
 - generator warm-up step: encode (VAE sample) + decode with gradients, loss = mrstft·spectral + mel·mel-scaled
-  MR-STFT + l1·L1 + kl·KL (or quantizer·VQ loss), no discriminator pass at all; AdamW update of the autoencoder, then EMA;
+  MR-STFT + l1·L1 + kl·KL (or quantizer·VQ loss), no discriminator pass at all; AdamW update of the autoencoder,
+  then EMA;
 - generator step: the same + adversarial·G_hinge + feature_matching·FM from a pass of the (fixed) discriminator over
   [reals; fakes];
 - discriminator step: the same reconstruction without gradients, hinge loss of the discriminator on

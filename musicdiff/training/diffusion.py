@@ -16,8 +16,8 @@ AdamW update. A step whose loss or gradients are not finite leaves params, EMA a
 (`update_skipped` = 1) and the runner's NaN guard stops the run after `training.max_nonfinite_steps` in a row.
 
 Batches come from data_pipelines.latent_source (keys: latents [B, C, L], padding_mask [B, L], seconds_start [B],
-seconds_total [B], and prompt_embeddings/prompt_mask (frozen T5) or prompt_input_ids/prompt_attention_mask
-(embedded encoder)).
+seconds_total [B], bpm and beat_offset [B], tonic and mode [B] (the frame conditioners' inputs), and
+prompt_embeddings/prompt_mask (frozen T5) or prompt_input_ids/prompt_attention_mask (embedded encoder)).
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ def resolve_config(config: ml_collections.ConfigDict, manifest: Mapping[str, Any
             entry["config"]["frames"] = int(config.data.latent_length)
         if entry["type"] == "beat_grid":  # at the latents' frame rate
             entry["config"]["frame_rate"] = float(manifest["latent_rate"])
+    conditioner = nnx.eval_shape(lambda: registry.build(config.conditioner, nnx.Rngs(0)))
+    if int(config.model.get("input_concat_dim", 0)) != conditioner.input_concat_channels:
+        raise ConfigError(f"config.model.input_concat_dim={config.model.get('input_concat_dim', 0)}: the conditioner's "
+                          f"input_concat_cond_ids {list(conditioner.input_concat_cond_ids)} give "
+                          f"{conditioner.input_concat_channels} channels; set it to that")
     return config
 
 
