@@ -129,7 +129,7 @@ def conditioner_config(text: str, cond_dim: int, number_max: float = 0.0, beat_g
     if beat_grid:
         framed.append(dict(id="tempo", type="beat_grid", config=dict(frames=0, frame_rate=0.0, **beat_grid)))
     if key_chroma:
-        framed.append(dict(id="key", type="key_chroma", config=dict(frames=0, **key_chroma)))
+        framed.append(dict(id="key", type="key_chroma", config=dict(frames=0, frame_rate=0.0, **key_chroma)))
     if framed:
         section["conditioning"]["configs"].extend(framed)
         section["input_concat_cond_ids"] = tuple(entry["id"] for entry in framed)

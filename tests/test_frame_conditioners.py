@@ -52,6 +52,11 @@ def test_an_unknown_tempo_is_the_all_zero_grid():
     assert np.asarray(grid[1, -1]).min() == 1.0 and list(np.asarray(known)) == [False, True]
     with pytest.raises(ConfigError, match="training fills them from the latents"):
         BeatGridConditioner(0, 0.0)({"bpm": jnp.array([100.0])})
+    from musicdiff.models.conditioning import build_conditioner
+
+    with pytest.raises(ConfigError, match="key_chroma conditioner config .*harmonics"):
+        build_conditioner({"id": "key", "type": "key_chroma", "config": {"frames": 4, "harmonics": [1.0]}}, 8,
+                          nnx.Rngs(0))
 
 
 def test_key_features_are_the_scale_and_the_tonic_triad():
@@ -66,7 +71,7 @@ def test_key_features_are_the_scale_and_the_tonic_triad():
     np.testing.assert_array_equal(np.flatnonzero(e_flat_minor[12:24]), [3, 6, 10])  # Eb Gb Bb
     assert c_major[24] == a_minor[24] == 1.0
     np.testing.assert_array_equal(unknown, 0.0)
-    features, known = KeyChromaConditioner(5)({"tonic": jnp.array([9]), "mode": jnp.array([1])})
+    features, known = KeyChromaConditioner(5, RATE)({"tonic": jnp.array([9]), "mode": jnp.array([1])})
     assert features.shape == (1, 25, 5) and bool(known[0])
     np.testing.assert_array_equal(np.asarray(features[0, :, 3]), a_minor)
 
@@ -230,7 +235,7 @@ def test_a_clips_key_and_a_prompts_key_give_the_same_features():
     key = conditioning_inputs({}, prompts, [0.0] * 3, [1.0] * 3)["key"]
     np.testing.assert_array_equal(key["tonic"], [3, 3, -1])
     np.testing.assert_array_equal(key["mode"], [1, 1, -1])
-    conditioner = KeyChromaConditioner(8)
+    conditioner = KeyChromaConditioner(8, RATE)
     trained = conditioner({"tonic": example["tonic"][None], "mode": example["mode"][None]})[0]
     np.testing.assert_array_equal(np.asarray(conditioner(key)[0][:2]), np.asarray(jnp.concatenate([trained] * 2)))
     np.testing.assert_array_equal(np.asarray(conditioner(key)[0][2]), 0.0)

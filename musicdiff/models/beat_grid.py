@@ -65,18 +65,13 @@ class BeatGridConditioner(FrameConditioner):
 
     def __init__(self, frames: int, frame_rate: float, harmonics: Sequence[float] = DEFAULT_HARMONICS,
                  dropout: float = 0.0):
-        super().__init__(frames, dropout)
         if not harmonics or any(h <= 0 for h in harmonics):
             raise ConfigError(f"beat_grid conditioner: harmonics={list(harmonics)} must be positive beats-per-cycle")
-        self.frame_rate = float(frame_rate)
+        super().__init__(frames, frame_rate, dropout, grid_channels(harmonics))
         self.harmonics = tuple(float(h) for h in harmonics)
 
-    @property
-    def channels(self) -> int:
-        return grid_channels(self.harmonics)
-
     def __call__(self, inputs: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        self.check_window(frame_rate=self.frame_rate)
+        self.check_window()
         bpm = jnp.asarray(inputs["bpm"], jnp.float32).reshape(-1)
         offset = inputs.get("beat_offset", jnp.zeros_like(bpm))
         return beat_grid(bpm, offset, self.frames, self.frame_rate, self.harmonics), bpm > 0

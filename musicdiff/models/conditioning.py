@@ -37,7 +37,7 @@ import ml_collections
 from flax import nnx
 
 from musicdiff.errors import ConfigError, DataError
-from musicdiff.models.beat_grid import DEFAULT_HARMONICS, BeatGridConditioner
+from musicdiff.models.beat_grid import BeatGridConditioner
 from musicdiff.models.denoiser import ConditioningInputs
 from musicdiff.models.frame_conditioner import FrameConditioner
 from musicdiff.models.key_chroma import KeyChromaConditioner
@@ -94,6 +94,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
+FRAME_CONDITIONERS = {c.kind: c for c in (BeatGridConditioner, KeyChromaConditioner)}
+
+
 def build_conditioner(entry: Mapping[str, Any], cond_dim: int, rngs: nnx.Rngs, dtype: Any = jnp.float32
                       ) -> nnx.Module:
     """One `{"id", "type", "config"}` entry of a stable-audio-tools conditioning config."""
@@ -102,12 +105,8 @@ def build_conditioner(entry: Mapping[str, Any], cond_dim: int, rngs: nnx.Rngs, d
     if kind == "number":
         return NumberConditioner(output_dim, config.get("min_val", 0.0), config.get("max_val", 1.0), rngs=rngs,
                                  dtype=dtype)
-    if kind == "beat_grid":
-        return BeatGridConditioner(config.get("frames", 0), config.get("frame_rate", 0.0),
-                                   tuple(config.get("harmonics", DEFAULT_HARMONICS)),
-                                   config.get("dropout", 0.0))
-    if kind == "key_chroma":
-        return KeyChromaConditioner(config.get("frames", 0), config.get("dropout", 0.0))
+    if kind in FRAME_CONDITIONERS:
+        return FRAME_CONDITIONERS[kind].from_config(config)
     if is_text_encoder(kind):
         dim, encoder = text_encoder_kind(kind).conditioner_encoder(entry["id"], config, rngs, dtype)
         return TextConditioner(dim, output_dim, rngs=rngs, project_out=config.get("project_out", False),

@@ -48,12 +48,8 @@ class KeyChromaConditioner(FrameConditioner):
 
     kind = "key_chroma"
 
-    def __init__(self, frames: int, dropout: float = 0.0):
-        super().__init__(frames, dropout)
-
-    @property
-    def channels(self) -> int:
-        return CHANNELS
+    def __init__(self, frames: int, frame_rate: float, dropout: float = 0.0):
+        super().__init__(frames, frame_rate, dropout, CHANNELS)
 
     def __call__(self, inputs: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         self.check_window()

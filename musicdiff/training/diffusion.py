@@ -42,7 +42,7 @@ from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_directory, atomic_write_bytes
 from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
-from musicdiff.models.conditioning import MultiConditioner
+from musicdiff.models.conditioning import FRAME_CONDITIONERS, MultiConditioner
 from musicdiff.models.denoiser import Denoiser, train_flops
 from musicdiff.models.text_encoder import prompt_from_batch, text_encoder_kind
 from musicdiff.parallel.distributed import on_main_process
@@ -98,9 +98,8 @@ def resolve_config(config: ml_collections.ConfigDict, manifest: Mapping[str, Any
                           f"{prompt_kind.name} text_encoder or use a {latents_kind.name} prompt conditioner")
     prompt_kind.resolve_training(config.prompt_encoder, text, prompt_entry["config"])
     for entry in config.conditioner.conditioning.configs:
-        if entry["type"] in ("beat_grid", "key_chroma"):  # frame conditioners span the training window
+        if entry["type"] in FRAME_CONDITIONERS:  # frame conditioners span the training window
             entry["config"]["frames"] = int(config.data.latent_length)
-        if entry["type"] == "beat_grid":  # at the latents' frame rate
             entry["config"]["frame_rate"] = float(manifest["latent_rate"])
     conditioner = nnx.eval_shape(lambda: registry.build(config.conditioner, nnx.Rngs(0)))
     if int(config.model.get("input_concat_dim", 0)) != conditioner.input_concat_channels:
