@@ -21,7 +21,7 @@ from musicdiff.models import registry
 from musicdiff.models.autoencoder import BottleneckConfig, OobleckConfig, ResidualVQBottleneck, VAEBottleneck
 from musicdiff.models.chunking import chunked_decode, chunked_encode, plan_chunks, receptive_radius_frames
 from musicdiff.errors import ConfigError
-from musicdiff.models.oobleck_layers import NearestUpsample1d, Snake, WNConv1d, WNConvTranspose1d
+from musicdiff.models.oobleck_layers import NearestUpsample1d, Snake, WNConv1d, WNConvTranspose1d, sin_squared
 
 # These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
 pytestmark = pytest.mark.usefixtures("unsharded")
@@ -91,6 +91,17 @@ def test_snake_closed_form():
                           [math.pi / 2 + 1.0, math.pi / 4 + 2.0]]])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(expected[0, 2], [2.5707963, 2.7853982], rtol=1e-7)
+
+
+def test_sin_squared_and_its_gradient_match_float64_sine():
+    # Snake's sin² is a reduced polynomial: check it and its autodiff gradient, sin(2u), against numpy in float64
+    # over the range activations reach, including the reduction's branch points (multiples of π/2).
+    u = np.concatenate([np.linspace(-4000.0, 4000.0, 400_001), np.arange(-2000, 2001) * (math.pi / 2)])
+    u = u.astype(np.float32)
+    exact = np.sin(u.astype(np.float64)) ** 2
+    np.testing.assert_allclose(np.asarray(jax.jit(sin_squared)(jnp.asarray(u))), exact, rtol=0, atol=4e-7)
+    gradient = np.asarray(jax.jit(jax.vmap(jax.grad(sin_squared)))(jnp.asarray(u)))
+    np.testing.assert_allclose(gradient, np.sin(2.0 * u.astype(np.float64)), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel,stride,dilation,padding", [(7, 1, 1, 3), (7, 1, 3, 9), (8, 4, 1, 2), (3, 1, 1, 1)])
