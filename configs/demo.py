@@ -21,8 +21,9 @@ RENDER = (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}", f"sample_rate={SAMPLE_
 # Sampling for the rectified-flow DiT of configs/diffusion.py:demo.
 GENERATE = ("generate.sampler=rf-euler", "generate.steps=30", "generate.cfg_scale=5.0", "generate.sigma_min=0.0",
             "generate.sigma_max=1.0")
-# Training steps per preset: "" is `make demo` (~15 min on 2 quiet CPU cores, venv installed: AE ~0.27 s and DiT
-# 0.28 s a step); "long" ~1 h there. The DiT learns tempo by step 800 (frame conditioners); 1200 gives the key more.
+# Training steps per preset: "" is `make demo` (15.3 min on 2 quiet CPU cores, venv installed: AE 0.27 s and DiT
+# 0.31 s a step, stage startup included); "long" ~1 h there. The DiT learns tempo by step 800 (frame
+# conditioners); 1200 gives the key more.
 PRESETS = {"": dict(autoencoder=1200, diffusion=1200), "long": dict(autoencoder=4000, diffusion=5000)}
 
 

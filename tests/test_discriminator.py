@@ -109,7 +109,9 @@ def test_adversarial_losses_match_separate_passes(discriminator):
     np.testing.assert_allclose(float(losses["feature_matching"]),
                                float(feature_matching_loss(real_features, fake_features)), rtol=1e-5)
     same = adversarial_losses(discriminator, reals, reals)
-    assert float(same["feature_matching"]) == 0.0
+    # Zero up to float32 rounding: XLA:CPU may vectorise the two halves of the [reals; reals] batch differently
+    # (3e-12 on an AMD EPYC host, against 0.07 for the reals and fakes above).
+    assert abs(float(same["feature_matching"])) < 1e-8
 
     def d_loss(model):
         return adversarial_losses(model, reals, jax.lax.stop_gradient(fakes))["discriminator"]

@@ -46,8 +46,8 @@ def sin_squared(u: jax.Array) -> jax.Array:
     """sin²(u) by reduction modulo π (its period) and an odd polynomial: within 3e-7 of the exact value for
     |u| < 4000 (jnp.sin(u)² is within 9e-8), with the derivative sin(2u) by autodiff (round's gradient is zero).
 
-    Why: XLA:CPU's sin is ~10x slower than a fused polynomial, and Snake's sin was 28% of the demo autoencoder's
-    training step on CPU; on GPUs both are cheap.
+    Why: XLA:CPU's sin is ~10x slower than a fused polynomial, and Snake was 28% of the demo autoencoder's training
+    step on CPU; on GPUs both are cheap.
     """
     u = u.astype(jnp.float32)
     k = jnp.round(u * (1.0 / math.pi))
@@ -157,7 +157,7 @@ class WNConvTranspose1d(nnx.Module):
         # By output phase: y[q·s + r − p] = Σ_m x[q − m] · w[m·s + r], so each of the s phases is a stride-1
         # convolution of x with the taps w[r], w[s + r], ...: one convolution with s·out channels, then interleave.
         # Same sums as the reference's; the usual form (convolving the s-dilated input) multiplies zeros, and its
-        # gradient ran 4-8x slower on XLA:CPU.
+        # gradient ran 5-8x slower on XLA:CPU.
         batch, length, _ = x.shape
         s, k = self.stride, self.kernel_size
         taps = -(-k // s)
