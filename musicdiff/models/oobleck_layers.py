@@ -161,9 +161,11 @@ class WNConvTranspose1d(nnx.Module):
         batch, length, _ = x.shape
         s, k = self.stride, self.kernel_size
         taps = -(-k // s)
-        kernel = jnp.pad(self.kernel(), ((0, taps * s - k), (0, 0), (0, 0)))  # [taps·s, in, out]
-        kernel = kernel.reshape(taps, s, kernel.shape[1], kernel.shape[2])[::-1]  # [m reversed, r, in, out]
-        kernel = kernel.transpose(0, 2, 1, 3).reshape(taps, kernel.shape[2], s * kernel.shape[3])
+        kernel = self.kernel()
+        _, channels_in, channels_out = kernel.shape
+        kernel = jnp.pad(kernel, ((0, taps * s - k), (0, 0), (0, 0)))  # [taps·s, in, out]
+        kernel = kernel.reshape(taps, s, channels_in, channels_out)[::-1]  # [m reversed, r, in, out]
+        kernel = kernel.transpose(0, 2, 1, 3).reshape(taps, channels_in, s * channels_out)
         # Padded outside the convolution: with the padding inside it, XLA:CPU's gradient was ~5x slower.
         padded = jnp.pad(x.astype(self.dtype), ((0, 0), (taps - 1, taps - 1), (0, 0)))
         phases = jax.lax.conv_general_dilated(
