@@ -8,6 +8,9 @@ CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make de
 - prompt / prompts_file: one prompt, or a file (.txt one prompt a line; .jsonl objects with "prompt" and optional
   "seconds_total", "seconds_start", "seed", "attributes"). num_per_prompt clips each.
 - seconds_total / seconds_start: timing conditioning; the WAV is trimmed to seconds_total.
+- negative_prompt: guidance steers away from it (it replaces the null condition's text; a .jsonl prompts file may
+  give one per line). cfg_sigma_min / cfg_sigma_max: guidance only at noise levels σ/α in that interval (σ of the
+  σ-space samplers; rectified flow's t is σ/(1 + σ), t = 0.5 at σ = 1), the conditional model alone elsewhere.
 - seed: clip k of the run uses seed + k unless its prompts_file line gives one.
 - init_audio + init_noise_level: audio-to-audio (σ for σ-space samplers, t in (0, 1] for ddim and rf samplers).
 - inpaint_audio + mask ("start:end,..." in seconds, regenerated; the rest is kept).
@@ -42,6 +45,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         steps=100,
         cfg_scale=7.0,
         cfg_rescale=0.0,
+        negative_prompt="",
+        cfg_sigma_min=0.0,
+        cfg_sigma_max=float("inf"),
         sigma_min=0.3,
         sigma_max=500.0,
         rho=1.0,

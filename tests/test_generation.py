@@ -79,6 +79,26 @@ def test_prompt_and_cfg_change_the_output(generator):
     assert float(jnp.max(jnp.abs(guided - a))) > 1e-3
 
 
+def test_negative_prompt_through_the_generator(generator, checkpoints, tmp_path):
+    """A negative prompt equal to the prompt makes guidance a no-op (cond = uncond), so any scale gives the
+    conditional model's sample; another negative prompt changes the sample, per row, and the record keeps it."""
+    prompts, seconds, seeds = ["a calm piano piece", "warm pads"], [0.3, 0.3], [0, 1]
+    settings = SamplerSettings(sampler="ddim", steps=3, cfg_scale=6.0)
+    plain = generator.sample_latents(prompts, seconds, SamplerSettings(sampler="ddim", steps=3, cfg_scale=1.0), seeds)
+    same = generator.sample_latents(prompts, seconds, settings, seeds, negative_prompts=prompts)
+    np.testing.assert_allclose(np.asarray(same), np.asarray(plain), rtol=1e-4, atol=1e-4)
+    guided = generator.sample_latents(prompts, seconds, settings, seeds)
+    steered = generator.sample_latents(prompts, seconds, settings, seeds, negative_prompts=["loud drums", ""])
+    assert float(jnp.max(jnp.abs(steered[0] - guided[0]))) > 1e-3
+    np.testing.assert_allclose(np.asarray(steered[1]), np.asarray(guided[1]), rtol=1e-5, atol=1e-5)
+    records = generate_to_folder(gen_config(checkpoints[0], prompt="a calm piano piece",
+                                            negative_prompt="loud drums", cfg_sigma_min=0.1, seconds_total=0.3,
+                                            batch_size=1),
+                                 tmp_path / "out")
+    assert records[0]["negative_prompt"] == "loud drums" and records[0]["cfg_sigma_min"] == 0.1
+    assert "cfg_sigma_max" not in records[0]
+
+
 def test_inpainting_keeps_the_unmasked_latents(generator):
     frame_rate = generator.sample_rate / generator.ratio
     mask = mask_from_spans("0.1:0.2", generator.window_seconds, generator.latent_length, frame_rate)

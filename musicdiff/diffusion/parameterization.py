@@ -180,8 +180,26 @@ def make_denoiser(model_fn: ModelFn, parameterization: Parameterization) -> Deno
     return denoise
 
 
+def guidance_interval(parameterization: Parameterization, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """Model-time bounds (for `cfg_denoiser(interval=...)`) of the noise levels σ/α in [sigma_min, sigma_max].
+
+    σ/α is k-diffusion's σ, the noise level every sampler's state maps to by its SNR (rectified flow: t/(1 − t), so
+    t = 0.5 is 1). Model time increases with the noise level for every objective here, so the bounds keep their
+    order; sigma_min <= 0 and sigma_max = inf leave that side open."""
+    if not 0 <= sigma_min <= sigma_max:
+        raise ConfigError(f"cfg interval [{sigma_min}, {sigma_max}]: need 0 <= cfg_sigma_min <= cfg_sigma_max")
+
+    def model_time(level: float) -> float:
+        t = parameterization.interpolant.time(jnp.float32(1.0), jnp.float32(level))
+        return float(parameterization.model_time(t))
+
+    return (-math.inf if sigma_min <= 0 else model_time(sigma_min),
+            math.inf if math.isinf(sigma_max) else model_time(sigma_max))
+
+
 def cfg_denoiser(denoise_fn: Callable[..., jax.Array], cond: Any, null_cond: Any, scale: float | jax.Array,
-                 rescale: float = 0.0, rescale_axis: int = 1, doubled_fn: ModelFn | None = None) -> ModelFn:
+                 rescale: float = 0.0, rescale_axis: int = 1, doubled_fn: ModelFn | None = None,
+                 interval: tuple[float, float] | None = None) -> ModelFn:
     """Classifier-free guidance on the raw model output, as the reference does inside the DiT forward.
 
     denoise_fn(x, t, cond) -> output. Conditional and unconditional passes run as ONE call on a doubled batch
@@ -191,6 +209,9 @@ def cfg_denoiser(denoise_fn: Callable[..., jax.Array], cond: Any, null_cond: Any
     default 1 is the channel axis of the [B, C, L] latents that the reference and our DiT use.
     A Python `scale == 1` calls the conditional model alone. A traced scale equal to 1 selects the conditional half
     of the doubled batch, so the result is exact either way.
+    `null_cond` is the unconditional input, or a negative prompt's condition (guidance then pushes away from it).
+    `interval` = (lo, hi) in model time (`guidance_interval`): rows whose time lies outside get the conditional
+    output alone (Kynkäänniemi et al. 2024: guidance in the middle noise levels only).
     `doubled_fn(x2, t2)`, if given, replaces the doubled call: the model on [x; x] with cond for the first half and
     null_cond for the second, in whatever cheaper form the caller has (the DiT's implicit null context).
     """
@@ -213,7 +234,11 @@ def cfg_denoiser(denoise_fn: Callable[..., jax.Array], cond: Any, null_cond: Any
             std_guided = jnp.std(guided_out, axis=rescale_axis, keepdims=True)
             ratio = jnp.where(std_guided > 0, std_cond / jnp.where(std_guided > 0, std_guided, 1.0), 1.0)
             guided_out = rescale * guided_out * ratio + (1.0 - rescale) * guided_out
-        return jnp.where(jnp.asarray(scale) == 1.0, conditional, guided_out)
+        use = jnp.asarray(scale) != 1.0
+        if interval is not None:
+            inside = (t >= interval[0]) & (t <= interval[1])
+            use = use & inside.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(use, guided_out, conditional)
 
     return guided
 

@@ -2,7 +2,7 @@
 
 Clips are generated in fixed-size batches (the last one padded with repeats and trimmed), so one compiled sampler
 serves the whole run. Each line of generations.jsonl describes one clip: file, prompt, seed, sampler, steps,
-cfg_scale, seconds_start, seconds_total, wall_time (seconds: this clip's share of its batch's conditioning, sampling
+cfg_scale (and the guidance interval and negative prompt when set), seconds_start, seconds_total, wall_time (seconds: this clip's share of its batch's conditioning, sampling
 and decoding, compile time excluded: samplers are compiled ahead of time and the decoder warmed, and that time is
 recorded as compile_seconds), plus the prompt's own fields (e.g. attributes) from a .jsonl prompts file, and
 init/inpaint details when used.
@@ -28,11 +28,12 @@ from musicdiff.inference.generate import (INPAINT_METHOD, Generator, SamplerSett
                                           mask_from_spans, read_prompts_file)
 
 log = logging.getLogger(__name__)
-RESERVED = {"file", "prompt", "seed", "seconds_total", "seconds_start"}
+RESERVED = {"file", "prompt", "seed", "seconds_total", "seconds_start", "negative_prompt"}
 
 
 def plan_clips(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    """One dict per clip to generate: prompt, seed, seconds_start, seconds_total, and extra prompt-file fields."""
+    """One dict per clip to generate: prompt, seed, seconds_start, seconds_total, negative_prompt (when one is given:
+    the prompt file's line, else config.negative_prompt), and extra prompt-file fields."""
     if bool(config.prompt) == bool(config.prompts_file):
         raise ConfigError("pass exactly one of --config.prompt=TEXT or --config.prompts_file=FILE")
     items = read_prompts_file(config.prompts_file) if config.prompts_file else [{"prompt": config.prompt}]
@@ -43,6 +44,9 @@ def plan_clips(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             clip.update(prompt=item["prompt"],
                         seconds_total=float(item.get("seconds_total", config.seconds_total)),
                         seconds_start=float(item.get("seconds_start", config.seconds_start)))
+            negative = str(item.get("negative_prompt", config.get("negative_prompt", "")))
+            if negative:
+                clip["negative_prompt"] = negative
             clip["seed"] = int(item["seed"]) + repeat if "seed" in item else None
             clips.append(clip)
     for number, clip in enumerate(clips):
@@ -96,6 +100,16 @@ def generate_to_folder(config: ml_collections.ConfigDict, workdir: Path) -> list
     return records
 
 
+def _interval_record(settings: SamplerSettings) -> dict[str, float]:
+    """The guidance interval, when one is set (JSON has no infinity: an open upper end is left out)."""
+    out = {}
+    if settings.cfg_sigma_min > 0:
+        out["cfg_sigma_min"] = settings.cfg_sigma_min
+    if not np.isinf(settings.cfg_sigma_max):
+        out["cfg_sigma_max"] = settings.cfg_sigma_max
+    return out
+
+
 def _run_batches(generator: Generator, clips: list[dict[str, Any]], settings: SamplerSettings, batch_size: int,
                  init, inpaint, workdir: Path, spectrograms: bool, extra: dict[str, Any]) -> list[dict[str, Any]]:
     from tqdm import tqdm
@@ -116,7 +130,8 @@ def _run_batches(generator: Generator, clips: list[dict[str, Any]], settings: Sa
         latents = generator.sample_latents([c["prompt"] for c in padded], [c["seconds_total"] for c in padded],
                                            settings, [c["seed"] for c in padded],
                                            seconds_start=[c["seconds_start"] for c in padded], init=batch_init,
-                                           inpaint=batch_inpaint)
+                                           inpaint=batch_inpaint,
+                                           negative_prompts=[c.get("negative_prompt", "") for c in padded])
         audio = generator.decode(latents)
         compile_seconds = generator.compile_seconds - compiled_before
         elapsed = time.perf_counter() - began - compile_seconds
@@ -129,7 +144,7 @@ def _run_batches(generator: Generator, clips: list[dict[str, Any]], settings: Sa
                 save_spectrogram_png(clip_audio, generator.sample_rate, workdir / f"{name}.png",
                                      title=clip["prompt"][:80])
             record = {"file": f"{name}.wav", **clip, "sampler": settings.sampler, "steps": settings.steps,
-                      "cfg_scale": settings.cfg_scale, "wall_time": elapsed / len(chunk),
+                      "cfg_scale": settings.cfg_scale, **_interval_record(settings), "wall_time": elapsed / len(chunk),
                       "batch_size": batch_size, "compile_seconds": compile_seconds, **extra}
             records.append(record)
         bar.update(len(chunk))

@@ -32,7 +32,7 @@ from flax import nnx
 
 from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.diffusion.objectives import make_objective
-from musicdiff.diffusion.parameterization import cfg_denoiser, make_denoiser
+from musicdiff.diffusion.parameterization import cfg_denoiser, guidance_interval, make_denoiser
 from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.conditioning import null_condition
@@ -50,6 +50,8 @@ class SamplerSettings:
     steps: int = 100
     cfg_scale: float = 7.0
     cfg_rescale: float = 0.0
+    cfg_sigma_min: float = 0.0  # guidance only at noise levels σ/α in [cfg_sigma_min, cfg_sigma_max]
+    cfg_sigma_max: float = math.inf
     sigma_min: float = SAO_SIGMA_MIN
     sigma_max: float = SAO_SIGMA_MAX
     rho: float = 1.0
@@ -60,6 +62,9 @@ class SamplerSettings:
         sampler_spec(self.sampler)
         if self.steps < 1:
             raise ConfigError(f"config.steps={self.steps}: must be at least 1")
+        if not 0 <= self.cfg_sigma_min <= self.cfg_sigma_max:
+            raise ConfigError(f"config.cfg_sigma_min={self.cfg_sigma_min}, cfg_sigma_max={self.cfg_sigma_max}: "
+                              f"guidance needs 0 <= cfg_sigma_min <= cfg_sigma_max (noise levels σ/α)")
         if self.init_noise_level is not None and not self.init_noise_level > 0:
             raise ConfigError(f"config.init_noise_level={self.init_noise_level}: audio-to-audio needs a positive "
                               f"noise level to start from (σ, or t in (0, 1] for ddim / rf samplers)")
@@ -78,10 +83,12 @@ class SamplerSettings:
 
 
 def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax.Array, rescale: float = 0.0,
+                 negative: ConditioningInputs | None = None, interval: tuple[float, float] | None = None,
                  **extras: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """(x, t) -> the denoiser's output under classifier-free guidance with conditioner outputs `cond` and the null
     condition (`null_condition`: zero cross tokens and frame features, mask and global embedding kept), as one
-    doubled batch.
+    doubled batch. `negative` (a negative prompt's conditioner outputs) replaces the null condition's cross tokens
+    and mask with its own; `interval`: model-time bounds of guidance (`guidance_interval`).
     `extras` (the denoiser's keyword inputs, e.g. adapter_inputs) go to both halves alike."""
 
     def model_out(x, t, c):
@@ -99,9 +106,12 @@ def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax
                                            input_concat=with_null(cond.input_concat, null.input_concat)),
                      **_doubled(extras, x2.shape[0]))
 
-    implicit = IMPLICIT_NULL_CONTEXT in capabilities(model)
-    return cfg_denoiser(model_out, cond, null_condition(cond), scale, rescale,
-                        doubled_fn=cond_and_null if implicit else None)
+    null = null_condition(cond)
+    if negative is not None:
+        null = null._replace(cross_tokens=negative.cross_tokens, cross_mask=negative.cross_mask)
+    implicit = IMPLICIT_NULL_CONTEXT in capabilities(model) and negative is None
+    return cfg_denoiser(model_out, cond, null, scale, rescale, doubled_fn=cond_and_null if implicit else None,
+                        interval=interval)
 
 
 def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
@@ -117,17 +127,22 @@ def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
 
 def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
                  shape: tuple[int, int, int]) -> Callable[..., jax.Array]:
-    """A pure `sample_fn(params, inputs, key, init=None, inpaint=None) -> latents [B, C, L]`.
+    """A pure `sample_fn(params, inputs, key, init=None, inpaint=None, negative=None) -> latents [B, C, L]`.
 
     `params` = {"model", "conditioner"} states; `inputs` = the MultiConditioner's inputs for a batch of B;
     `init` latents [B, C, L] for audio-to-audio (needs settings.init_noise_level); `inpaint` = (known latents
-    [B, C, L], regenerate mask [B, 1, L]).
+    [B, C, L], regenerate mask [B, 1, L]); `negative` = (the encoded negative prompts, in the form of
+    inputs["prompt"], and [B] bool: which rows have one; the others keep the null condition).
     """
     check_compatible(settings.sampler, objective["name"])
     training_objective = make_objective(objective)
     parameterization = training_objective.parameterization
 
-    def sample_fn(params, inputs, key, init=None, inpaint=None):
+    interval = None
+    if settings.cfg_sigma_min > 0 or not math.isinf(settings.cfg_sigma_max):
+        interval = guidance_interval(parameterization, settings.cfg_sigma_min, settings.cfg_sigma_max)
+
+    def sample_fn(params, inputs, key, init=None, inpaint=None, negative=None):
         if init is not None and settings.init_noise_level is None:
             raise ConfigError("init latents were given but config.init_noise_level is not set (or <= 0): pass the "
                               "noise level to start from, e.g. --config.init_noise_level=1.0 (σ) or 0.5 (t, for "
@@ -136,7 +151,17 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
         cond = conditioner.condition(inputs)
 
-        guided = guided_model(model, cond, settings.cfg_scale, settings.cfg_rescale)
+        negative_cond = None
+        if negative is not None:
+            encoded, has_negative = negative
+            given = conditioner.condition({**inputs, "prompt": encoded})
+            null = null_condition(cond)
+            rows = jnp.asarray(has_negative, bool)
+            negative_cond = given._replace(
+                cross_tokens=jnp.where(rows[:, None, None], given.cross_tokens, null.cross_tokens),
+                cross_mask=jnp.where(rows[:, None], given.cross_mask, null.cross_mask))
+        guided = guided_model(model, cond, settings.cfg_scale, settings.cfg_rescale, negative=negative_cond,
+                              interval=interval)
         denoise = make_denoiser(guided, parameterization)
         inpaint_arg = None if inpaint is None else Inpaint(*inpaint)
         return sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,
@@ -233,12 +258,13 @@ class Generator:
             single = make_sampler(self.graphdefs, self.config.objective, settings,
                                   (1, self.latent_channels, self.latent_length))
 
-            def batched(params, inputs, keys, init, inpaint):
-                def one(inputs_i, key, init_i, inpaint_i):
+            def batched(params, inputs, keys, init, inpaint, negative):
+                def one(inputs_i, key, init_i, inpaint_i, negative_i):
                     add_batch = functools.partial(jax.tree.map, lambda a: a[None])
-                    return single(params, add_batch(inputs_i), key, add_batch(init_i), add_batch(inpaint_i))[0]
+                    return single(params, add_batch(inputs_i), key, add_batch(init_i), add_batch(inpaint_i),
+                                  add_batch(negative_i))[0]
 
-                return jax.vmap(one)(inputs, keys, init, inpaint)
+                return jax.vmap(one)(inputs, keys, init, inpaint, negative)
 
             self._compiled[settings] = jax.jit(batched)
         return self._compiled[settings]
@@ -267,7 +293,10 @@ class Generator:
 
     def sample_latents(self, prompts: Sequence[str], seconds_total: Sequence[float], settings: SamplerSettings,
                        seeds: Sequence[int], *, seconds_start: Sequence[float] | None = None, init: jax.Array | None = None,
-                       inpaint: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                       inpaint: tuple[jax.Array, jax.Array] | None = None,
+                       negative_prompts: Sequence[str] | None = None) -> jax.Array:
+        """Latents [B, C, L] for the prompts. `negative_prompts` (one per prompt, "" = none) replace the null
+        condition of classifier-free guidance, so guidance steers away from them (no effect at cfg_scale 1)."""
         for seconds in seconds_total:
             if not 0 < seconds <= self.window_seconds + 1e-6:
                 raise ConfigError(f"config.seconds_total={seconds}: this model generates windows of "
@@ -277,7 +306,13 @@ class Generator:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        args = (self.params, inputs, keys, init, inpaint)
+        negative = None
+        if negative_prompts is not None and any(negative_prompts):
+            if len(negative_prompts) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+            encoded = {k: np.asarray(v) for k, v in self.prompt_encoder(list(negative_prompts)).items()}
+            negative = (encoded, np.asarray([bool(p) for p in negative_prompts]))
+        args = (self.params, inputs, keys, init, inpaint, negative)
         return self._executable(settings, args)(*args)
 
     def decode(self, latents: jax.Array) -> np.ndarray:
