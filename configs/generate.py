@@ -11,6 +11,9 @@ CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make de
 - negative_prompt: guidance steers away from it (it replaces the null condition's text; a .jsonl prompts file may
   give one per line). cfg_sigma_min / cfg_sigma_max: guidance only at noise levels σ/α in that interval (σ of the
   σ-space samplers; rectified flow's t is σ/(1 + σ), t = 0.5 at σ = 1), the conditional model alone elsewhere.
+- guidance: "cfg" (on the model output, as SAO; cfg_rescale = its scale_phi) or "apg" (adaptive projected guidance on
+  the x0 estimate, as Stable Audio 3: apg_parallel weighs the guidance's part along the conditional estimate, 0 drops
+  it; apg_norm_threshold > 0 clips the guidance's norm per clip).
 - seed: clip k of the run uses seed + k unless its prompts_file line gives one.
 - init_audio + init_noise_level: audio-to-audio (σ for σ-space samplers, t in (0, 1] for ddim and rf samplers).
 - inpaint_audio + mask ("start:end,..." in seconds, regenerated; the rest is kept).
@@ -48,6 +51,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         negative_prompt="",
         cfg_sigma_min=0.0,
         cfg_sigma_max=float("inf"),
+        guidance="cfg",
+        apg_parallel=0.0,
+        apg_norm_threshold=0.0,
         sigma_min=0.3,
         sigma_max=500.0,
         rho=1.0,

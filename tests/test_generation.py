@@ -99,6 +99,26 @@ def test_negative_prompt_through_the_generator(generator, checkpoints, tmp_path)
     assert "cfg_sigma_max" not in records[0]
 
 
+def test_projected_guidance_through_the_generator(generator, checkpoints, tmp_path):
+    """APG keeping the whole parallel part is CFG moved from the model output to x0 (the same line, as the
+    parameterisations are affine in the output); dropping it changes the sample."""
+    prompts, seconds, seeds = ["a calm piano piece", "warm pads"], [0.3, 0.3], [0, 1]
+    cfg = generator.sample_latents(prompts, seconds, SamplerSettings(sampler="ddim", steps=3, cfg_scale=6.0), seeds)
+    whole = generator.sample_latents(prompts, seconds, SamplerSettings(sampler="ddim", steps=3, cfg_scale=6.0,
+                                                                       guidance="apg", apg_parallel=1.0), seeds)
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(cfg), rtol=1e-4, atol=1e-4)
+    projected = generator.sample_latents(prompts, seconds, SamplerSettings(sampler="ddim", steps=3, cfg_scale=6.0,
+                                                                           guidance="apg"), seeds)
+    assert float(jnp.max(jnp.abs(projected - cfg))) > 1e-3
+    records = generate_to_folder(gen_config(checkpoints[0], prompt="x", guidance="apg", apg_norm_threshold=2.0,
+                                            seconds_total=0.3, batch_size=1), tmp_path / "apg")
+    assert records[0]["guidance"] == "apg" and records[0]["apg_norm_threshold"] == 2.0
+    with pytest.raises(ConfigError, match="cfg_rescale"):
+        SamplerSettings(guidance="apg", cfg_rescale=0.7)
+    with pytest.raises(ConfigError, match="guidance"):
+        SamplerSettings(guidance="pag")
+
+
 def test_inpainting_keeps_the_unmasked_latents(generator):
     frame_rate = generator.sample_rate / generator.ratio
     mask = mask_from_spans("0.1:0.2", generator.window_seconds, generator.latent_length, frame_rate)

@@ -100,9 +100,12 @@ def generate_to_folder(config: ml_collections.ConfigDict, workdir: Path) -> list
     return records
 
 
-def _interval_record(settings: SamplerSettings) -> dict[str, float]:
-    """The guidance interval, when one is set (JSON has no infinity: an open upper end is left out)."""
-    out = {}
+def _guidance_record(settings: SamplerSettings) -> dict[str, Any]:
+    """APG's settings and the guidance interval, when set (JSON has no infinity: an open upper end is left out)."""
+    out: dict[str, Any] = {}
+    if settings.guidance != "cfg":
+        out.update(guidance=settings.guidance, apg_parallel=settings.apg_parallel,
+                   apg_norm_threshold=settings.apg_norm_threshold)
     if settings.cfg_sigma_min > 0:
         out["cfg_sigma_min"] = settings.cfg_sigma_min
     if not np.isinf(settings.cfg_sigma_max):
@@ -144,7 +147,7 @@ def _run_batches(generator: Generator, clips: list[dict[str, Any]], settings: Sa
                 save_spectrogram_png(clip_audio, generator.sample_rate, workdir / f"{name}.png",
                                      title=clip["prompt"][:80])
             record = {"file": f"{name}.wav", **clip, "sampler": settings.sampler, "steps": settings.steps,
-                      "cfg_scale": settings.cfg_scale, **_interval_record(settings), "wall_time": elapsed / len(chunk),
+                      "cfg_scale": settings.cfg_scale, **_guidance_record(settings), "wall_time": elapsed / len(chunk),
                       "batch_size": batch_size, "compile_seconds": compile_seconds, **extra}
             records.append(record)
         bar.update(len(chunk))

@@ -32,7 +32,8 @@ from flax import nnx
 
 from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.diffusion.objectives import make_objective
-from musicdiff.diffusion.parameterization import cfg_denoiser, guidance_interval, make_denoiser
+from musicdiff.diffusion.parameterization import (cfg_denoiser, doubled_call, guidance_interval, make_denoiser,
+                                                  projected_guidance_denoiser)
 from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.conditioning import null_condition
@@ -44,6 +45,9 @@ SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
 INPAINT_METHOD = "repaint_fallback"
 
 
+GUIDANCE = ("cfg", "apg")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     sampler: str = "dpmpp-3m-sde"
@@ -52,6 +56,9 @@ class SamplerSettings:
     cfg_rescale: float = 0.0
     cfg_sigma_min: float = 0.0  # guidance only at noise levels σ/α in [cfg_sigma_min, cfg_sigma_max]
     cfg_sigma_max: float = math.inf
+    guidance: str = "cfg"  # "cfg" | "apg" (projected guidance on x0: parameterization.projected_guidance)
+    apg_parallel: float = 0.0  # APG: weight of the guidance's part parallel to the conditional x0 estimate
+    apg_norm_threshold: float = 0.0  # APG: clip the guidance to this norm per clip (0: no clip)
     sigma_min: float = SAO_SIGMA_MIN
     sigma_max: float = SAO_SIGMA_MAX
     rho: float = 1.0
@@ -62,6 +69,11 @@ class SamplerSettings:
         sampler_spec(self.sampler)
         if self.steps < 1:
             raise ConfigError(f"config.steps={self.steps}: must be at least 1")
+        if self.guidance not in GUIDANCE:
+            raise ConfigError(f"config.guidance={self.guidance!r}: choose one of {', '.join(GUIDANCE)}")
+        if self.guidance == "apg" and self.cfg_rescale:
+            raise ConfigError("config.cfg_rescale applies to guidance='cfg' only; APG bounds the guidance itself "
+                              "(apg_parallel, apg_norm_threshold)")
         if not 0 <= self.cfg_sigma_min <= self.cfg_sigma_max:
             raise ConfigError(f"config.cfg_sigma_min={self.cfg_sigma_min}, cfg_sigma_max={self.cfg_sigma_max}: "
                               f"guidance needs 0 <= cfg_sigma_min <= cfg_sigma_max (noise levels σ/α)")
@@ -94,6 +106,15 @@ def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax
     def model_out(x, t, c):
         return model(x, t, c, **_doubled(extras, x.shape[0]))
 
+    return cfg_denoiser(model_out, cond, null_condition(cond), scale, rescale,
+                        doubled_fn=doubled_model(model, cond, negative, **extras), interval=interval)
+
+
+def doubled_model(model: nnx.Module, cond: ConditioningInputs, negative: ConditioningInputs | None = None,
+                  **extras: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(x2, t2) -> the model on a doubled batch: `cond` for the first half, the null condition (or `negative`'s
+    cross tokens and mask in it) for the second; the cheaper implicit null context when the model has it."""
+
     def cond_and_null(x2, t2):
         # The cross tokens go in for the conditional rows only: a denoiser with the implicit null context gives the
         # rows past them the null context (zero tokens) and skips their cross-attention, which zero tokens make
@@ -109,9 +130,9 @@ def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax
     null = null_condition(cond)
     if negative is not None:
         null = null._replace(cross_tokens=negative.cross_tokens, cross_mask=negative.cross_mask)
-    implicit = IMPLICIT_NULL_CONTEXT in capabilities(model) and negative is None
-    return cfg_denoiser(model_out, cond, null, scale, rescale, doubled_fn=cond_and_null if implicit else None,
-                        interval=interval)
+    if IMPLICIT_NULL_CONTEXT in capabilities(model) and negative is None:
+        return cond_and_null
+    return doubled_call(lambda x, t, c: model(x, t, c, **_doubled(extras, x.shape[0])), cond, null)
 
 
 def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
@@ -160,9 +181,14 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
             negative_cond = given._replace(
                 cross_tokens=jnp.where(rows[:, None, None], given.cross_tokens, null.cross_tokens),
                 cross_mask=jnp.where(rows[:, None], given.cross_mask, null.cross_mask))
-        guided = guided_model(model, cond, settings.cfg_scale, settings.cfg_rescale, negative=negative_cond,
-                              interval=interval)
-        denoise = make_denoiser(guided, parameterization)
+        if settings.guidance == "apg" and settings.cfg_scale != 1.0:
+            denoise = projected_guidance_denoiser(
+                make_denoiser(doubled_model(model, cond, negative_cond), parameterization), settings.cfg_scale,
+                settings.apg_parallel, settings.apg_norm_threshold, (settings.cfg_sigma_min, settings.cfg_sigma_max))
+        else:
+            guided = guided_model(model, cond, settings.cfg_scale, settings.cfg_rescale, negative=negative_cond,
+                                  interval=interval)
+            denoise = make_denoiser(guided, parameterization)
         inpaint_arg = None if inpaint is None else Inpaint(*inpaint)
         return sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,
                       sigma_max=settings.sigma_max, rho=settings.rho, eta=settings.eta, init=init,
