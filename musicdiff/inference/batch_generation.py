@@ -2,10 +2,10 @@
 
 Clips are generated in fixed-size batches (the last one padded with repeats and trimmed), so one compiled sampler
 serves the whole run. Each line of generations.jsonl describes one clip: file, prompt, seed, sampler, steps,
-cfg_scale (and the guidance interval and negative prompt when set), seconds_start, seconds_total, wall_time (seconds: this clip's share of its batch's conditioning, sampling
-and decoding, compile time excluded: samplers are compiled ahead of time and the decoder warmed, and that time is
-recorded as compile_seconds), plus the prompt's own fields (e.g. attributes) from a .jsonl prompts file, and
-init/inpaint details when used.
+cfg_scale (with negative_prompt, the guidance interval and APG's settings when set), seconds_start, seconds_total,
+wall_time (seconds: this clip's share of its batch's conditioning, sampling and decoding, compile time excluded:
+samplers are compiled ahead of time and the decoder warmed, and that time is recorded as compile_seconds), plus the
+prompt's own fields (e.g. attributes) from a .jsonl prompts file, and init/inpaint details when used.
 """
 
 from __future__ import annotations
