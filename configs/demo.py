@@ -21,8 +21,8 @@ RENDER = (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}", f"sample_rate={SAMPLE_
 # Sampling for the rectified-flow DiT of configs/diffusion.py:demo. CFG 3, not 5: on the long preset's DiT (32 held-out
 # prompts, same seeds) CFG 9 / 5 / 3 / 2 / 1.5 gave key 0.50 / 0.63 / 0.84 / 0.84 / 0.84 at tempo 0.88-0.94 (seeds
 # +100: CFG 5 0.59, CFG 2 0.84). Strong guidance smears pitch around the tonic, which the key profiles read as minor:
-# at CFG 5, 7 of 16 major prompts came out as their parallel minor. Embedded FD fell too (38.7 -> 34.7; the default's
-# 1200-step DiT 43.1 -> 38.8, its key 0.53 -> 0.47, within noise).
+# at CFG 5, 7 of 16 major prompts came out as their parallel minor. Embedded FD fell too (38.7 -> 34.7). The default's
+# 1200-step DiT on this autoencoder: key 0.25 at CFG 5 (below its 0.3 bar), 0.41 at CFG 3.
 GENERATE = ("generate.sampler=rf-euler", "generate.steps=30", "generate.cfg_scale=3.0", "generate.sigma_min=0.0",
             "generate.sigma_max=1.0")
 # Training steps per preset: "" is `make demo` (~16 min on 2 quiet CPU cores, venv installed: AE 0.27 s and DiT

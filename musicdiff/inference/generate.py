@@ -106,7 +106,8 @@ def guided_model(model: nnx.Module, cond: ConditioningInputs, scale: float | jax
     def model_out(x, t, c):
         return model(x, t, c, **_doubled(extras, x.shape[0]))
 
-    return cfg_denoiser(model_out, cond, null_condition(cond), scale, rescale,
+    # The null half (or the negative prompt) lives in doubled_model's call; cfg_denoiser needs no null of its own.
+    return cfg_denoiser(model_out, cond, None, scale, rescale,
                         doubled_fn=doubled_model(model, cond, negative, **extras), interval=interval)
 
 
