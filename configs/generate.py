@@ -18,6 +18,9 @@ CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make de
 - init_audio + init_noise_level: audio-to-audio (σ for σ-space samplers, t in (0, 1] for ddim and rf samplers).
 - inpaint_audio + mask ("start:end,..." in seconds, regenerated; the rest is kept).
 - eta < 0 means the sampler's default; init_noise_level <= 0 means no init.
+- adapters: weight adapters (launch.train_lora's WORKDIR/adapter.safetensors; LoRA, DoRA or LoRA-XS) stacked in order,
+  "FILE[:STRENGTH],..." (strength 1 by default, 0 = off); adapter_sigma_min / adapter_sigma_max: they act on the
+  denoiser only at noise levels σ/α in that interval (the conditioner, run once, keeps them on).
 """
 
 import ml_collections
@@ -63,6 +66,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         inpaint_audio="",
         mask="",
         spectrograms=True,
+        adapters="",  # weight adapters stacked in order: "FILE[:STRENGTH],FILE2[:STRENGTH]" (launch.train_lora output)
+        adapter_sigma_min=0.0,  # the adapters act at noise levels σ/α in [min, max] only (as cfg_sigma_min/max)
+        adapter_sigma_max=float("inf"),
     ))
     c.update(preset)
     return c

@@ -33,6 +33,7 @@ def embedded() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="embedded",
         tokenizer_path="",  # directory written by text_encoder.build_caption_tokenizer
+        tokenizer_from="",  # "": build the tokenizer from the captions; a tokenizer directory: copy that one
         split_digits=True,  # one token per digit: tempos that differ by a few BPM share tokens
         max_length=64,
         dtype="float32",

@@ -15,6 +15,8 @@ Each manifest line is a JSON object with `path` (relative to ROOT), `caption`, `
 - truncated: the header promises more audio than the file holds, or decoding fails or stops part-way
 - too_short: shorter than `min_seconds`
 - non_finite: a NaN or Inf sample; silent: peak below `silence_threshold_db` dBFS
+- caption_filtered: the caption contains none of `caption_include` (when given) or one of `caption_exclude`
+  (case-insensitive substrings): a selection rather than a fault, e.g. one instrument's clips for fine-tuning
 
 Other sample rates and channel counts are usable: the pipeline resamples and applies the channel policy. NaN and silence
 need every sample, so each file is fully decoded once (in blocks, on a thread pool; libsndfile releases the GIL) and the
@@ -51,7 +53,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 SKIP_REASONS = (
     "bad_manifest_line", "missing_field", "license_missing", "license_not_allowed", "path_escapes_root",
     "duplicate_path", "missing_file", "empty_file", "unreadable_audio", "truncated", "too_short", "non_finite",
-    "silent",
+    "silent", "caption_filtered",
 )
 _DECODE_BLOCK = 1 << 18
 _DECODE_ERRORS = (RuntimeError, OSError, ValueError, EOFError, struct.error)
@@ -161,7 +163,7 @@ _LOG_LOCK = threading.Lock()
 def scan_settings() -> dict[str, Any]:
     """The default scan thresholds, keys of `config.data` in every stage that reads an audio folder."""
     return dict(license_allowlist=DEFAULT_LICENSE_ALLOWLIST, silence_threshold_db=DEFAULT_SILENCE_THRESHOLD_DB,
-                min_seconds=DEFAULT_MIN_SECONDS)
+                min_seconds=DEFAULT_MIN_SECONDS, caption_include=(), caption_exclude=())
 
 
 def audio_folder_data(**fields: Any) -> ml_collections.ConfigDict:
@@ -204,6 +206,8 @@ def scan(config: ml_collections.ConfigDict) -> ScanResult:
         silence_threshold_db=float(data.silence_threshold_db),
         min_seconds=float(data.min_seconds),
         root_flag=root_flag(config),
+        caption_include=tuple(data.get("caption_include", ())),
+        caption_exclude=tuple(data.get("caption_exclude", ())),
     )
 
 
@@ -225,6 +229,8 @@ def scan_folder(
     min_seconds: float = DEFAULT_MIN_SECONDS,
     max_threads: int | None = None,
     root_flag: str = "--config.data.root",
+    caption_include: Iterable[str] = (),
+    caption_exclude: Iterable[str] = (),
 ) -> ScanResult:
     """Reads and validates `root/manifest.jsonl`; never raises for bad entries, only for a missing folder/manifest."""
     root = Path(root)
@@ -235,6 +241,8 @@ def scan_folder(
         raise DataError(f"{manifest}: missing; an audio folder needs a {MANIFEST_NAME} with one JSON object a line")
     real_root = root.resolve()
     allowed = {name.lower(): name for name in license_allowlist}  # lower-case id -> the allowlist's spelling
+    include = [word.lower() for word in caption_include]
+    exclude = [word.lower() for word in caption_exclude]
 
     skipped: list[SkippedEntry] = []
     candidates: list[tuple[int, dict[str, Any], Path]] = []
@@ -244,6 +252,8 @@ def scan_folder(
         if not raw.strip():
             continue
         entry, reason, detail = _parse_line(raw, allowed)
+        if reason is None:
+            reason, detail = _caption_selection(entry["caption"], include, exclude)
         path_text = entry.get("path") if isinstance(entry, dict) and isinstance(entry.get("path"), str) else None
         try:
             resolved = _resolve_inside(real_root, path_text) if path_text else None
@@ -282,6 +292,16 @@ def scan_folder(
     result = ScanResult(str(root), tuple(items), tuple(skipped), _unlisted(real_root, mentioned))
     log.info("%s: %d usable (%.3f h), %d skipped", root, result.usable, result.hours, len(skipped))
     return result
+
+
+def _caption_selection(caption: str, include: list[str], exclude: list[str]) -> tuple[str | None, str]:
+    text = caption.lower()
+    if include and not any(word in text for word in include):
+        return "caption_filtered", f"the caption names none of caption_include {include}"
+    hit = next((word for word in exclude if word in text), None)
+    if hit is not None:
+        return "caption_filtered", f"the caption names {hit!r} (caption_exclude)"
+    return None, ""
 
 
 def _parse_line(raw: bytes, allowed: dict[str, str]) -> tuple[dict[str, Any] | None, str | None, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 from musicdiff.audio.io import load_audio, write_audio
 from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_write_text
+from musicdiff.models.weight_adapters import parse_adapter_specs
 from musicdiff.diffusion.samplers import check_compatible
 from musicdiff.inference.generate import (INPAINT_METHOD, Generator, SamplerSettings,
                                           mask_from_spans, read_prompts_file)
@@ -71,9 +73,11 @@ def generate_to_folder(config: ml_collections.ConfigDict, workdir: Path) -> list
     generator = Generator.from_checkpoint(config.checkpoint, autoencoder_checkpoint=config.autoencoder_checkpoint,
                                           prefer_ema=bool(config.use_ema))
     check_compatible(settings.sampler, generator.config.objective.name)
+    generator.load_adapters(parse_adapter_specs(config.get("adapters", "")),
+                            (float(config.get("adapter_sigma_min", 0.0)), float(config.get("adapter_sigma_max", math.inf))))
     clips = plan_clips(config)
     init = inpaint = None
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"adapters": generator.adapters} if generator.adapters else {}
     if config.init_audio:
         if settings.init_noise_level is None:
             raise ConfigError("config.init_audio is set but init_noise_level <= 0; give the noise level to start "

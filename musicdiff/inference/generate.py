@@ -39,6 +39,7 @@ from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.conditioning import null_condition
 from musicdiff.models.evaluator_labels import MODES, prompt_targets
 from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
+from musicdiff.models.weight_adapters import StackEntry, TimedAdapters, apply_adapters, load_adapter, untimed
 from musicdiff.parallel.sharding import unsharded
 
 SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
@@ -148,13 +149,15 @@ def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
 
 
 def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
-                 shape: tuple[int, int, int]) -> Callable[..., jax.Array]:
+                 shape: tuple[int, int, int], adapter_stack: Sequence[StackEntry] = ()) -> Callable[..., jax.Array]:
     """A pure `sample_fn(params, inputs, key, init=None, inpaint=None, negative=None) -> latents [B, C, L]`.
 
     `params` = {"model", "conditioner"} states; `inputs` = the MultiConditioner's inputs for a batch of B;
     `init` latents [B, C, L] for audio-to-audio (needs settings.init_noise_level); `inpaint` = (known latents
     [B, C, L], regenerate mask [B, 1, L]); `negative` = (the encoded negative prompts, in the form of
     inputs["prompt"], and [B] bool: which rows have one; the others keep the null condition).
+    `adapter_stack`: weight adapters with noise-level intervals, whose weights are params["adapters"]; the denoiser
+    applies them at each step's model time, the conditioner (run once) with them on.
     """
     check_compatible(settings.sampler, objective["name"])
     training_objective = make_objective(objective)
@@ -171,6 +174,10 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
                               "ddim / rf samplers)")
         model = nnx.merge(graphdefs["model"], params["model"])
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
+        if adapter_stack:
+            model = TimedAdapters(graphdefs["model"], params["model"], "model", adapter_stack, params["adapters"])
+            conditioner = nnx.merge(graphdefs["conditioner"], apply_adapters(
+                {"conditioner": params["conditioner"]}, untimed(adapter_stack), params["adapters"])["conditioner"])
         cond = conditioner.condition(inputs)
 
         negative_cond = None
@@ -249,6 +256,8 @@ class Generator:
         self._executables: dict[Any, Callable] = {}
         self._decoded_shapes: set[tuple[int, ...]] = set()
         self.compile_seconds = 0.0  # spent compiling samplers and the decoder so far
+        self.adapter_stack: tuple[StackEntry, ...] = ()  # adapters applied per step (those with an interval)
+        self.adapters: list[dict[str, Any]] = []  # what load_adapters loaded, for the records
 
     @classmethod
     def from_checkpoint(cls, path: str, *, autoencoder_checkpoint: str = "", prefer_ema: bool = True) -> Generator:
@@ -270,6 +279,30 @@ class Generator:
         params = {name: nnx.state(module, nnx.Param) for name, module in modules.items()}
         return cls(config, params, graphdefs, autoencoder, PromptEncoder(config.prompt_encoder))
 
+    def load_adapters(self, specs: Sequence[tuple[str, float]], sigma_interval: tuple[float, float] = (0.0, math.inf)
+                      ) -> None:
+        """Stacks weight-adapter files ((path, strength) pairs, in order) onto the model and conditioner. Without a
+        noise-level interval (σ/α bounds, as cfg_sigma_min/max) they are folded into the weights once; with one, the
+        denoiser applies them at each step whose noise level lies inside."""
+        if not specs:
+            return
+        modules = {name: nnx.merge(self.graphdefs[name], self.params[name]) for name in ("model", "conditioner")}
+        interval = None
+        if sigma_interval[0] > 0 or not math.isinf(sigma_interval[1]):
+            interval = guidance_interval(make_objective(self.config.objective).parameterization, *sigma_interval)
+        loaded = [load_adapter(path, modules, strength=strength, interval=interval) for path, strength in specs]
+        entries, weights = [entry for entry, _ in loaded], [tree for _, tree in loaded]
+        base = {name: self.params[name] for name in ("model", "conditioner")}
+        if interval is None:
+            self.params = apply_adapters(base, entries, weights)
+        else:
+            self.params = {**base, "adapters": weights}
+            self.adapter_stack = tuple(entries)
+        self.adapters = [{"path": str(path), "strength": strength, "kind": entry.config.kind,
+                          "rank": entry.config.rank} for (path, strength), entry in zip(specs, entries)]
+        self._compiled.clear()
+        self._executables.clear()
+
     @property
     def window_seconds(self) -> float:
         return self.latent_length * self.ratio / self.sample_rate
@@ -283,7 +316,7 @@ class Generator:
         audio depends on its own seed only, not on what else shares its batch."""
         if settings not in self._compiled:
             single = make_sampler(self.graphdefs, self.config.objective, settings,
-                                  (1, self.latent_channels, self.latent_length))
+                                  (1, self.latent_channels, self.latent_length), self.adapter_stack)
 
             def batched(params, inputs, keys, init, inpaint, negative):
                 def one(inputs_i, key, init_i, inpaint_i, negative_i):

@@ -50,8 +50,12 @@ DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
-    """`config.sharding_rules` (the defaults when the config has none) as a tuple of pairs."""
-    return tuple(tuple(rule) for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
+    """`config.sharding_rules` (the defaults when the config has none) as a tuple of pairs, hashable also when the
+    config came from JSON (lists of mesh axes become tuples)."""
+    return tuple(tuple(tuple(part) if isinstance(part, list) else part for part in rule)
+                 for rule in config.get("sharding_rules", DEFAULT_SHARDING_RULES))
+
+
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | str | None] = contextvars.ContextVar("musicdiff_sharding", default=None)
 
 

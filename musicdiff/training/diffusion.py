@@ -230,7 +230,9 @@ class DiffusionTrainer(Trainer):
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         step = state["step"] + 1
-        ema = ema_update(state["ema"], params, ema_decay_from(training, step), self.freezing)
+        # The EMA covers the sections the state keeps one for (an adapter run: the adapter alone).
+        ema = ema_update(state["ema"], {name: params[name] for name in state["ema"]}, ema_decay_from(training, step),
+                         self.freezing)
         finite = all_finite(loss, grads)
         new_state = dict(params=select_tree(finite, params, state["params"]),
                          ema=select_tree(finite, ema, state["ema"]),

@@ -63,7 +63,7 @@ def trainer_names() -> list[str]:
 
 def _load_builtin_trainers() -> None:
     # Importing a trainer module registers it.
-    from musicdiff.training import autoencoder, diffusion, evaluator  # noqa: F401
+    from musicdiff.training import autoencoder, diffusion, evaluator, lora  # noqa: F401
 
 
 def make_trainer(config: ml_collections.ConfigDict, default: str = "") -> Trainer:

@@ -149,14 +149,22 @@ class EmbeddedKind(TextEncoderKind):
     def prepare_outputs(self, section: ml_collections.ConfigDict, out: Path, captions: Sequence[str],
                         resuming: bool) -> None:
         """The caption tokenizer from every clip's caption, into OUT/tokenizer (built aside, then renamed); a resumed
-        run keeps the one it built, so its token ids match the finished shards'."""
+        run keeps the one it built, so its token ids match the finished shards'. `tokenizer_from` (a tokenizer
+        directory) copies that one instead: data for fine-tuning a model gets the token ids the model knows."""
         target = out / TOKENIZER_DIR
         if resuming and target.is_dir():
             return
         shutil.rmtree(target, ignore_errors=True)
+        source = str(section.get("tokenizer_from", "") or "")
+        if source and not (Path(source) / "tokenizer.json").is_file():
+            raise ConfigError(f"config.text_encoder.tokenizer_from={source}: no tokenizer.json there; pass a run's "
+                              f"tokenizer directory (WORKDIR/tokenizer of launch.train_diffusion)")
         with atomic_directory(target) as staging:
-            build_caption_tokenizer(captions, staging, int(section.vocab_size),
-                                    split_digits=bool(section.get("split_digits", False)))
+            if source:
+                shutil.copytree(source, staging, dirs_exist_ok=True)
+            else:
+                build_caption_tokenizer(captions, staging, int(section.vocab_size),
+                                        split_digits=bool(section.get("split_digits", False)))
 
     def caption_fields(self, section: ml_collections.ConfigDict, out: Path, *, mesh: Mesh, rules: Rules,
                        batch_size: int, dtype: Any) -> CaptionFieldsFn:

@@ -118,6 +118,8 @@ class T5Attention(nnx.Module):
     """Multi-head self-attention without 1/sqrt(d) scaling; q/k/v kernels [d_model, heads, d_kv], out [heads, d_kv,
     d_model]. Initialised as Hugging Face's T5 (the query std carries the missing 1/sqrt(d_kv))."""
 
+    adaptable_kernels = {"query": 1, "key": 1, "value": 1, "out": 2}  # weight adapters' targets (in-axes counts)
+
     def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
         d, h, k = config.d_model, config.num_heads, config.d_kv
         names = ("embed", "heads", "kv")
@@ -143,6 +145,8 @@ class T5Attention(nnx.Module):
 
 class T5FeedForward(nnx.Module):
     """`DenseReluDense`: wo(act(wi x)), or the gated v1.1 form wo(act(wi_0 x) * wi_1 x); no biases."""
+
+    adaptable_kernels = {"wi": 1, "wi_gate": 1, "wo": 1}
 
     def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
         d, f = config.d_model, config.d_ff

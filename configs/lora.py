@@ -1,0 +1,86 @@
+"""Adapter fine-tuning configs (launch/train_lora.py, the "lora" trainer: musicdiff/training/lora.py):
+`--config=configs/lora.py:PRESET`, PRESET in default, demo.
+
+    python -m launch.train_lora --config=configs/lora.py --config.init_from=BASE_RUN --config.data.audio=FOLDER \
+        --workdir=RUN
+
+The base run (`init_from`, a launch.train_diffusion workdir or checkpoint) decides the model, conditioner, prompt
+encoder, objective, window and autoencoder; this config holds what is the adapter run's own:
+- lora: the adapter (musicdiff/models/weight_adapters.py): kind "lora" | "dora" | "lora_xs", rank, alpha (0 = rank),
+  include / exclude (glob patterns over layer names such as "model/transformer/layers/*/self_attn/to_qkv";
+  "conditioner/*" adapts the conditioner's layers too), base_dtype (the frozen base's storage: "float32" or
+  "bfloat16"; the adapter stays float32).
+- data: `audio` (an audio folder, encoded into WORKDIR/latents with the base's settings) or `latents` (already
+  encoded with the base's autoencoder and tokenizer); caption_include / caption_exclude select clips of the folder by
+  words of their captions.
+- training: Stable Audio 3's LoRA recipe (spec §8.5): AdamW(1e-4, betas 0.9/0.95, wd 0.01), constant learning rate,
+  10% CFG dropout; the EMA of the adapter is what WORKDIR/adapter.safetensors holds.
+- default: rank 16 over every Dense layer of the DiT (the conditioner stays as it is), 1000 steps, batch 8.
+- demo: the `make lora-demo` story on the demo's DiT (launch/lora_demo.py): rank 8 over the DiT and the conditioner
+  (the prompt encoder meets a word it never learned), 300 steps of batch 16, learning rate 1e-3.
+"""
+
+import ml_collections
+
+from musicdiff.config import choose_preset, stage_config
+
+PRESETS = {
+    "default": dict(rank=16, include=("model/*",), batch_size=8, num_steps=1000, learning_rate=1e-4),
+    "demo": dict(rank=8, include=("model/*", "conditioner/*"), batch_size=16, num_steps=300, learning_rate=1e-3),
+}
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+    preset = choose_preset(arg or "default", PRESETS)
+    c = stage_config(preset["batch_size"], distributed=True)
+    c.trainer = "lora"
+    c.init_from = ""  # the base diffusion run (required)
+    c.autoencoder_checkpoint = ""  # "" = the base's
+    c.lora = ml_collections.ConfigDict(dict(
+        kind="lora",  # "lora" | "dora" | "lora_xs"
+        rank=preset["rank"],
+        alpha=0.0,  # 0 = rank (scaling 1)
+        include=preset["include"],
+        exclude=(),
+        base_dtype="float32",  # "bfloat16" halves the frozen base's memory; the adapter stays float32
+    ))
+    c.training = ml_collections.ConfigDict(dict(
+        num_steps=preset["num_steps"],
+        optimizer="adamw",
+        learning_rate=preset["learning_rate"],
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.01,
+        lr_schedule="constant",
+        grad_clip_norm=0.0,
+        ema_decay=0.999,
+        ema_power=0.75,
+        ema_inv_gamma=1.0,
+        ema_update_after_step=1,
+        cfg_dropout_prob=0.1,
+        max_nonfinite_steps=20,
+        trainable=(),  # added to the adapter's own tensors (the base is always frozen)
+        frozen=(),
+        peak_flops_per_device=0.0,
+        log_every=25,
+        checkpoint_every=100,
+        keep_checkpoints=2,
+        keep_period=0,
+        save_initial_checkpoint=False,
+        preemption_sync_every=10,
+        demo_every=0,
+        demo_steps=50,
+        demo_cfg_scale=6.0,
+        demo_prompts=(),
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        audio="",  # an audio folder (manifest.jsonl + files): encoded into WORKDIR/latents first
+        latents="",  # or latents made with the base's autoencoder and tokenizer
+        caption_include=(),  # keep clips whose caption names one of these words (case-insensitive)
+        caption_exclude=(),  # drop clips whose caption names one of these
+        latent_length=0,  # set from the base run
+        cond_tokens=0,  # set from the base run
+        shuffle_seed=0,
+    ))
+    return c
