@@ -68,6 +68,17 @@ def test_adapter_trains_on_a_frozen_base_and_resumes_bit_exactly(base_run, tiny_
     trained = sum(v.size for v in _flat(adapter).values())
     assert opt_values == 2 * trained
 
+    # Generating from the adapter run gives its base with the adapter (EMA) folded in: the whole path from the
+    # trainer's checkpoint to the sampler's weights.
+    from musicdiff.inference.generate import Generator
+    from musicdiff.models.weight_adapters import load_adapter, merge_adapters
+
+    generator = Generator.from_checkpoint(str(tmp_path / "straight"))
+    entry, weights = load_adapter(tmp_path / "straight" / "adapter.safetensors", base)
+    expected = merge_adapters(base_params, [entry], [weights])
+    for got, want in zip(jax.tree.leaves(generator.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+
     # 2 steps, then a resumed run to 4, equals 4 straight.
     train(lora_config(base_run, *args[:1], "training.num_steps=2", "training.checkpoint_every=2"),
           tmp_path / "resumed")

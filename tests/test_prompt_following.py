@@ -81,3 +81,20 @@ def test_key_scores_pick_the_profile_rotation():
     chroma = np.roll(pf.KK_MINOR, 4)  # an E-minor-shaped chroma
     scores = pf.key_scores(chroma)
     assert np.unravel_index(np.argmax(scores), scores.shape) == (1, 4)
+
+
+def test_instrument_recall_per_prompted_instrument():
+    config = {"instruments": ["piano", "marimba", "bass", "drums"]}
+    clips = [({"instruments": ["marimba", "bass"]}, {"instruments": ["bass"]}),
+             ({"instruments": ["marimba", "drums"]}, {"instruments": ["marimba", "drums", "piano"]}),
+             ({"instruments": ["piano"]}, {"instruments": ["piano"]})]
+    per_clip = []
+    for targets, predictions in clips:
+        scored = evaluator_labels.attribute_scores(predictions, targets, config)
+        per_clip.append(scored)
+    summary = evaluator_labels.summarize_attribute_scores(per_clip)
+    # marimba asked twice, heard once; bass asked once, heard; drums asked once, heard; piano asked once, heard
+    assert summary["attr_recall_marimba"] == 0.5 and summary["attr_recall_bass"] == 1.0
+    assert summary["attr_recall_piano"] == 1.0 and "attr_recall_organ" not in summary
+    # micro F1 over (tp, fp, fn) = (1+2+1, 0+1+0, 1+0+0)
+    assert summary["attr_instrument_f1"] == 2 * 4 / (2 * 4 + 1 + 1)

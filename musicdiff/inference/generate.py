@@ -39,7 +39,8 @@ from musicdiff.errors import ConfigError, DataError
 from musicdiff.models.conditioning import null_condition
 from musicdiff.models.evaluator_labels import MODES, prompt_targets
 from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
-from musicdiff.models.weight_adapters import StackEntry, TimedAdapters, apply_adapters, load_adapter, untimed
+from musicdiff.models.weight_adapters import (StackEntry, TimedAdapters, apply_adapters, load_adapter, run_adapter,
+                                              untimed)
 from musicdiff.parallel.sharding import unsharded
 
 SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
@@ -277,6 +278,9 @@ class Generator:
         autoencoder = load_model(find_checkpoint(ae_path), "autoencoder")
         graphdefs = {name: nnx.graphdef(module) for name, module in modules.items()}
         params = {name: nnx.state(module, nnx.Param) for name, module in modules.items()}
+        adapter = run_adapter(ref, modules)  # a launch.train_lora run: its base with its adapter folded in
+        if adapter is not None:
+            params = apply_adapters(params, [adapter[0]], [adapter[1]])
         return cls(config, params, graphdefs, autoencoder, PromptEncoder(config.prompt_encoder))
 
     def load_adapters(self, specs: Sequence[tuple[str, float]], sigma_interval: tuple[float, float] = (0.0, math.inf)

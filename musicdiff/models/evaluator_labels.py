@@ -96,6 +96,9 @@ def decode_predictions(probs: Mapping[str, np.ndarray], instrument_probs: np.nda
                 instruments=[n for n, p in zip(names, instrument_probs) if p >= threshold])
 
 
+RECALL_PREFIX = "attr_recall_"  # attr_recall_<instrument>: how often a prompted instrument is heard
+
+
 def attribute_scores(predictions: Mapping[str, Any], targets: Mapping[str, Any],
                      model_config: Mapping[str, Any]) -> dict[str, float]:
     """Per-clip correctness of the predicted attributes against what the prompt asked for.
@@ -116,6 +119,8 @@ def attribute_scores(predictions: Mapping[str, Any], targets: Mapping[str, Any],
         got = set(predictions["instruments"])
         out.update(attr_instrument_exact=float(wanted == got), instrument_tp=float(len(wanted & got)),
                    instrument_fp=float(len(got - wanted)), instrument_fn=float(len(wanted - got)))
+        # Per prompted instrument: heard or not (its recall over the clips that ask for it).
+        out.update({f"{RECALL_PREFIX}{name}": float(name in got) for name in sorted(wanted)})
     return out
 
 
@@ -132,4 +137,6 @@ def summarize_attribute_scores(per_clip: Sequence[Mapping[str, float]]) -> dict[
     fn = sum(c.get("instrument_fn", 0.0) for c in per_clip)
     if any("instrument_tp" in c for c in per_clip):
         summary["attr_instrument_f1"] = float(2 * tp / max(2 * tp + fp + fn, 1.0))
+    for name in sorted({key for clip in per_clip for key in clip if key.startswith(RECALL_PREFIX)}):
+        summary[name] = float(np.mean([clip[name] for clip in per_clip if name in clip]))
     return summary

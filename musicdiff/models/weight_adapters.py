@@ -328,6 +328,21 @@ class TimedAdapters:
         return nnx.merge(self.graphdef, adapted)(x, t, cond, **extras)
 
 
+def run_adapter(ref: Any, modules: Mapping[str, nnx.Module]) -> tuple[StackEntry, dict[str, Any]] | None:
+    """(entry, weights) of the adapter an adapter run's checkpoint (`CheckpointRef` of launch.train_lora) holds, its
+    EMA when saved; None for other checkpoints. Generating from such a run gives the base with its adapter."""
+    from musicdiff.checkpoints import restore_params_only
+
+    if "lora" not in ref.config or not ref.has_subtree("params/adapter"):
+        return None
+    config = AdapterConfig.from_mapping({k: v for k, v in dict(ref.config.lora).items() if k != "base_dtype"})
+    targets = find_targets(modules, config)
+    params = {name: nnx.state(module, nnx.Param) for name, module in modules.items()}
+    abstract = jax.eval_shape(lambda p: init_adapter(jax.random.key(0), config, targets, p), params)
+    subtree = "ema/adapter" if ref.has_subtree("ema/adapter") else "params/adapter"
+    return StackEntry(config, targets), restore_params_only(ref.step_dir, abstract, subtree=subtree)
+
+
 def untimed(stack: Sequence[StackEntry]) -> list[StackEntry]:
     """The stack with its intervals dropped (for parts that run once per generation, such as the conditioner)."""
     return [dataclasses.replace(entry, interval=None) for entry in stack]
@@ -438,4 +453,4 @@ def parse_adapter_specs(specs: Iterable[str] | str) -> list[tuple[str, float]]:
 
 __all__ = ["KINDS", "AdapterConfig", "StackEntry", "Target", "adapt_kernel", "apply_adapters", "check_fits", "delta",
            "TimedAdapters", "find_targets", "init_adapter", "layer_tensors", "load_adapter", "merge_adapters", "parameter_count",
-           "parse_adapter_specs", "read_adapter", "save_adapter", "trainable", "untimed"]
+           "parse_adapter_specs", "read_adapter", "run_adapter", "save_adapter", "trainable", "untimed"]

@@ -50,7 +50,10 @@ BASE_SECTIONS = ("model", "conditioner", "prompt_encoder", "objective")  # what 
 
 
 def with_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` with the base run's model sections, window length and autoencoder (see the module docstring)."""
+    """`config` with the base run's model sections, window length and autoencoder (see the module docstring). A config
+    without `init_from` that already holds the model sections is used as it is (benchmarks of a model shape)."""
+    if not config.get("init_from", "") and all(section in config for section in BASE_SECTIONS):
+        return config
     if not config.get("init_from", ""):
         raise ConfigError("config.init_from is empty: pass the diffusion run (workdir or checkpoint) the adapter "
                           "fine-tunes, e.g. --config.init_from=demo_out/diffusion")
