@@ -432,7 +432,9 @@ def _log_once(manifest: Path, entry: SkippedEntry) -> None:
         if key in _LOGGED:
             return
         _LOGGED.add(key)
-    log.warning("skipped %s line %d (%s): %s - %s", manifest, entry.line, entry.path, entry.reason, entry.detail)
+    # A caption filter is a selection, not a fault: counted in the report, logged at debug level only.
+    level = logging.DEBUG if entry.reason == "caption_filtered" else logging.WARNING
+    log.log(level, "skipped %s line %d (%s): %s - %s", manifest, entry.line, entry.path, entry.reason, entry.detail)
 
 
 def _first_line(err: BaseException) -> str:

@@ -190,3 +190,19 @@ def test_root_alias_wins_over_data_root():
 
     with pytest.raises(ConfigError, match="--config.root"):
         data_root(config)
+
+
+def test_caption_filters_select_clips_and_count_the_rest(tmp_path):
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for index, caption in enumerate(["Marimba and bass", "piano trio", "organ with MARIMBA", "drums alone"]):
+        sf.write(tmp_path / f"{index}.wav", 0.1 * rng.standard_normal(44100).astype(np.float32), 44100)
+        lines.append(json.dumps({"path": f"{index}.wav", "caption": caption, "license": "CC0-1.0"}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    chosen = scan_folder(tmp_path, caption_include=("marimba",))
+    assert [item.caption for item in chosen.items] == ["Marimba and bass", "organ with MARIMBA"]
+    assert chosen.skipped["caption_filtered"] == 2
+    left = scan_folder(tmp_path, caption_exclude=("marimba", "drums"))
+    assert [item.caption for item in left.items] == ["piano trio"] and left.skipped["caption_filtered"] == 3
