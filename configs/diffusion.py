@@ -159,6 +159,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         attention_implementation="auto",  # "auto" | "xla" | "cudnn"
         patch_size=1,  # latent frames per token (1 = SAO; p > 1 shortens the sequence p times)
         sinusoidal_embedding=False,  # absolute positions beside rotary (the reference's use_sinusoidal_emb)
+        local_cond_dim=0,  # > 0: the inpainting input (see `inpainting` below); io_channels + 1 when used
         param_dtype="float32",
     ))
     c.model.update(preset["model"])
