@@ -158,3 +158,30 @@ def test_a_training_step_with_the_input_updates_the_local_branch():
     before = state["params"]["model"]["transformer"]["layers"][0]["to_local_embed"]["out_proj"]["kernel"]
     after = new_state["params"]["model"]["transformer"]["layers"][0]["to_local_embed"]["out_proj"]["kernel"]
     assert not np.asarray(before[...]).any() and np.asarray(after[...]).any()  # the zero-init branch learns
+
+
+def test_sharded_step_with_the_input_equals_single_device(devices):
+    """to_local_embed carries logical axis names, so FSDP shards it like the rest; the result does not change."""
+    from musicdiff.parallel.sharding import shard_batch
+
+    def two_steps(mesh_shape, devices):
+        config = tiny_config(*[f"mesh.{k}={v}" for k, v in mesh_shape.items()], "model.local_cond_dim=65",
+                             "inpainting.context_loss_weight=1.0", "inpainting.mask_probabilities.spans=0.5")
+        mesh, rules = mesh_and_rules(config, devices)
+        trainer = DiffusionTrainer(config)
+        batch = batch_of(config, batch_size=8, valid_lengths=[32, 20, 32, 9, 32, 32, 25, 32])
+        with sharding_context(mesh, rules):
+            state, shardings = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+            step = loop.compile_step(trainer.train_step, shardings, loop.batch_shardings(batch, mesh, rules), mesh,
+                                     rules)
+            losses = []
+            for _ in range(2):
+                state, metrics = step(state, shard_batch(batch, mesh, rules))
+                losses.append(float(metrics["loss"]))
+        kernel = shardings["params"]["model"]["transformer"]["layers"][0]["to_local_embed"]["in_proj"]["kernel"]
+        return losses, kernel
+
+    single, _ = two_steps(dict(data=1, fsdp=1, tensor=1, sequence=1), devices[:1])
+    sharded, kernel = two_steps(dict(data=2, fsdp=4, tensor=1, sequence=1), devices)
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    assert kernel.get_value().spec == jax.sharding.PartitionSpec(None, "fsdp")
