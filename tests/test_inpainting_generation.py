@@ -84,6 +84,11 @@ def test_trained_input_reaches_the_model_without_a_merge(generator, checkpoints)
     keep = np.asarray(regenerate) == 0
     # no RePaint merge: the kept frames are the model's own output, not the known latents pasted back
     assert np.max(np.abs(with_known[..., keep] - np.asarray(known)[..., keep])) > 1e-2
+    # projected guidance (APG) runs the doubled batch through its own path: the input reaches it too
+    apg = SamplerSettings(sampler="dpmpp-2m", steps=3, cfg_scale=3.0, sigma_min=0.05, sigma_max=10.0, guidance="apg")
+    apg_known = np.asarray(generator.sample_latents(["x"], [0.3], apg, [0], inpaint=(known, regenerate[None, None])))
+    apg_text = np.asarray(generator.sample_latents(["x"], [0.3], apg, [0]))
+    assert np.all(np.isfinite(apg_known)) and np.max(np.abs(apg_known - apg_text)) > 1e-3
 
 
 def test_records_name_the_method_and_mask_file(checkpoints, tmp_path):
