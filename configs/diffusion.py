@@ -19,7 +19,8 @@ Sections: `model` (the DiT), `conditioner` (a stable-audio-tools `conditioning` 
 musicdiff.models.conditioning.MultiConditioner), `prompt_encoder` (how prompts become the prompt conditioner's input at
 generation time: "t5" = frozen T5 from a local directory or hub name, "embedded" = the caption tokenizer, whose encoder
 lives inside the conditioner and trains with the DiT), `objective`, `training`, `data`, `distributed` (multi-host:
-musicdiff/parallel/distributed.py, launch/README.md). `autoencoder_checkpoint` names the autoencoder whose latents
+musicdiff/parallel/distributed.py, launch/README.md), `inpainting` (mask types and context loss of the inpainting
+input, used when model.local_cond_dim > 0). `autoencoder_checkpoint` names the autoencoder whose latents
 the DiT models ("" = the one recorded in the latents manifest).
 Checkpoints hold params/{model, conditioner} and ema/{model, conditioner}.
 A preset's `number_max` (embedded text only) adds the value of each number in a caption to its digit tokens
@@ -159,6 +160,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         attention_implementation="auto",  # "auto" | "xla" | "cudnn"
         patch_size=1,  # latent frames per token (1 = SAO; p > 1 shortens the sequence p times)
         sinusoidal_embedding=False,  # absolute positions beside rotary (the reference's use_sinusoidal_emb)
+        local_cond_dim=0,  # > 0: the inpainting input (see `inpainting` below); io_channels + 1 when used
         param_dtype="float32",
     ))
     c.model.update(preset["model"])
@@ -185,6 +187,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         ddpm_num_steps=1000,
         ddpm_beta_start=1e-4,
         ddpm_beta_end=0.02,
+    ))
+
+    # Inpainting / continuation training (Stable Audio 3, spec §5; musicdiff/training/inpainting.py): used when
+    # model.local_cond_dim > 0, which must then be io_channels + 1 (e.g. --config.model.local_cond_dim=33 on :demo).
+    # Per sample a mask type is drawn with these probabilities (normalised): "full" = text-to-audio, "causal" =
+    # continuation of a random prefix, "spans" = 1-4 non-overlapping generated spans covering 20-100% (what
+    # launch.generate's mask="start:end,..." asks for), "segments" = SA3's legacy short, possibly overlapping holes.
+    # SA3's code and LoRA-script default is segments 0.1, full 0.8, causal 0.1, spans 0; here 0.1 of "full" goes to
+    # "spans", which that default never draws although span inpainting is what generation offers. The loss covers
+    # the generated frames; context_loss_weight > 0 adds that weight times the per-sample MSE over the context frames
+    # (SA3's LoRA script: 1.0).
+    c.inpainting = ml_collections.ConfigDict(dict(
+        mask_probabilities=dict(full=0.7, causal=0.1, spans=0.1, segments=0.1),
+        context_loss_weight=0.0,
     ))
 
     c.training = ml_collections.ConfigDict(dict(

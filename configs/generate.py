@@ -16,7 +16,11 @@ CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make de
   it; apg_norm_threshold > 0 clips the guidance's norm per clip).
 - seed: clip k of the run uses seed + k unless its prompts_file line gives one.
 - init_audio + init_noise_level: audio-to-audio (σ for σ-space samplers, t in (0, 1] for ddim and rf samplers).
-- inpaint_audio + mask ("start:end,..." in seconds, regenerated; the rest is kept).
+- inpaint_audio + mask ("start:end,..." in seconds, regenerated; the rest is kept; continuation: "T:" keeps the first
+  T seconds of inpaint_audio and generates the rest of the window) or + mask_file (a .npy of shape [latent frames of
+  the window], one 0/1 value per latent frame: 1 = keep, 0 = generate). A model trained with the inpainting input
+  (model.local_cond_dim > 0) is given the mask and the known latents at every step; others get the RePaint-style
+  merge. generations.jsonl's "inpainting" says which ("trained_input" or "repaint_fallback").
 - eta < 0 means the sampler's default; init_noise_level <= 0 means no init.
 - adapters: weight adapters (launch.train_lora's WORKDIR/adapter.safetensors; LoRA, DoRA or LoRA-XS) stacked in order,
   "FILE[:STRENGTH],..." (strength 1 by default, 0 = off); adapter_sigma_min / adapter_sigma_max: they act on the
@@ -65,6 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         init_noise_level=0.0,
         inpaint_audio="",
         mask="",
+        mask_file="",  # .npy [latent frames], 1 = keep, 0 = generate; instead of mask
         spectrograms=True,
         adapters="",  # weight adapters stacked in order: "FILE[:STRENGTH],FILE2[:STRENGTH]" (launch.train_lora output)
         adapter_sigma_min=0.0,  # the adapters act at noise levels σ/α in [min, max] only (as cfg_sigma_min/max)

@@ -26,8 +26,9 @@ from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_write_text
 from musicdiff.models.weight_adapters import parse_adapter_specs
 from musicdiff.diffusion.samplers import check_compatible
-from musicdiff.inference.generate import (INPAINT_METHOD, Generator, SamplerSettings,
+from musicdiff.inference.generate import (Generator, SamplerSettings,
                                           mask_from_spans, read_prompts_file)
+from musicdiff.inference.inpainting import NOTES, mask_from_file
 
 log = logging.getLogger(__name__)
 RESERVED = {"file", "prompt", "seed", "seconds_total", "seconds_start", "negative_prompt"}
@@ -84,16 +85,23 @@ def generate_to_folder(config: ml_collections.ConfigDict, workdir: Path) -> list
                               "from, e.g. --config.init_noise_level=1.0 (σ) or 0.5 (t, for ddim / rf samplers)")
         init = generator.encode_audio(_audio_input(config.init_audio, generator, "init_audio"))[0]
         extra.update(init_audio=str(config.init_audio), init_noise_level=settings.init_noise_level)
-    if config.inpaint_audio or config.mask:
-        if not (config.inpaint_audio and config.mask):
-            raise ConfigError("inpainting needs both --config.inpaint_audio=WAV and --config.mask=start:end,...")
+    mask_file = config.get("mask_file", "")
+    if config.inpaint_audio or config.mask or mask_file:
+        if not (config.inpaint_audio and (config.mask or mask_file)):
+            raise ConfigError("inpainting needs both --config.inpaint_audio=WAV and --config.mask=start:end,... (or "
+                              "--config.mask_file=FILE.npy)")
+        if config.mask and mask_file:
+            raise ConfigError("pass one of --config.mask=start:end,... and --config.mask_file=FILE.npy, not both")
         known = generator.encode_audio(_audio_input(config.inpaint_audio, generator, "inpaint_audio"))[0]
         frame_rate = generator.sample_rate / generator.ratio
-        mask = mask_from_spans(config.mask, generator.window_seconds, generator.latent_length, frame_rate)
+        if mask_file:
+            mask = mask_from_file(mask_file, generator.latent_length)
+        else:
+            mask = mask_from_spans(config.mask, generator.window_seconds, generator.latent_length, frame_rate)
         inpaint = (known, jnp.asarray(mask)[None, :])
-        extra.update(inpaint_audio=str(config.inpaint_audio), mask=str(config.mask), inpainting=INPAINT_METHOD,
-                     inpainting_note="the model was not trained for inpainting; known latents are re-noised and "
-                                     "merged after every sampler step (RePaint without resampling)")
+        method = generator.inpainting_method
+        extra.update(inpaint_audio=str(config.inpaint_audio), inpainting=method, inpainting_note=NOTES[method],
+                     **({"mask_file": str(mask_file)} if mask_file else {"mask": str(config.mask)}))
     workdir.mkdir(parents=True, exist_ok=True)
     records = _run_batches(generator, clips, settings, int(config.batch_size), init, inpaint, workdir,
                            bool(config.spectrograms), extra)

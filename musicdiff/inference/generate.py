@@ -8,9 +8,10 @@ Oobleck decoder, so long windows stay within memory.
 Variable length follows the reference (spec §4.5): the model always generates its whole training window, told by
 `seconds_total` where the content ends; the audio is then trimmed to `seconds_total`.
 Audio-to-audio (spec §4.4) starts the sampler from the encoded init audio noised to `init_noise_level`.
-Inpainting regenerates masked spans: these models are not trained with inpainting inputs, so it is the RePaint-style
-fallback (the known region is re-noised to each level and merged after every step; samplers' `Inpaint`), and the
-output metadata says so.
+Inpainting regenerates masked spans: a model trained with the inpainting input (LOCAL_CONDITIONING) is given the
+mask and known latents as `local_cond` at every step; for any other model it is the RePaint-style fallback (the known
+region is re-noised to each level and merged after every step; samplers' `Inpaint`), and the output metadata says
+which (inference/inpainting.py).
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ from musicdiff.diffusion.parameterization import (cfg_denoiser, doubled_call, gu
                                                   projected_guidance_denoiser)
 from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
 from musicdiff.errors import ConfigError, DataError
+from musicdiff.inference.inpainting import REPAINT_FALLBACK, TRAINED_INPUT, local_inpaint_input
 from musicdiff.models.conditioning import null_condition
 from musicdiff.models.evaluator_labels import MODES, prompt_targets
 from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
+from musicdiff.models.denoiser import LOCAL_CONDITIONING
 from musicdiff.models.weight_adapters import (StackEntry, TimedAdapters, apply_adapters, load_adapter, run_adapter,
                                               untimed)
 from musicdiff.parallel.sharding import unsharded
 
 SAO_SIGMA_MIN, SAO_SIGMA_MAX = 0.3, 500.0
-INPAINT_METHOD = "repaint_fallback"
+INPAINT_METHOD = REPAINT_FALLBACK  # models without the trained inpainting input
 
 
 GUIDANCE = ("cfg", "apg")
@@ -155,7 +158,8 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
 
     `params` = {"model", "conditioner"} states; `inputs` = the MultiConditioner's inputs for a batch of B;
     `init` latents [B, C, L] for audio-to-audio (needs settings.init_noise_level); `inpaint` = (known latents
-    [B, C, L], regenerate mask [B, 1, L]); `negative` = (the encoded negative prompts, in the form of
+    [B, C, L], regenerate mask [B, 1, L]): the model's trained input when it declares LOCAL_CONDITIONING, else the
+    RePaint-style merge; `negative` = (the encoded negative prompts, in the form of
     inputs["prompt"], and [B] bool: which rows have one; the others keep the null condition).
     `adapter_stack`: weight adapters with noise-level intervals, whose weights are params["adapters"]; the denoiser
     applies them at each step's model time, the conditioner (run once) with them on.
@@ -175,6 +179,9 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
                               "ddim / rf samplers)")
         model = nnx.merge(graphdefs["model"], params["model"])
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
+        extras = {}
+        if inpaint is not None and LOCAL_CONDITIONING in capabilities(model):  # trained input: no merge
+            extras["local_cond"], inpaint = local_inpaint_input(*inpaint), None
         if adapter_stack:
             model = TimedAdapters(graphdefs["model"], params["model"], "model", adapter_stack, params["adapters"])
             conditioner = nnx.merge(graphdefs["conditioner"], apply_adapters(
@@ -191,12 +198,13 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
                 cross_tokens=jnp.where(rows[:, None, None], given.cross_tokens, null.cross_tokens),
                 cross_mask=jnp.where(rows[:, None], given.cross_mask, null.cross_mask))
         if settings.guidance == "apg" and settings.cfg_scale != 1.0:
+            doubled = doubled_model(model, cond, negative_cond, **extras)
             denoise = projected_guidance_denoiser(
-                make_denoiser(doubled_model(model, cond, negative_cond), parameterization), settings.cfg_scale,
+                make_denoiser(doubled, parameterization), settings.cfg_scale,
                 settings.apg_parallel, settings.apg_norm_threshold, (settings.cfg_sigma_min, settings.cfg_sigma_max))
         else:
             guided = guided_model(model, cond, settings.cfg_scale, settings.cfg_rescale, negative=negative_cond,
-                                  interval=interval)
+                                  interval=interval, **extras)
             denoise = make_denoiser(guided, parameterization)
         inpaint_arg = None if inpaint is None else Inpaint(*inpaint)
         return sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,
@@ -306,6 +314,12 @@ class Generator:
                           "rank": entry.config.rank} for (path, strength), entry in zip(specs, entries)]
         self._compiled.clear()
         self._executables.clear()
+
+    @property
+    def inpainting_method(self) -> str:
+        """How `inpaint` is carried out: TRAINED_INPUT for models with the inpainting input, else REPAINT_FALLBACK."""
+        model = nnx.merge(self.graphdefs["model"], self.params["model"])
+        return TRAINED_INPUT if LOCAL_CONDITIONING in capabilities(model) else REPAINT_FALLBACK
 
     @property
     def window_seconds(self) -> float:

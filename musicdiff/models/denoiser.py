@@ -6,7 +6,9 @@
 Extras are keyword inputs a denoiser may accept for its extension points; the transformer denoisers take
 - `block_residuals`: per-block residuals added to the hidden state after each block (what a ControlNet's copy adds);
 - `adapter_inputs`: a dict handed to every per-block adapter module (decoupled cross-attention adapters and the
-  like, models/block_adapters.py), whose parameters live in their own subtree.
+  like, models/block_adapters.py), whose parameters live in their own subtree;
+- `local_cond`: [B, D, L] features time-aligned with x, added in every block (LOCAL_CONDITIONING below); for
+  inpainting D = C + 1: concat([keep mask [B, 1, L] (1 = provided context, 0 = generate), x0 · mask], channels).
 
 What a denoiser can do is declared, not inferred from its class:
 - `capabilities`: a frozenset of the names below;
@@ -26,6 +28,10 @@ BLOCK_RESIDUALS = "block_residuals"
 """Accepts `block_residuals=` (ControlNet-style per-block residuals)."""
 BLOCK_ADAPTERS = "block_adapters"
 """Has per-block adapter modules in their own parameter subtree and accepts `adapter_inputs=`."""
+LOCAL_CONDITIONING = "local_conditioning"
+"""Accepts `local_cond=` [B, D, L] (Stable Audio 3's additive local conditioning, spec §3.2 step 8: the inpainting /
+continuation input). None or absent = all zeros = text-to-audio. Models without it take no such input, and
+generation falls back to RePaint-style inpainting for them."""
 
 
 class ConditioningInputs(NamedTuple):
@@ -60,5 +66,5 @@ def train_flops(model: Denoiser, batch: int, length: int, cond_tokens: int) -> i
     return 3 * model.forward_flops(batch, length, cond_tokens)
 
 
-__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "ConditioningInputs", "Denoiser",
-           "capabilities", "train_flops"]
+__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "LOCAL_CONDITIONING", "ConditioningInputs",
+           "Denoiser", "capabilities", "train_flops"]

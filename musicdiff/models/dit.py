@@ -4,11 +4,15 @@
     model(x [B, C, L], t [B] in [0, 1], cond: ConditioningInputs(cross_tokens [B, T, cond_token_dim],
           cross_mask [B, T] bool, global_embed [B, global_cond_dim] or None,
           input_concat [B, input_concat_dim, L] or None) | None,
-          block_residuals=None, adapter_inputs=None) -> [B, C, L]
+          block_residuals=None, adapter_inputs=None, local_cond=None) -> [B, C, L]
 
 With input_concat_dim > 0 (0 in SAO) the features are appended to the latent channels before patching, as the
 reference's input concatenation: preprocess_conv and project_in take (C + input_concat_dim)·patch_size channels,
 project_out and postprocess_conv give C·patch_size.
+
+With local_cond_dim D > 0 (0 in SAO) the model declares LOCAL_CONDITIONING and takes `local_cond` [B, D, L] (None:
+zeros, text-to-audio): each block adds to_local_embed(local) after cross-attention (Stable Audio 3's inpainting
+input, spec §3.2 step 8; models/local_conditioning.py), patched like the latents.
 
 Forward (spec §2.3): ctx = to_cond_embed(cross_tokens); cond = to_timestep_embed(fourier(t)) + to_global_embed(g);
 x += preprocess_conv(x); transformer (cond prepended as one token for "sao" blocks, or modulating "adaln_zero"
@@ -33,6 +37,8 @@ PyTorch weights, split heads reshaped head-major):
     transformer.layers.N.ff.proj.kernel [E, 2, 4E] / .bias [2, 4E]      ....ff.ff.0.proj.weight / .bias
     transformer.layers.N.ff.out.kernel [4E, E] / .bias                  ....ff.ff.2.weight / .bias
     transformer.layers.N.{self_attn,cross_attn}.{q_norm,k_norm}.scale / .bias   (qk_norm="ln") ....weight / .bias
+    transformer.layers.N.to_local_embed.{in_proj,out_proj}.{kernel,bias}  (local_cond_dim > 0; SA3's
+        transformer.layers.N.to_local_embed.{0,2}.{weight,bias}; absent from SAO)
 `patch_size` p > 1 (not in SAO; p = 1 is the reference) makes each token p consecutive latent frames: [B, C, L] is
 read as [B, L/p, p·C] around the convs and the transformer (their widths become p·C), so the sequence is p times
 shorter for the same audio. The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored. Adapters (`model.adapter`) live
@@ -53,6 +59,8 @@ from flax import nnx
 from musicdiff.errors import ConfigError
 from musicdiff.models.attention import Linear, rotary_dim
 from musicdiff.models.denoiser import (BLOCK_ADAPTERS, BLOCK_RESIDUALS, IMPLICIT_NULL_CONTEXT, ConditioningInputs)
+from musicdiff.models.denoiser import LOCAL_CONDITIONING
+from musicdiff.models.local_conditioning import local_tokens
 from musicdiff.models.registry import register
 from musicdiff.models.transformer import ContinuousTransformer, DtypeFields, TransformerConfig, adapter_options
 from musicdiff.parallel.sharding import split_count
@@ -83,10 +91,13 @@ class DiTConfig(DtypeFields):
     patch_size: int = 1  # latent frames per token (1 = SAO)
     sinusoidal_embedding: bool = False  # absolute token positions beside rotary (reference use_sinusoidal_emb)
     input_concat_dim: int = 0  # channels of cond.input_concat appended to the latents' (reference input_concat_dim)
+    local_cond_dim: int = 0  # channels of local_cond added in every block (SA3's local_add_cond_dim); 0: none
 
     def __post_init__(self):
         if self.input_concat_dim < 0:
             raise ConfigError(f"config.model.input_concat_dim={self.input_concat_dim}: must be 0 or more")
+        if self.local_cond_dim < 0:
+            raise ConfigError(f"config.model.local_cond_dim={self.local_cond_dim}: must be 0 (off) or more")
         if self.patch_size < 1:
             raise ConfigError(f"config.model.patch_size={self.patch_size}: use 1 (one latent frame per token) or more")
         _ = self.transformer  # building it validates the transformer options
@@ -140,7 +151,8 @@ class DiTConfig(DtypeFields):
             ff_mult=self.ff_mult, rotary_min_dim=self.rotary_min_dim, rotary_base=self.rotary_base,
             layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
             attention_implementation=self.attention_implementation, remat=self.remat, dtype=self.dtype,
-            param_dtype=self.param_dtype, adapter=self.adapter, sinusoidal_embedding=self.sinusoidal_embedding)
+            param_dtype=self.param_dtype, adapter=self.adapter, sinusoidal_embedding=self.sinusoidal_embedding,
+            local_cond_dim=self.local_cond_dim * self.patch_size)
 
 
 class FourierFeatures(nnx.Module):
@@ -190,9 +202,11 @@ class DiT(nnx.Module):
         self.preprocess_conv = Linear((C_in,), (C_in,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
         self.postprocess_conv = Linear((C,), (C,), ("conv_in", "conv_out"), use_bias=False, zero_init=True, **kw)
         self.transformer = ContinuousTransformer(config.transformer, rngs=rngs)
+        if config.local_cond_dim:
+            self.capabilities = DiT.capabilities | {LOCAL_CONDITIONING}
 
     def __call__(self, x: jax.Array, t: jax.Array, cond: ConditioningInputs | None = None, *,
-                 block_residuals: Any = None, adapter_inputs: Any = None) -> jax.Array:
+                 block_residuals: Any = None, adapter_inputs: Any = None, local_cond: Any = None) -> jax.Array:
         config = self.config
         if x.ndim != 3 or x.shape[1] != config.io_channels:
             raise ValueError(f"DiT expects latents [batch, {config.io_channels}, length], got {x.shape}")
@@ -213,8 +227,13 @@ class DiT(nnx.Module):
         h = jnp.swapaxes(self._with_input_concat(x, cond), 1, 2)
         h = h.reshape(batch, length // p, p * h.shape[-1])  # [B, L/p, p·C_in], frame-major
         h = h + self.preprocess_conv(h)
+        local = None
+        if config.local_cond_dim:
+            local = local_tokens(local_cond, config.local_cond_dim, batch, length, p, h.dtype)
+        elif local_cond is not None:
+            raise ValueError("local_cond was given but config.model.local_cond_dim is 0 (no local conditioning input)")
         out = self.transformer(h, embedding, context, cross_mask, block_residuals=block_residuals,
-                               adapter_inputs=adapter_inputs)
+                               adapter_inputs=adapter_inputs, local_cond=local)
         out = out + self.postprocess_conv(out)
         return jnp.swapaxes(out.reshape(batch, length, channels), 1, 2).astype(x.dtype)
 
@@ -294,7 +313,8 @@ def dit_forward_flops(model_config: DiTConfig | ml_collections.ConfigDict | dict
     cross_attn = (2 * N * E * E + 2 * T * Dc * 2 * Dc + 4 * N * T * E + 2 * N * E * E) if c.cond_token_dim else 0
     ff = 2 * N * E * 2 * F + 2 * N * F * E
     modulation = 2 * E * 6 * E if c.block_type == "adaln_zero" else 0
-    return batch * (outside + c.depth * (self_attn + cross_attn + ff + modulation))
+    local = 2 * length * (c.local_cond_dim * c.patch_size * E + E * E) if c.local_cond_dim else 0  # to_local_embed
+    return batch * (outside + c.depth * (self_attn + cross_attn + ff + modulation + local))
 
 
 def dit_train_flops(model_config: DiTConfig | ml_collections.ConfigDict | dict, batch: int, length: int,

@@ -17,6 +17,8 @@ Two extension points, neither of which touches the blocks' parameters (so checkp
   ControlNet copies the first blocks).
 - per-block adapters: with `adapter` set, `adapters/<i>` holds one module per block built by the block-adapter
   registry (models/block_adapters.py); after block i's cross-attention, h += adapter_i(h, **adapter_inputs).
+With `local_cond_dim` > 0 each block also has `to_local_embed` (models/local_conditioning.py): after cross-attention
+(and the adapter), h += to_local_embed(local_cond), the prepended token getting zero (SA3's local_add_cond).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from musicdiff.errors import ConfigError
 from musicdiff.models import block_adapters
 from musicdiff.models.attention import (QK_NORMS, CrossAttention, LayerNorm, Linear, SelfAttention, rotary_angles,
                                        rotary_dim, rotary_inv_freq)
+from musicdiff.models.local_conditioning import LocalEmbed
 from musicdiff.models.remat import checkpointed
 from musicdiff.parallel.sharding import constrain
 
@@ -84,6 +87,7 @@ class TransformerConfig(DtypeFields):
     param_dtype: str = "float32"
     adapter: tuple[tuple[str, Any], ...] = ()  # (("name", registered adapter), (option, value), ...); () = none
     sinusoidal_embedding: bool = False  # absolute positions, as the reference's use_sinusoidal_emb (SAO: off)
+    local_cond_dim: int = 0  # width of a local_cond token (models/local_conditioning.py); 0: none
     prefix: str = "config.model"  # where the options live in the user's config, for error messages
 
     def __post_init__(self):
@@ -159,10 +163,13 @@ class TransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, config.ff_mult, zero_init_out=not adaln, **kw)
         self.modulation = (Linear((dim,), (6, dim), ("embed", None, "mlp"), use_bias=True, zero_init=True, **kw)
                            if adaln else None)
+        if config.local_cond_dim:  # absent otherwise, so the parameter tree stays as it was
+            self.to_local_embed = LocalEmbed(config.local_cond_dim, dim, **kw)
+            self.prepend_length = config.prepend_length
 
     def __call__(self, h: jax.Array, cond: jax.Array, context: jax.Array | None, context_mask: jax.Array | None,
                  cos: jax.Array, sin: jax.Array, adapter: nnx.Module | None = None,
-                 adapter_inputs: Mapping[str, Any] | None = None) -> jax.Array:
+                 adapter_inputs: Mapping[str, Any] | None = None, local: jax.Array | None = None) -> jax.Array:
         if self.modulation is not None:
             mod = self.modulation(jax.nn.silu(cond))[:, :, None, :]  # [B, 6, 1, dim]
             shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, i] for i in range(6))
@@ -173,6 +180,8 @@ class TransformerBlock(nnx.Module):
             h = self._add_cross_attention(h, context, context_mask)
         if adapter is not None:
             h = h + adapter(h, **dict(adapter_inputs or {}))
+        if local is not None:
+            h = h + self.to_local_embed(local, self.prepend_length).astype(h.dtype)
         if self.modulation is not None:
             h = h + gate_ff * self.ff(self.ff_norm(h) * (1 + scale_ff) + shift_ff)
         else:
@@ -188,9 +197,9 @@ class TransformerBlock(nnx.Module):
 
 
 def _run_block(modules: tuple[TransformerBlock, nnx.Module | None], h, cond, context, context_mask, cos, sin,
-               adapter_inputs):
+               adapter_inputs, local=None):
     block, adapter = modules
-    return block(h, cond, context, context_mask, cos, sin, adapter, adapter_inputs)
+    return block(h, cond, context, context_mask, cos, sin, adapter, adapter_inputs, local)
 
 
 class ScaledSinusoidalEmbedding(nnx.Module):
@@ -232,7 +241,8 @@ class ContinuousTransformer(nnx.Module):
 
     def __call__(self, x: jax.Array, cond: jax.Array, context: jax.Array | None, context_mask: jax.Array | None, *,
                  block_residuals: Sequence[jax.Array] | None = None,
-                 adapter_inputs: Mapping[str, Any] | None = None) -> jax.Array:
+                 adapter_inputs: Mapping[str, Any] | None = None, local_cond: jax.Array | None = None) -> jax.Array:
+        """`local_cond`: [B, L, local_cond_dim] tokens for the blocks' to_local_embed (None: no local branch)."""
         h = self.project_in(x)
         if self.prepend_length:
             h = jnp.concatenate([cond[:, None, :].astype(h.dtype), h], axis=1)
@@ -248,6 +258,8 @@ class ContinuousTransformer(nnx.Module):
         for index, block in enumerate(self.layers):
             modules = (block, None if self.adapters is None else self.adapters[index])
             args = (h, cond, context, context_mask, cos, sin, adapter_inputs)
+            if local_cond is not None:
+                args = (*args, local_cond)
             if self.remat == "none":
                 h = _run_block(modules, *args)
             else:

@@ -12,7 +12,9 @@ State (a dict pytree, sharded by the logical names its nnx Variables carry):
 
 One step: condition (with per-sample CFG dropout of the cross-attention tokens), draw t and ε, noise the latents,
 regress the objective's target (ε, v or the rectified-flow velocity) with the denoiser fed the objective's model time,
-AdamW update. A step whose loss or gradients are not finite leaves params, EMA and optimiser untouched
+AdamW update. With the inpainting input (config.model.local_cond_dim > 0 and an `inpainting` section;
+training/inpainting.py) a per-sample mask gives the denoiser `local_cond` and the loss covers the generated region.
+A step whose loss or gradients are not finite leaves params, EMA and optimiser untouched
 (`update_skipped` = 1) and the runner's NaN guard stops the run after `training.max_nonfinite_steps` in a row.
 
 Batches come from data_pipelines.latent_source (keys: latents [B, C, L], padding_mask [B, L], seconds_start [B],
@@ -47,6 +49,8 @@ from musicdiff.models.denoiser import Denoiser, train_flops
 from musicdiff.models.text_encoder import prompt_from_batch, text_encoder_kind
 from musicdiff.parallel.distributed import on_main_process
 from musicdiff.parallel.sharding import Rules, process_batch_rows
+from musicdiff.training.inpainting import (MASK_STREAM, inpainting_loss, inpainting_training, local_condition,
+                                           mask_type_fractions)
 from musicdiff.training.optim import (all_finite, ema_decay_from, ema_update, learning_rate_schedule, make_optimizer,
                                       select_tree, updates_applied)
 from musicdiff.training.trainer import DemoFn, Trainer, register_trainer
@@ -166,6 +170,7 @@ class DiffusionTrainer(Trainer):
         self.objective = make_objective(config.objective)
         self.optimizer = self.freezing.wrap(make_optimizer(config.training))
         self.learning_rate = learning_rate_schedule(config.training)
+        self.inpainting = inpainting_training(config)  # None: trained without the inpainting input
 
     def prepare(self, workdir: Path) -> ml_collections.ConfigDict:
         manifest = _latents_manifest(self.config)
@@ -216,10 +221,18 @@ class DiffusionTrainer(Trainer):
         t = sample_timesteps(t_key, x0.shape[0], self.config.objective)
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         x_t = self.objective.add_noise(x0, noise, t)
-        output = model(x_t, self.objective.model_time(t), cond)
+        extras, aux = {}, {}
+        if self.inpainting is not None:
+            extras["local_cond"], keep, types = local_condition(jax.random.fold_in(key, MASK_STREAM), x0,
+                                                                batch.get("padding_mask"), self.inpainting)
+        output = model(x_t, self.objective.model_time(t), cond, **extras)
         mask = batch["padding_mask"] if self.config.objective.get("mask_padding", False) else None
         loss = self.objective.loss(output, self.objective.target(x0, noise, t), mask)
-        return loss, {"std_data": jnp.std(x0)}
+        if self.inpainting is not None:
+            loss, aux = inpainting_loss(self.objective, output, self.objective.target(x0, noise, t), keep, mask,
+                                        self.inpainting.context_loss_weight)
+            aux.update(mask_type_fractions(types))
+        return loss, {"std_data": jnp.std(x0), **aux}
 
     def train_step(self, state: dict[str, Any], batch: Mapping[str, jax.Array]) -> tuple[dict[str, Any], dict]:
         training = self.config.training
