@@ -1,7 +1,6 @@
 """The `make demo` pipeline: every stage on the embedded CC0 set, sized for ~15 minutes on 2 CPU cores.
 
     python -m launch.demo --workdir=demo_out [--config.fast=True]
-    python -m launch.demo --config=configs/demo.py:lora --workdir=demo_out   (after the demo: the LoRA story)
 
 Each entry of `stages` is (name, config file[:preset], overrides) and runs exactly as its CLI would:
 `python -m launch.<cli> --config=<file> --config.<override> ... --workdir=<demo_out>/<name>`; the demo prints those
@@ -11,21 +10,14 @@ folders. `fast=True` shrinks every stage (a smoke run of the wiring, not a usefu
 
 import ml_collections
 
-from data_pipelines.synthetic.render import ALL_INSTRUMENTS
 from musicdiff.config import choose_preset
 
 # The demo's own sizes (the `:sao` presets are untouched): 16 kHz mono, clips exactly one DiT window long (65,536
 # samples = 4.1 s = 256 latent frames of the 256x autoencoder), tempos on a 10 BPM grid so 800 clips hold every
 # tempo ~80 times and every key ~33 times (../shared/reviews/demo-learnability-2026-12-06.md).
-# One instrument is held out of the DiT (its clips are filtered out of the latents by caption; the autoencoder and the
-# evaluator train on every clip) so that `make lora-demo` can teach it to the DiT with an adapter. Marimba plays in 27%
-# of the clips, so 1100 rendered clips leave the DiT ~800.
-NUM_CLIPS, SAMPLE_RATE, SECONDS = 1100, 16000, 4.096
-HELD_OUT_INSTRUMENT = "marimba"
+NUM_CLIPS, SAMPLE_RATE, SECONDS = 800, 16000, 4.096
 HELDOUT_CLIPS = 32  # rendered from another seed: new captions for prompts, the real (ceiling) row and reconstructions
 RENDER = (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}", f"sample_rate={SAMPLE_RATE}", "bpm_step=10")
-LORA_PROMPTS, LORA_STEPS = 48, 300  # `make lora-demo`: prompts naming the held-out instrument; adapter steps
-WITHOUT_HELD_OUT = "instruments=" + repr(tuple(i for i in ALL_INSTRUMENTS if i != HELD_OUT_INSTRUMENT))
 # Sampling for the rectified-flow DiT of configs/diffusion.py:demo. CFG 3, not 5: on the long preset's DiT (32 held-out
 # prompts, same seeds) CFG 9 / 5 / 3 / 2 / 1.5 gave key 0.50 / 0.63 / 0.84 / 0.84 / 0.84 at tempo 0.88-0.94 (seeds
 # +100: CFG 5 0.59, CFG 2 0.84). Strong guidance smears pitch around the tonic, which the key profiles read as minor:
@@ -37,16 +29,13 @@ GENERATE = ("generate.sampler=rf-euler", "generate.steps=30", "generate.cfg_scal
 # 0.31 s a step, stage startup included); "long" ~1 h there. The DiT learns tempo by step 800 (frame
 # conditioners); 1200 gives the key more. The autoencoder's 1400 steps are what its mel distance needs
 # (configs/autoencoder.py:demo).
-PRESETS = {"": dict(autoencoder=1400, diffusion=1200), "long": dict(autoencoder=4000, diffusion=5000),
-           "lora": dict(lora=LORA_STEPS)}
+PRESETS = {"": dict(autoencoder=1400, diffusion=1200), "long": dict(autoencoder=4000, diffusion=5000)}
 
 
 def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:
     return (
         ("data", "prepare_data", "configs/synthetic_data.py", RENDER),
-        # The held-out prompts ask for what the DiT was trained on (no marimba).
-        ("heldout", "prepare_data", "configs/synthetic_data.py",
-         RENDER[1:] + (f"num_clips={HELDOUT_CLIPS}", "seed=1", WITHOUT_HELD_OUT)),
+        ("heldout", "prepare_data", "configs/synthetic_data.py", RENDER[1:] + (f"num_clips={HELDOUT_CLIPS}", "seed=1")),
         ("inspect", "inspect_data", "configs/audio_folder.py", ("root={data}",)),
         # Reconstruction phase only (configs/autoencoder.py:demo), with a step-0 checkpoint as the evaluation baseline.
         ("autoencoder", "train_autoencoder", "configs/autoencoder.py:demo",
@@ -59,7 +48,7 @@ def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:
         ("autoencoder_eval", "evaluate", "configs/evaluate.py:autoencoder",
          ("checkpoint={autoencoder}", "data.root={heldout}", "data.split=all", "write_audio=True")),
         ("latents", "precompute_latents", "configs/precompute.py:demo",
-         ("autoencoder_checkpoint={autoencoder}", "data.root={data}", f"data.caption_exclude=('{HELD_OUT_INSTRUMENT}',)")),
+         ("autoencoder_checkpoint={autoencoder}", "data.root={data}")),
         ("diffusion", "train_diffusion", "configs/diffusion.py:demo",
          ("data.latents={latents}", f"training.num_steps={diffusion_steps}", f"training.checkpoint_every={diffusion_steps}",
           "training.save_initial_checkpoint=True", "training.keep_checkpoints=10")),
@@ -71,26 +60,6 @@ def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:
           *GENERATE)),
     )
 
-# `make lora-demo` (after `make demo`, in the same folder): an adapter teaches the DiT the instrument it never heard.
-# Prompts: clips of another seed where marimba carries the melody over piano, bass and drums (with these four allowed,
-# the renderer gives the melody to marimba and the harmony to piano); training data: the demo's own marimba clips.
-def lora_stages(steps: int) -> tuple:
-    return (
-        ("lora_prompts", "prepare_data", "configs/synthetic_data.py",
-         RENDER[1:] + (f"num_clips={LORA_PROMPTS}", "seed=2",
-                       f"instruments=('{HELD_OUT_INSTRUMENT}', 'piano', 'bass', 'drums')")),
-        ("lora", "train_lora", "configs/lora.py:demo",
-         ("init_from={diffusion}", "data.audio={data}", f"data.caption_include=('{HELD_OUT_INSTRUMENT}',)",
-          f"training.num_steps={steps}", f"training.checkpoint_every={steps}", "training.save_initial_checkpoint=True",
-          "training.keep_checkpoints=10")),
-        # Step 0 of the adapter run is the demo's DiT itself (a fresh adapter changes nothing).
-        ("lora_evaluation", "evaluate", "configs/evaluate.py:embedded",
-         ("checkpoints={lora}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
-          "prompts_dir={lora_prompts}", f"num_prompts={LORA_PROMPTS}", "real_row=True",
-          f"generate.seconds_total={SECONDS}", *GENERATE)),
-    )
-
-
 FAST = {
     "data": ("num_clips=24",),
     "heldout": ("num_clips=4",),
@@ -99,21 +68,14 @@ FAST = {
     "diffusion": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5", "batch_size=8"),
     "evaluator": ("training.num_steps=10",),
     "evaluation": ("num_prompts=4", "generate.steps=4", "bootstrap.resamples=200", "bootstrap.fd_resamples=200"),
-    "lora_prompts": ("num_clips=4",),
-    "lora": ("training.num_steps=10", "training.checkpoint_every=10", "batch_size=2"),
-    "lora_evaluation": ("num_prompts=4", "generate.steps=4", "bootstrap.resamples=200", "bootstrap.fd_resamples=200"),
 }
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     steps = choose_preset(arg, PRESETS)
-    lora = "lora" in steps
     return ml_collections.ConfigDict(dict(
         fast=False,
         preview_clips=4,  # captions and spectrograms of this many rendered clips
-        stages=lora_stages(steps["lora"]) if lora else stages(steps["autoencoder"], steps["diffusion"]),
-        summary="lora" if lora else "demo",  # which summary the run ends with (musicdiff/pipeline.py)
-        requires=("data", "diffusion", "evaluator") if lora else (),  # earlier stages' folders this run reads
-        held_out_instrument=HELD_OUT_INSTRUMENT,
+        stages=stages(steps["autoencoder"], steps["diffusion"]),
         fast_overrides=FAST,
     ))

@@ -1,5 +1,5 @@
 """Adapter fine-tuning configs (launch/train_lora.py, the "lora" trainer: musicdiff/training/lora.py):
-`--config=configs/lora.py:PRESET`, PRESET in default, demo.
+`--config=configs/lora.py` (one preset).
 
     python -m launch.train_lora --config=configs/lora.py --config.init_from=BASE_RUN --config.data.audio=FOLDER \
         --workdir=RUN
@@ -15,23 +15,19 @@ encoder, objective, window and autoencoder; this config holds what is the adapte
   words of their captions.
 - training: Stable Audio 3's LoRA recipe (spec §8.5): AdamW(1e-4, betas 0.9/0.95, wd 0.01), constant learning rate,
   10% CFG dropout; the EMA of the adapter is what WORKDIR/adapter.safetensors holds.
-- default: rank 16 over every Dense layer of the DiT (the conditioner stays as it is), 1000 steps, batch 8.
-- demo: the `make lora-demo` story on the demo's DiT (launch/lora_demo.py): rank 8 over the DiT and the conditioner
-  (the prompt encoder meets a word it never learned), 300 steps of batch 16, learning rate 1e-3.
+- Defaults: rank 16 over every Dense layer of the DiT (add "conditioner/*" to include to adapt the conditioner's layers,
+  e.g. an embedded prompt encoder meeting new words), 1000 steps, batch 8.
 """
 
 import ml_collections
 
 from musicdiff.config import choose_preset, stage_config
 
-PRESETS = {
-    "default": dict(rank=16, include=("model/*",), batch_size=8, num_steps=1000, learning_rate=1e-4),
-    "demo": dict(rank=8, include=("model/*", "conditioner/*"), batch_size=16, num_steps=300, learning_rate=1e-3),
-}
+PRESETS = {"": dict(rank=16, include=("model/*",), batch_size=8, num_steps=1000, learning_rate=1e-4)}
 
 
-def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-    preset = choose_preset(arg or "default", PRESETS)
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    preset = choose_preset(arg, PRESETS)
     c = stage_config(preset["batch_size"], distributed=True)
     c.trainer = "lora"
     c.init_from = ""  # the base diffusion run (required)

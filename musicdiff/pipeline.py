@@ -79,16 +79,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Runs every stage of `config.stages` (configs/demo.py) under WORKDIR/<stage>, then writes WORKDIR/summary.json
     and WORKDIR/summary.md; returns the summary."""
     workdir = Path(workdir).resolve()
-    missing = [name for name in config.get("requires", ()) if not (workdir / name).is_dir()]
-    if missing:
-        raise DataError(f"{workdir}: no {missing[0]}/ folder; this run builds on the demo's outputs: run `make demo` "
-                        f"(python -m launch.demo --workdir={workdir}) first")
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    folders = _Folders(workdir)
+    folders = {name: str(workdir / name) for name, *_ in config.stages}
     timings = {}
     for name, cli, config_file, overrides in config.stages:
-        filled = [o.format_map(folders) for o in overrides]
+        filled = [o.format(**folders) for o in overrides]
         if config.fast:
             filled += list(config.fast_overrides.get(name, ()))
         timings[name] = run_stage(name, stage_command(cli, config_file, filled, workdir / name), logs / f"{name}.log")
@@ -96,8 +92,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             print("\nrendered clips:")
             preview_clips(Path(folders["data"]), workdir / "preview", int(config.preview_clips))
     summary = {"seconds": timings, "total_seconds": sum(timings.values())}
-    if config.get("summary", "demo") == "lora":
-        return finish_lora_story(summary, workdir, str(config.held_out_instrument))
     summary["autoencoder"] = {
         "step_0": json.loads((workdir / "autoencoder_eval_step0" / "report.json").read_text()),
         "final": json.loads((workdir / "autoencoder_eval" / "report.json").read_text())}
@@ -109,17 +103,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     atomic_write_text(workdir / "summary.md", markdown)
     print("\n" + markdown)
     return summary
-
-
-class _Folders(dict):
-    """`{name}` in a stage's overrides: WORKDIR/name, for this run's stages and earlier runs' alike."""
-
-    def __init__(self, workdir: Path):
-        super().__init__()
-        self.workdir = workdir
-
-    def __missing__(self, name: str) -> str:
-        return str(self.workdir / name)
 
 
 def summary_markdown(summary: dict, workdir: Path) -> str:
@@ -160,11 +143,11 @@ SUMMARY_METRICS = ("tempo_acc", "key_acc", "attr_key_acc", "attr_mode_acc", "att
                    "attr_instrument_f1", "fd_embedded", "kl_embedded")
 
 
-def evaluation_lines(report: dict, metrics: tuple[str, ...] = SUMMARY_METRICS) -> list[str]:
+def evaluation_lines(report: dict) -> list[str]:
     """The evaluation table transposed (a row per metric, a column per clip set: the real clips (ceiling), their
     reconstructions, then each checkpoint step, step 0 being the floor), with each metric's verdict."""
     rows = report["rows"]
-    names = [m for m in metrics if any(m in row["metrics"] for row in rows)]
+    names = [m for m in SUMMARY_METRICS if any(m in row["metrics"] for row in rows)]
     labels = [row["name"] if row["step"] is not None else f"{row['name']} (reference)" for row in rows]
     lines = ["", f"Evaluation of {rows[0]['clips']} held-out prompts ({_crop_text(report)}); value [95% interval]:",
              "", "| metric | " + " | ".join(labels) + " | last step vs step 0 |", "|---" * (len(labels) + 2) + "|"]
@@ -238,36 +221,3 @@ def spectrogram_grid(workdir: Path, report: dict, count: int) -> Path:
                         f"not pair up")
     grid = [[by_caption[name][caption].load() for name in sets] for caption in captions]
     return save_spectrogram_grid(grid, list(sets), captions, workdir / "spectrograms.png")
-
-
-def finish_lora_story(summary: dict, workdir: Path, instrument: str) -> dict:
-    """The LoRA story's summary: the held-out instrument's recall (and the other prompt-following scores) of the
-    demo's DiT (the adapter run's step 0) and of the DiT with the trained adapter, and the adapter's size."""
-    from safetensors import safe_open
-
-    adapter_file = workdir / "lora" / "adapter.safetensors"
-    with safe_open(str(adapter_file), framework="numpy") as handle:
-        metadata = dict(handle.metadata() or {})
-    summary["adapter"] = {"file": str(adapter_file), "bytes": adapter_file.stat().st_size,
-                          "trained_parameters": int(metadata.get("trained_parameters", 0)),
-                          "config": json.loads(metadata.get("musicdiff_adapter", "{}"))}
-    summary["evaluation"] = json.loads((workdir / "lora_evaluation" / "report.json").read_text())
-    atomic_write_json(workdir / "lora_summary.json", summary)
-    adapter = summary["adapter"]
-    metrics = (f"attr_recall_{instrument}", "attr_instrument_f1", "tempo_acc", "key_acc", "attr_key_acc",
-               "fd_embedded", "kl_embedded")
-    lines = ["# musicdiff LoRA story", "",
-             f"Total {summary['total_seconds'] / 60:.1f} min: " + ", ".join(
-                 f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items()), "",
-             f"The demo's DiT never heard {instrument} (its clips were left out of its latents). A "
-             f"{adapter['config'].get('kind', '?')} adapter of rank {adapter['config'].get('rank', '?')} "
-             f"({adapter['trained_parameters']:,} trained values, {adapter['bytes'] / 1024:.0f} KiB: {adapter['file']}) "
-             f"was trained on the demo's {instrument} clips; step 0 is the DiT without it.",
-             f"- Generated audio: {workdir / 'lora_evaluation' / 'generations'}/step_*/",
-             f"- attr_recall_{instrument}: the share of generations for prompts naming {instrument} in which the "
-             f"embedded evaluator hears it."]
-    lines += evaluation_lines(summary["evaluation"], metrics)
-    markdown = "\n".join(lines) + "\n"
-    atomic_write_text(workdir / "lora_summary.md", markdown)
-    print("\n" + markdown)
-    return summary
