@@ -6,7 +6,11 @@
 Extras are keyword inputs a denoiser may accept for its extension points; the transformer denoisers take
 - `block_residuals`: per-block residuals added to the hidden state after each block (what a ControlNet's copy adds);
 - `adapter_inputs`: a dict handed to every per-block adapter module (decoupled cross-attention adapters and the
-  like, models/block_adapters.py), whose parameters live in their own subtree.
+  like, models/block_adapters.py), whose parameters live in their own subtree;
+- `padding_mask`: [B, L] bool, True = a real latent frame (variable-length batches, spec §3.4). A denoiser declaring
+  PADDING_MASK guarantees that its outputs at real frames do not depend on the inputs at padded frames; outputs at
+  padded frames are unspecified. Callers pass it only to denoisers that declare the capability, so plain callables
+  `model(x, t, cond)` keep working.
 
 What a denoiser can do is declared, not inferred from its class:
 - `capabilities`: a frozenset of the names below;
@@ -26,6 +30,9 @@ BLOCK_RESIDUALS = "block_residuals"
 """Accepts `block_residuals=` (ControlNet-style per-block residuals)."""
 BLOCK_ADAPTERS = "block_adapters"
 """Has per-block adapter modules in their own parameter subtree and accepts `adapter_inputs=`."""
+PADDING_MASK = "padding_mask"
+"""Accepts `padding_mask=` [B, L] (True = a real frame): padded frames are kept out of self-attention's keys and
+their inputs cannot reach the real frames' outputs."""
 
 
 class ConditioningInputs(NamedTuple):
@@ -60,5 +67,5 @@ def train_flops(model: Denoiser, batch: int, length: int, cond_tokens: int) -> i
     return 3 * model.forward_flops(batch, length, cond_tokens)
 
 
-__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "ConditioningInputs", "Denoiser",
+__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "PADDING_MASK", "ConditioningInputs", "Denoiser",
            "capabilities", "train_flops"]
