@@ -180,7 +180,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         t_max=1.0,
         logit_mean=0.0,
         logit_std=1.0,
-        mask_padding=False,  # restrict the loss to valid latent frames (off in the SAO recipe)
+        # Variable-length batches: each sample's loss over its valid latent frames, and a denoiser that takes a
+        # padding mask (the DiT) keeps the padded frames out of self-attention (spec §4; off in the SAO recipe).
+        mask_padding=False,
+        # Training-time length-aware shift of t at each sample's valid length (musicdiff/diffusion/time_shift.py):
+        # name "none" | "full" | "flux" | "logsnr", with that family's options.
+        time_shift=dict(name="none"),
         ddpm_schedule="linear",  # "linear" | "cosine"
         ddpm_num_steps=1000,
         ddpm_beta_start=1e-4,

@@ -1,5 +1,6 @@
-"""Variable length, model side: the DiT's padding mask keeps padded frames out of the real frames' outputs (spec
-§3.4), on both attention paths and with patches; without a mask nothing changes."""
+"""Variable length (spec §3.4, §4): the DiT's padding mask keeps padded frames out of the real frames' outputs, on
+both attention paths and with patches; the loss is per sample over valid frames; a train step on a latent-source
+batch of mixed lengths does not see what the padding holds."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data_pipelines.latent_source import latent_training_dataset
+from musicdiff.config import load_config
+from musicdiff.diffusion.objectives import masked_mse
 from musicdiff.models import registry
 from musicdiff.models.attention import heads_major_attention
 from musicdiff.models.denoiser import PADDING_MASK, ConditioningInputs, capabilities
+from musicdiff.parallel import mesh_and_rules
+from musicdiff.parallel.sharding import sharding_context
+from musicdiff.training import loop
+from musicdiff.training.diffusion import DiffusionTrainer
 from tests.test_dit import inputs, model_config, randomize
+from tests.test_latent_source import CHANNELS, write_latents
 
 pytestmark = pytest.mark.usefixtures("unsharded")
 
@@ -83,3 +92,54 @@ def test_heads_major_attention_masks_keys_like_dropping_them():
     np.testing.assert_allclose(masked, dropped, atol=1e-6, rtol=0)
     reference = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :], implementation="xla")
     np.testing.assert_allclose(masked, reference, atol=1e-6, rtol=0)
+
+
+def test_masked_loss_is_per_sample_then_batch_mean():
+    """Sample 0: squared error 1 on its 2 valid frames, sample 1: 4 on its 3; junk (1e6) in the padding. Per-sample
+    means 1 and 4 give 2.5 (the pooled mean over all 15 valid values would be 2.8)."""
+    mask = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
+    error = jnp.where(mask[:, None, :], jnp.asarray([1.0, 2.0])[:, None, None], 1e3) * jnp.ones((2, 3, 4))
+    assert float(masked_mse(error, jnp.zeros((2, 3, 4)), mask)) == pytest.approx(2.5, rel=1e-7)
+
+
+@pytest.fixture(scope="module")
+def mixed_length_batch(tmp_path_factory):
+    """One batch of the latent source with clips of different lengths zero-padded to 20 frames."""
+    directory = write_latents(tmp_path_factory.mktemp("latents"), text="embedded")
+    batch = next(iter(latent_training_dataset(directory, latent_length=20, batch_size=4, seed=0, shuffle_seed=0,
+                                              process_index=0, process_count=1, num_epochs=1)))
+    batch = {key: value for key, value in batch.items() if key != "caption"}
+    batch["latents"] = batch["latents"] / 1000.0  # the fixture's values say where they came from; keep them O(1)
+    return batch
+
+
+@pytest.mark.usefixtures("devices")
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_one_train_step_on_mixed_lengths_ignores_the_padding(mixed_length_batch, mask_padding):
+    lengths = mixed_length_batch["padding_mask"].sum(axis=-1)
+    assert len(set(lengths.tolist())) > 1 and lengths.max() < 20
+    config = load_config("configs/diffusion.py:tiny", [f"model.io_channels={CHANNELS}", "data.latent_length=20",
+                                                       f"objective.mask_padding={mask_padding}",
+                                                       "objective.name=rectified_flow"])
+    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
+    trainer = DiffusionTrainer(config)
+    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+    state["params"]["model"] = nnx.state(randomize(nnx.merge(trainer.graphdefs["model"], state["params"]["model"])),
+                                         nnx.Param)
+
+    @jax.jit
+    def step(state, batch):
+        with sharding_context(mesh, rules):
+            return trainer.train_step(state, batch)
+
+    junked = dict(mixed_length_batch)
+    padded = mixed_length_batch["padding_mask"][:, None, :] == 0
+    junked["latents"] = np.where(padded, 50.0, mixed_length_batch["latents"]).astype(np.float32)
+    _, metrics = step(state, mixed_length_batch)
+    _, junk_metrics = step(state, junked)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["update_skipped"]) == 0.0
+    if mask_padding:  # neither the loss nor the gradients see the padded frames
+        assert float(junk_metrics["loss"]) == pytest.approx(float(metrics["loss"]), abs=1e-6)
+        assert float(junk_metrics["grad_norm"]) == pytest.approx(float(metrics["grad_norm"]), rel=1e-5)
+    else:
+        assert abs(float(junk_metrics["loss"]) - float(metrics["loss"])) > 1e-2

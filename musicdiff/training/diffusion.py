@@ -12,7 +12,12 @@ State (a dict pytree, sharded by the logical names its nnx Variables carry):
 
 One step: condition (with per-sample CFG dropout of the cross-attention tokens), draw t and ε, noise the latents,
 regress the objective's target (ε, v or the rectified-flow velocity) with the denoiser fed the objective's model time,
-AdamW update. A step whose loss or gradients are not finite leaves params, EMA and optimiser untouched
+AdamW update.
+
+Variable length (spec §4): with `config.objective.mask_padding` the loss is each sample's mean over its valid frames
+(objectives.masked_mse) and a denoiser declaring PADDING_MASK also gets the batch's `padding_mask`, so clips of
+different lengths share a batch without the padding reaching the real frames. `config.objective.time_shift` (name
+"none" by default) warps the drawn t by a length-aware shift (diffusion/time_shift.py) at each sample's valid length. A step whose loss or gradients are not finite leaves params, EMA and optimiser untouched
 (`update_skipped` = 1) and the runner's NaN guard stops the run after `training.max_nonfinite_steps` in a row.
 
 Batches come from data_pipelines.latent_source (keys: latents [B, C, L], padding_mask [B, L], seconds_start [B],
@@ -37,13 +42,14 @@ import optax
 from flax import nnx
 
 from musicdiff.diffusion.objectives import make_objective
+from musicdiff.diffusion.time_shift import TimeShift
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_directory, atomic_write_bytes
 from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
 from musicdiff.models.conditioning import FRAME_CONDITIONERS, MultiConditioner
-from musicdiff.models.denoiser import Denoiser, train_flops
+from musicdiff.models.denoiser import PADDING_MASK, Denoiser, capabilities, train_flops
 from musicdiff.models.text_encoder import prompt_from_batch, text_encoder_kind
 from musicdiff.parallel.distributed import on_main_process
 from musicdiff.parallel.sharding import Rules, process_batch_rows
@@ -164,6 +170,7 @@ class DiffusionTrainer(Trainer):
         super().__init__(config)
         self.graphdefs = _graphdefs(config)
         self.objective = make_objective(config.objective)
+        self.time_shift = TimeShift.from_config(config.objective.get("time_shift"), "objective.time_shift")
         self.optimizer = self.freezing.wrap(make_optimizer(config.training))
         self.learning_rate = learning_rate_schedule(config.training)
 
@@ -214,10 +221,15 @@ class DiffusionTrainer(Trainer):
         cond = conditioner.condition(conditioning_inputs(batch), key=drop_key, cfg_dropout_prob=cfg_dropout_prob)
         x0 = batch["latents"].astype(jnp.float32)
         t = sample_timesteps(t_key, x0.shape[0], self.config.objective)
+        if self.time_shift.active:
+            t = self.time_shift(t, jnp.sum(batch["padding_mask"].astype(jnp.float32), axis=-1))
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         x_t = self.objective.add_noise(x0, noise, t)
-        output = model(x_t, self.objective.model_time(t), cond)
         mask = batch["padding_mask"] if self.config.objective.get("mask_padding", False) else None
+        extras = {}
+        if mask is not None and PADDING_MASK in capabilities(model):
+            extras["padding_mask"] = mask.astype(bool)
+        output = model(x_t, self.objective.model_time(t), cond, **extras)
         loss = self.objective.loss(output, self.objective.target(x0, noise, t), mask)
         return loss, {"std_data": jnp.std(x0)}
 
