@@ -117,6 +117,11 @@ class TimeShift:
         return jnp.where(shifted <= 0.0, 0.0, jnp.where(shifted >= 1.0, 1.0, t))
 
 
+def time_shift_config() -> dict[str, Any]:
+    """Every option with its default (name "none"), for a config section that command-line overrides can set."""
+    return {f.name: f.default for f in dataclasses.fields(TimeShift) if f.name != "key"}
+
+
 def shifted_times(shift: TimeShift, steps: int, t_max: float, length) -> jax.Array:
     """[steps + 1] sampler times from t_max down to 0: a uniform grid from shift⁻¹(t_max) to 0, warped by the shift
     at length L (a scalar, possibly traced). Entries 0 and −1 are exactly t_max and 0."""
@@ -125,4 +130,4 @@ def shifted_times(shift: TimeShift, steps: int, t_max: float, length) -> jax.Arr
     return shift(grid, length).at[0].set(t_max).at[-1].set(0.0).astype(jnp.float32)
 
 
-__all__ = ["TIME_SHIFTS", "TimeShift", "shifted_times"]
+__all__ = ["TIME_SHIFTS", "TimeShift", "shifted_times", "time_shift_config"]
