@@ -117,7 +117,7 @@ class SampleOptions:
     s_noise: float
     inpaint: Inpaint | None
     betas: Any
-    time_shift: TimeShift | None = None  # rectified-flow samplers: a length-aware shifted grid instead of the log-SNR one
+    time_shift: TimeShift | None = None  # rectified-flow samplers: a length-aware grid instead of the log-SNR one
     shift_length: Any = None  # the effective length (latent frames) the shift reads; a scalar, possibly traced
 
 

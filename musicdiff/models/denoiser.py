@@ -67,5 +67,5 @@ def train_flops(model: Denoiser, batch: int, length: int, cond_tokens: int) -> i
     return 3 * model.forward_flops(batch, length, cond_tokens)
 
 
-__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "PADDING_MASK", "ConditioningInputs", "Denoiser",
-           "capabilities", "train_flops"]
+__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "PADDING_MASK", "ConditioningInputs",
+           "Denoiser", "capabilities", "train_flops"]

@@ -12,13 +12,13 @@ State (a dict pytree, sharded by the logical names its nnx Variables carry):
 
 One step: condition (with per-sample CFG dropout of the cross-attention tokens), draw t and ε, noise the latents,
 regress the objective's target (ε, v or the rectified-flow velocity) with the denoiser fed the objective's model time,
-AdamW update.
+AdamW update. A step whose loss or gradients are not finite leaves params, EMA and optimiser untouched
+(`update_skipped` = 1) and the runner's NaN guard stops the run after `training.max_nonfinite_steps` in a row.
 
 Variable length (spec §4): with `config.objective.mask_padding` the loss is each sample's mean over its valid frames
 (objectives.masked_mse) and a denoiser declaring PADDING_MASK also gets the batch's `padding_mask`, so clips of
 different lengths share a batch without the padding reaching the real frames. `config.objective.time_shift` (name
-"none" by default) warps the drawn t by a length-aware shift (diffusion/time_shift.py) at each sample's valid length. A step whose loss or gradients are not finite leaves params, EMA and optimiser untouched
-(`update_skipped` = 1) and the runner's NaN guard stops the run after `training.max_nonfinite_steps` in a row.
+"none" by default) warps the drawn t by a length-aware shift (diffusion/time_shift.py) at each sample's valid length.
 
 Batches come from data_pipelines.latent_source (keys: latents [B, C, L], padding_mask [B, L], seconds_start [B],
 seconds_total [B], bpm and beat_offset [B], tonic and mode [B] (the frame conditioners' inputs), and
