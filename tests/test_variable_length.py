@@ -11,6 +11,7 @@ from flax import nnx
 from data_pipelines.latent_source import latent_training_dataset
 from musicdiff.config import load_config
 from musicdiff.diffusion.objectives import masked_mse
+from musicdiff.models import attention as attention_module
 from musicdiff.models import registry
 from musicdiff.models.attention import heads_major_attention
 from musicdiff.models.denoiser import PADDING_MASK, ConditioningInputs, capabilities
@@ -50,8 +51,9 @@ def with_junk_in_padding(x, padding_mask, seed=99):
 @pytest.mark.parametrize("overrides", [dict(attention_implementation="auto"),
                                        dict(attention_implementation="xla"),
                                        dict(attention_implementation="auto", patch_size=2),
-                                       dict(attention_implementation="xla", block_type="adaln_zero")],
-                         ids=["heads_major", "dot_product_attention", "patch2", "adaln_zero"])
+                                       dict(attention_implementation="xla", block_type="adaln_zero"),
+                                       dict(remat="full")],
+                         ids=["heads_major", "dot_product_attention", "patch2", "adaln_zero", "remat"])
 def test_real_frames_ignore_what_padded_frames_hold(overrides):
     model = tiny_dit(**overrides)
     assert PADDING_MASK in capabilities(model)
@@ -83,7 +85,10 @@ def test_an_all_real_mask_changes_nothing():
     np.testing.assert_allclose(full, plain, atol=1e-6, rtol=0)
 
 
-def test_heads_major_attention_masks_keys_like_dropping_them():
+@pytest.mark.parametrize("per_head", [False, True], ids=["batched", "head_by_head"])
+def test_heads_major_attention_masks_keys_like_dropping_them(per_head, monkeypatch):
+    if per_head:  # the long-sequence path (one head at a time), forced at this size
+        monkeypatch.setattr(attention_module, "PER_HEAD_SCORES_BYTES", 0)
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(1, 5, 2, 4)), jnp.float32) for _ in range(3))
     key_mask = jnp.asarray([[True, True, True, False, False]])
