@@ -74,6 +74,7 @@ def main(_argv) -> None:
     rows["full fine-tuning (fp32 weights + EMA + AdamW)"] = step_memory(DiffusionTrainer(full), full, batch)
     for kind in [k for k in FLAGS.kinds.split(",") if k]:
         config = sao_config(batch)
+        config.unlock()
         config.trainer = "lora"
         config.lora = dict(kind=kind, rank=FLAGS.rank, alpha=0.0, include=("model/*",), exclude=(),
                            base_dtype="bfloat16")

@@ -38,6 +38,7 @@ import copy
 import ml_collections
 
 from musicdiff.config import choose_preset, stage_config
+from musicdiff.diffusion.time_shift import time_shift_config
 from musicdiff.models.beat_grid import DEFAULT_HARMONICS, grid_channels
 from musicdiff.models.key_chroma import CHANNELS as KEY_CHANNELS
 
@@ -182,7 +183,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         t_max=1.0,
         logit_mean=0.0,
         logit_std=1.0,
-        mask_padding=False,  # restrict the loss to valid latent frames (off in the SAO recipe)
+        # Variable-length batches: each sample's loss over its valid latent frames, and a denoiser that takes a
+        # padding mask (the DiT) keeps the padded frames out of self-attention (spec §4; off in the SAO recipe).
+        mask_padding=False,
+        # Training-time length-aware shift of t at each sample's valid length (musicdiff/diffusion/time_shift.py):
+        # name "none" | "full" | "flux" | "logsnr", with that family's options (all listed, defaults of time_shift.py).
+        time_shift=time_shift_config(),
         ddpm_schedule="linear",  # "linear" | "cosine"
         ddpm_num_steps=1000,
         ddpm_beta_start=1e-4,

@@ -25,11 +25,13 @@ CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make de
 - adapters: weight adapters (launch.train_lora's WORKDIR/adapter.safetensors; LoRA, DoRA or LoRA-XS) stacked in order,
   "FILE[:STRENGTH],..." (strength 1 by default, 0 = off); adapter_sigma_min / adapter_sigma_max: they act on the
   denoiser only at noise levels σ/α in that interval (the conditioner, run once, keeps them on).
+- length_bucket_frames / time_shift: variable-length generation (Stable Audio 3 style; musicdiff/inference/generate.py).
 """
 
 import ml_collections
 
 from musicdiff.config import choose_preset
+from musicdiff.diffusion.time_shift import time_shift_config
 
 PRESETS = {
     "": dict(sampler="dpmpp-3m-sde", steps=100, cfg_scale=7.0, sigma_min=0.3, sigma_max=500.0),
@@ -74,6 +76,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         adapters="",  # weight adapters stacked in order: "FILE[:STRENGTH],FILE2[:STRENGTH]" (launch.train_lora output)
         adapter_sigma_min=0.0,  # the adapters act at noise levels σ/α in [min, max] only (as cfg_sigma_min/max)
         adapter_sigma_max=float("inf"),
+        # > 0: generate only the latent frames the batch's longest clip needs, rounded up to a multiple of this (at
+        # most the training window), the rest of each clip masked as padding; needs a model that takes a padding
+        # mask (the DiT) and a multiple of its patch_size. 0: always the whole window, trimmed (SAO).
+        length_bucket_frames=0,
+        # Length-aware shift of rectified-flow time grids (rf-euler, pingpong) at each clip's needed frames:
+        # name "none" | "full" | "flux" | "logsnr" plus that family's options (musicdiff/diffusion/time_shift.py,
+        # e.g. --config.time_shift.name=full --config.time_shift.max_shift=1.15).
+        time_shift=time_shift_config(),
     ))
     c.update(preset)
     return c

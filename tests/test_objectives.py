@@ -102,10 +102,11 @@ def test_masked_loss_is_the_hand_computed_mean():
     pred = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) / 10
     target = np.ones((2, 3, 4), np.float32)
     mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
-    squares = [(pred[b, c, l] - 1.0) ** 2 for b in range(2) for c in range(3) for l in range(4) if mask[b, l]]
-    assert len(squares) == 3 * 5
+    # Per sample over its valid frames x channels (2·3 and 3·3 squares), then the mean of the two (spec §4.5).
+    per_sample = [np.mean([(pred[b, c, l] - 1.0) ** 2 for c in range(3) for l in range(4) if mask[b, l]])
+                  for b in range(2)]
     assert float(masked_mse(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))) == pytest.approx(
-        sum(squares) / len(squares), rel=1e-6)
+        (per_sample[0] + per_sample[1]) / 2, rel=1e-6)
     objective = VPrediction()
     assert float(objective.loss(jnp.asarray(pred), jnp.asarray(target))) == pytest.approx(
         float(np.mean((pred - 1.0) ** 2)), rel=1e-6)

@@ -43,12 +43,16 @@ def _expand(t: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean squared error in fp32; with a [B, L] mask, the mean over the valid frames of [B, C, L] (all channels)."""
+    """Mean squared error in fp32. With a [B, L] mask (spec §4.5): each sample's mean over its valid frames × all
+    channels of [B, C, L], then the mean over the batch, so a short clip weighs as much as a long one; a sample with
+    no valid frame contributes 0."""
     err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
     if mask is None:
         return jnp.mean(err)
     weight = jnp.broadcast_to(mask.astype(jnp.float32)[:, None, :], err.shape)
-    return jnp.sum(err * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    axes = tuple(range(1, err.ndim))
+    per_sample = jnp.sum(err * weight, axis=axes) / jnp.maximum(jnp.sum(weight, axis=axes), 1.0)
+    return jnp.mean(per_sample)
 
 
 class Objective(abc.ABC):

@@ -11,7 +11,9 @@ Every sampler is a registry entry (`SAMPLERS`, `register_sampler`): name -> its 
 (None: any, through the parameterisation adapter) and its default noise range. The SAO defaults follow spec §4:
 DPM++ 3M SDE, 100 steps, σ from 500 down to 0.3 on a geometric grid (polyexponential, ρ = 1), then a final step to 0.
 Samplers on a time grid (ddim, rf-euler, pingpong) read σ_max as the starting time and clamp it to t ≤ 1; the
-rectified-flow ones use the reference's log-SNR time grid (§4.2), v-DDIM t = linspace(t_max, 0) (§4.1).
+rectified-flow ones use the reference's log-SNR time grid (§4.2), v-DDIM t = linspace(t_max, 0) (§4.1). With a
+length-aware `time_shift` (diffusion/time_shift.py, Stable Audio 3) the rectified-flow samplers use its warped uniform
+grid at the given effective length instead.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from musicdiff.diffusion.sampler_steps import (
     sample_pingpong,
     sample_rf_euler,
 )
+from musicdiff.diffusion.time_shift import TimeShift, shifted_times
 from musicdiff.errors import ConfigError
 
 __all__ = [
@@ -114,6 +117,8 @@ class SampleOptions:
     s_noise: float
     inpaint: Inpaint | None
     betas: Any
+    time_shift: TimeShift | None = None  # rectified-flow samplers: a length-aware grid instead of the log-SNR one
+    shift_length: Any = None  # the effective length (latent frames) the shift reads; a scalar, possibly traced
 
 
 SamplerRun = Callable[[Denoiser, jax.Array, jax.Array, jax.Array, jax.Array, SampleOptions], jax.Array]
@@ -128,6 +133,7 @@ class SamplerSpec:
     sigma_range: tuple[float, float] = (0.3, 500.0)  # default (σ_min, σ_max): SAO's for σ-space samplers
     time_grid: bool = False  # σ_max is a start time t <= 1 (the reference's ddim / rectified-flow samplers)
     starts_from_init: bool = True  # audio-to-audio: can start from noised init latents
+    time_shiftable: bool = False  # runs on a rectified-flow time grid that a TimeShift can replace
 
     def start_level(self, sigma_max: float, max_sigma: float = math.inf) -> float:
         """The first level this sampler runs from: σ_max clamped to the time grid's t <= 1, or to the highest noise
@@ -185,7 +191,10 @@ def _run_ddim(denoise, noise, init, key, options):
 
 def _rf_sampler(loop: Callable[..., jax.Array]) -> SamplerRun:
     def run(denoise, noise, init, key, options):
-        times = rf_logsnr_times(options.steps, options.sigma_max)
+        if options.time_shift is not None and options.time_shift.active:
+            times = shifted_times(options.time_shift, options.steps, options.sigma_max, options.shift_length)
+        else:
+            times = rf_logsnr_times(options.steps, options.sigma_max)
         return loop(denoise, (1.0 - times[0]) * init + times[0] * noise, times, key, inpaint=options.inpaint)
 
     return run
@@ -205,8 +214,10 @@ register_sampler(SamplerSpec("heun", _sigma_sampler(sample_euler, False, heun=Tr
 register_sampler(SamplerSpec("dpmpp-2m", _sigma_sampler(sample_dpmpp_2m, False)))
 register_sampler(SamplerSpec("dpmpp-2m-sde", _sigma_sampler(sample_dpmpp_2m_sde, True)))
 register_sampler(SamplerSpec("dpmpp-3m-sde", _sigma_sampler(sample_dpmpp_3m_sde, True)))
-register_sampler(SamplerSpec("rf-euler", _rf_sampler(sample_rf_euler), sigma_range=(0.0, 1.0), time_grid=True))
-register_sampler(SamplerSpec("pingpong", _rf_sampler(sample_pingpong), sigma_range=(0.0, 1.0), time_grid=True))
+register_sampler(SamplerSpec("rf-euler", _rf_sampler(sample_rf_euler), sigma_range=(0.0, 1.0), time_grid=True,
+                             time_shiftable=True))
+register_sampler(SamplerSpec("pingpong", _rf_sampler(sample_pingpong), sigma_range=(0.0, 1.0), time_grid=True,
+                             time_shiftable=True))
 
 
 # ---- entry point -------------------------------------------------------------------------------------------------
@@ -215,7 +226,8 @@ def sample(method: str, denoise: Denoiser, key: jax.Array, shape: tuple[int, ...
            sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 1.0,
            schedule: str = "polyexponential", eta: float | None = None, s_noise: float = 1.0,
            init: jax.Array | None = None, init_sigma: float | None = None, inpaint: Inpaint | None = None,
-           betas=None, max_sigma: float = math.inf, dtype=jnp.float32) -> jax.Array:
+           betas=None, max_sigma: float = math.inf, time_shift: TimeShift | None = None, shift_length: Any = None,
+           dtype=jnp.float32) -> jax.Array:
     """Draws samples of `shape` with the registered sampler `method`. Pure JAX: jit it with `method`, `shape` and
     the grid arguments static. The whole loop is one XLA while-loop.
 
@@ -229,8 +241,18 @@ def sample(method: str, denoise: Denoiser, key: jax.Array, shape: tuple[int, ...
     - init (audio-to-audio): start from alpha_0·init + sigma_0·ε at the first level. init_sigma replaces
       sigma_max: it is σ for σ-space samplers and t for ddim/rf, as in the reference.
     - eta: noise scale of the SDE samplers (default 1) and of ddim (default 0). s_noise scales SDE noise.
+    - time_shift (rf-euler and pingpong only): an active TimeShift replaces the log-SNR grid by its shifted uniform
+      grid at effective length `shift_length` (latent frames; one scalar for the whole batch, may be traced).
     """
     spec = sampler_spec(method, "sampler")
+    if time_shift is not None and time_shift.active:
+        if not spec.time_shiftable:
+            shiftable = [name for name, s in SAMPLERS.items() if s.time_shiftable]
+            raise ConfigError(f"config.{time_shift.key}.name={time_shift.name!r} shifts rectified-flow time grids; "
+                              f"sampler {method!r} has none: use {' or '.join(shiftable)}, or name 'none'")
+        if shift_length is None:
+            raise ConfigError(f"config.{time_shift.key}: a length-aware shift needs the effective length "
+                              f"(shift_length, latent frames)")
     if init_sigma is not None:
         if init is None:
             raise ConfigError("init_sigma is set but init is None; pass the init latents to start from")
@@ -240,7 +262,8 @@ def sample(method: str, denoise: Denoiser, key: jax.Array, shape: tuple[int, ...
     default_min, default_max = spec.sigma_range
     options = SampleOptions(steps=steps, sigma_min=default_min if sigma_min is None else sigma_min,
                             sigma_max=spec.start_level(default_max if sigma_max is None else sigma_max, max_sigma),
-                            rho=rho, schedule=schedule, eta=eta, s_noise=s_noise, inpaint=inpaint, betas=betas)
+                            rho=rho, schedule=schedule, eta=eta, s_noise=s_noise, inpaint=inpaint, betas=betas,
+                            time_shift=time_shift, shift_length=shift_length)
     start_key, loop_key = jax.random.split(key)
     noise = jax.random.normal(start_key, shape, dtype)
     init = jnp.zeros(shape, dtype) if init is None else jnp.broadcast_to(jnp.asarray(init, dtype), shape)

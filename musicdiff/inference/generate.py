@@ -5,8 +5,14 @@ jit'ed once per (batch size, settings): conditioning, the whole sampler loop (on
 unconditional passes batched together for classifier-free guidance) and nothing else. Decoding uses the chunked
 Oobleck decoder, so long windows stay within memory.
 
-Variable length follows the reference (spec §4.5): the model always generates its whole training window, told by
-`seconds_total` where the content ends; the audio is then trimmed to `seconds_total`.
+Variable length: by default the model generates its whole training window, told by `seconds_total` where the content
+ends (SAO, spec §4.5), and the audio is trimmed to `seconds_total`. With `length_bucket_frames` > 0 and a denoiser
+declaring PADDING_MASK (Stable Audio 3, spec §4.6) only what the request needs is computed: a clip needs
+ceil(seconds_total · latent rate) frames, a batch generates its longest clip's need rounded up to a multiple of
+`length_bucket_frames` (at most the window; one compiled sampler per bucket), and each clip's frames past its need are
+padding: masked out of self-attention, excluded from APG's projections and zeroed in the returned latents.
+A length-aware `time_shift` (rectified-flow samplers; diffusion/time_shift.py) warps each clip's time grid at its
+needed length, whichever mode generates it.
 Audio-to-audio (spec §4.4) starts the sampler from the encoded init audio noised to `init_noise_level`.
 Inpainting regenerates masked spans: a model trained with the inpainting input (LOCAL_CONDITIONING) is given the
 mask and known latents as `local_cond` at every step; for any other model it is the RePaint-style fallback (the known
@@ -36,12 +42,13 @@ from musicdiff.diffusion.objectives import make_objective
 from musicdiff.diffusion.parameterization import (cfg_denoiser, doubled_call, guidance_interval, make_denoiser,
                                                   projected_guidance_denoiser)
 from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
+from musicdiff.diffusion.time_shift import TimeShift
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.inference.inpainting import REPAINT_FALLBACK, TRAINED_INPUT, local_inpaint_input
 from musicdiff.models.conditioning import null_condition
 from musicdiff.models.evaluator_labels import MODES, prompt_targets
-from musicdiff.models.denoiser import IMPLICIT_NULL_CONTEXT, ConditioningInputs, capabilities
-from musicdiff.models.denoiser import LOCAL_CONDITIONING
+from musicdiff.models.denoiser import (IMPLICIT_NULL_CONTEXT, LOCAL_CONDITIONING, PADDING_MASK, ConditioningInputs,
+                                       capabilities)
 from musicdiff.models.weight_adapters import (StackEntry, TimedAdapters, apply_adapters, load_adapter, run_adapter,
                                               untimed)
 from musicdiff.parallel.sharding import unsharded
@@ -69,9 +76,17 @@ class SamplerSettings:
     rho: float = 1.0
     eta: float | None = None
     init_noise_level: float | None = None  # audio-to-audio: σ (or t for ddim / rectified-flow samplers)
+    length_bucket_frames: int = 0  # > 0: generate only the frames a batch needs, in multiples of this (0: the window)
+    time_shift: TimeShift = TimeShift()  # length-aware shift of rectified-flow time grids ("none": off)
 
     def __post_init__(self):
-        sampler_spec(self.sampler)
+        spec = sampler_spec(self.sampler)
+        if self.length_bucket_frames < 0:
+            raise ConfigError(f"config.length_bucket_frames={self.length_bucket_frames}: use 0 (generate the whole "
+                              f"window) or a positive number of latent frames")
+        if self.time_shift.active and not spec.time_shiftable:
+            raise ConfigError(f"config.time_shift.name={self.time_shift.name!r} warps rectified-flow time grids; "
+                              f"config.sampler={self.sampler!r} has none: use rf-euler or pingpong, or name 'none'")
         if self.steps < 1:
             raise ConfigError(f"config.steps={self.steps}: must be at least 1")
         if self.guidance not in GUIDANCE:
@@ -96,6 +111,8 @@ class SamplerSettings:
             values["init_noise_level"] = None
         if values.get("eta", None) is not None and float(values["eta"]) < 0:
             values["eta"] = None
+        if "time_shift" in values:
+            values["time_shift"] = TimeShift.from_config(values["time_shift"])
         return cls(**values)
 
 
@@ -154,13 +171,17 @@ def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
 
 def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
                  shape: tuple[int, int, int], adapter_stack: Sequence[StackEntry] = ()) -> Callable[..., jax.Array]:
-    """A pure `sample_fn(params, inputs, key, init=None, inpaint=None, negative=None) -> latents [B, C, L]`.
+    """A pure `sample_fn(params, inputs, key, init=None, inpaint=None, negative=None, valid_frames=None) -> latents
+    [B, C, L]`.
 
     `params` = {"model", "conditioner"} states; `inputs` = the MultiConditioner's inputs for a batch of B;
     `init` latents [B, C, L] for audio-to-audio (needs settings.init_noise_level); `inpaint` = (known latents
     [B, C, L], regenerate mask [B, 1, L]): the model's trained input when it declares LOCAL_CONDITIONING, else the
     RePaint-style merge; `negative` = (the encoded negative prompts, in the form of
-    inputs["prompt"], and [B] bool: which rows have one; the others keep the null condition).
+    inputs["prompt"], and [B] bool: which rows have one; the others keep the null condition); `valid_frames` [B]
+    int: the frames each row needs (default L). With settings.length_bucket_frames > 0 the frames past them are
+    padding (the denoiser's padding_mask; zero in the result); settings.time_shift reads the longest row's need.
+    Frame-conditioner features longer than L (they span the training window) are cut to L.
     `adapter_stack`: weight adapters with noise-level intervals, whose weights are params["adapters"]; the denoiser
     applies them at each step's model time, the conditioner (run once) with them on.
     """
@@ -172,7 +193,7 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
     if settings.cfg_sigma_min > 0 or not math.isinf(settings.cfg_sigma_max):
         interval = guidance_interval(parameterization, settings.cfg_sigma_min, settings.cfg_sigma_max)
 
-    def sample_fn(params, inputs, key, init=None, inpaint=None, negative=None):
+    def sample_fn(params, inputs, key, init=None, inpaint=None, negative=None, valid_frames=None):
         if init is not None and settings.init_noise_level is None:
             raise ConfigError("init latents were given but config.init_noise_level is not set (or <= 0): pass the "
                               "noise level to start from, e.g. --config.init_noise_level=1.0 (σ) or 0.5 (t, for "
@@ -186,7 +207,15 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
             model = TimedAdapters(graphdefs["model"], params["model"], "model", adapter_stack, params["adapters"])
             conditioner = nnx.merge(graphdefs["conditioner"], apply_adapters(
                 {"conditioner": params["conditioner"]}, untimed(adapter_stack), params["adapters"])["conditioner"])
-        cond = conditioner.condition(inputs)
+        cond = _cut_to_length(conditioner.condition(inputs), shape[2])
+        frames = jnp.full((shape[0],), shape[2], jnp.int32) if valid_frames is None else jnp.asarray(valid_frames)
+        frame_mask = None
+        if settings.length_bucket_frames:
+            if PADDING_MASK not in capabilities(model):
+                raise ConfigError(f"config.length_bucket_frames={settings.length_bucket_frames}: this model takes no "
+                                  f"padding mask ({type(model).__name__}); use 0 to generate the whole window")
+            frame_mask = jnp.arange(shape[2])[None, :] < frames[:, None]  # [B, L]
+            extras["padding_mask"] = frame_mask
 
         negative_cond = None
         if negative is not None:
@@ -198,21 +227,43 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
                 cross_tokens=jnp.where(rows[:, None, None], given.cross_tokens, null.cross_tokens),
                 cross_mask=jnp.where(rows[:, None], given.cross_mask, null.cross_mask))
         if settings.guidance == "apg" and settings.cfg_scale != 1.0:
-            doubled = doubled_model(model, cond, negative_cond, **extras)
+            doubled = make_denoiser(doubled_model(model, cond, negative_cond, **extras), parameterization)
             denoise = projected_guidance_denoiser(
-                make_denoiser(doubled, parameterization), settings.cfg_scale,
-                settings.apg_parallel, settings.apg_norm_threshold, (settings.cfg_sigma_min, settings.cfg_sigma_max))
+                _zero_padding(doubled, frame_mask), settings.cfg_scale, settings.apg_parallel,
+                settings.apg_norm_threshold, (settings.cfg_sigma_min, settings.cfg_sigma_max))
         else:
             guided = guided_model(model, cond, settings.cfg_scale, settings.cfg_rescale, negative=negative_cond,
                                   interval=interval, **extras)
             denoise = make_denoiser(guided, parameterization)
         inpaint_arg = None if inpaint is None else Inpaint(*inpaint)
-        return sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,
-                      sigma_max=settings.sigma_max, rho=settings.rho, eta=settings.eta, init=init,
-                      init_sigma=settings.init_noise_level if init is not None else None, inpaint=inpaint_arg,
-                      betas=training_objective.betas, max_sigma=parameterization.interpolant.max_sigma)
+        latents = sample(settings.sampler, denoise, key, shape, steps=settings.steps, sigma_min=settings.sigma_min,
+                         sigma_max=settings.sigma_max, rho=settings.rho, eta=settings.eta, init=init,
+                         init_sigma=settings.init_noise_level if init is not None else None, inpaint=inpaint_arg,
+                         betas=training_objective.betas, max_sigma=parameterization.interpolant.max_sigma,
+                         time_shift=settings.time_shift, shift_length=jnp.max(frames))
+        return latents if frame_mask is None else jnp.where(frame_mask[:, None, :], latents, 0.0)
 
     return sample_fn
+
+
+def _cut_to_length(cond: ConditioningInputs, length: int) -> ConditioningInputs:
+    """cond with frame features (input_concat, spanning the training window) cut to the `length` frames generated."""
+    if cond.input_concat is None or cond.input_concat.shape[-1] <= length:
+        return cond
+    return cond._replace(input_concat=cond.input_concat[..., :length])
+
+
+def _zero_padding(doubled: Callable[..., jax.Array], frame_mask: jax.Array | None) -> Callable[..., jax.Array]:
+    """A doubled-batch x0-denoiser whose estimates are zero on padded frames, so APG's per-clip norms and projections
+    read the real frames only (spec §7: valid frames only)."""
+    if frame_mask is None:
+        return doubled
+    mask = jnp.concatenate([frame_mask, frame_mask], axis=0)[:, None, :]  # conditional rows, then the other half
+
+    def denoise(x, alpha, sigma):
+        return jnp.where(mask, doubled(x, alpha, sigma), 0.0).astype(x.dtype)
+
+    return denoise
 
 
 def mask_from_spans(spec: str, total_seconds: float, frames: int, frame_rate: float) -> np.ndarray:
@@ -329,32 +380,35 @@ class Generator:
                             seconds_total: Sequence[float]) -> dict[str, Any]:
         return conditioning_inputs(self.prompt_encoder(prompts), prompts, seconds_start, seconds_total)
 
-    def _sampler(self, settings: SamplerSettings) -> Callable:
-        """The jit'ed batch sampler: one `make_sampler` program of batch 1 vmapped over per-clip keys, so a clip's
-        audio depends on its own seed only, not on what else shares its batch."""
-        if settings not in self._compiled:
+    def _sampler(self, settings: SamplerSettings, length: int) -> Callable:
+        """The jit'ed batch sampler of `length` latent frames: one `make_sampler` program of batch 1 vmapped over
+        per-clip keys (and needed frames), so a clip's audio depends on its own seed only, not on what else shares its
+        batch."""
+        if (settings, length) not in self._compiled:
             single = make_sampler(self.graphdefs, self.config.objective, settings,
-                                  (1, self.latent_channels, self.latent_length), self.adapter_stack)
+                                  (1, self.latent_channels, length), self.adapter_stack)
 
-            def batched(params, inputs, keys, init, inpaint, negative):
-                def one(inputs_i, key, init_i, inpaint_i, negative_i):
+            def batched(params, inputs, keys, init, inpaint, negative, valid_frames):
+                def one(inputs_i, key, init_i, inpaint_i, negative_i, valid_i):
                     add_batch = functools.partial(jax.tree.map, lambda a: a[None])
                     return single(params, add_batch(inputs_i), key, add_batch(init_i), add_batch(inpaint_i),
-                                  add_batch(negative_i))[0]
+                                  add_batch(negative_i), valid_i[None])[0]
 
-                return jax.vmap(one)(inputs, keys, init, inpaint, negative)
+                return jax.vmap(one)(inputs, keys, init, inpaint, negative, valid_frames)
 
-            self._compiled[settings] = jax.jit(batched)
-        return self._compiled[settings]
+            self._compiled[(settings, length)] = jax.jit(batched)
+        return self._compiled[(settings, length)]
 
-    def _executable(self, settings: SamplerSettings, args: tuple) -> Callable:
-        """Ahead-of-time compiled sampler for these argument shapes; compile time goes to `compile_seconds`."""
+    def _executable(self, settings: SamplerSettings, args: tuple, length: int | None = None) -> Callable:
+        """Ahead-of-time compiled sampler for these argument shapes and `length` latent frames (default the window);
+        compile time goes to `compile_seconds`."""
+        length = self.latent_length if length is None else length
         leaves, treedef = jax.tree.flatten(args)
-        signature = (settings, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+        signature = (settings, length, treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
         if signature not in self._executables:
             began = time.perf_counter()
             with unsharded():  # one program per clip batch: its inputs' placement decides the layout
-                self._executables[signature] = self._sampler(settings).lower(*args).compile()
+                self._executables[signature] = self._sampler(settings, length).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - began
         return self._executables[signature]
 
@@ -390,8 +444,34 @@ class Generator:
                 raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
             encoded = {k: np.asarray(v) for k, v in self.prompt_encoder(list(negative_prompts)).items()}
             negative = (encoded, np.asarray([bool(p) for p in negative_prompts]))
-        args = (self.params, inputs, keys, init, inpaint, negative)
-        return self._executable(settings, args)(*args)
+        needed = np.asarray([self.frames_needed(seconds) for seconds in seconds_total], np.int32)
+        length = self.generated_length(needed, settings)
+        if length < self.latent_length:  # init and inpaint latents span the window: keep the generated frames
+            init = None if init is None else init[..., :length]
+            inpaint = None if inpaint is None else tuple(a[..., :length] for a in inpaint)
+        args = (self.params, inputs, keys, init, inpaint, negative, needed)
+        return self._executable(settings, args, length)(*args)
+
+    def frames_needed(self, seconds: float) -> int:
+        """Latent frames that hold `seconds` of audio (at least 1, at most the window)."""
+        frames = math.ceil(round(seconds * self.sample_rate / self.ratio, 6))
+        return min(max(frames, 1), self.latent_length)
+
+    def generated_length(self, needed: np.ndarray, settings: SamplerSettings) -> int:
+        """The latent frames a batch generates: the whole window, or with settings.length_bucket_frames its longest
+        clip's need rounded up to a multiple of it (at most the window)."""
+        bucket = settings.length_bucket_frames
+        if not bucket:
+            return self.latent_length
+        patch = int(self.config.model.get("patch_size", 1))
+        if bucket % patch:
+            raise ConfigError(f"config.length_bucket_frames={bucket}: must be a multiple of the model's patch_size "
+                              f"{patch}")
+        model = nnx.merge(self.graphdefs["model"], self.params["model"])
+        if PADDING_MASK not in capabilities(model):
+            raise ConfigError(f"config.length_bucket_frames={bucket}: this model takes no padding mask "
+                              f"({type(model).__name__}); use 0 to generate the whole window")
+        return min(self.latent_length, -(-int(needed.max()) // bucket) * bucket)
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         from musicdiff.models.chunking import chunked_decode

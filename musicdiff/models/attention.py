@@ -215,7 +215,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
 
 
 class SelfAttention(nnx.Module):
-    """Bidirectional multi-head self-attention with partial rotary on q and k; no mask (as the reference)."""
+    """Bidirectional multi-head self-attention with partial rotary on q and k. An optional key mask [B, L] (True =
+    a real token) removes padded keys from every query's softmax: the reference's GPU varlen path, not its CPU
+    "V-zeroing" (spec §3.4). Without one there is no mask at all, as the reference."""
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, zero_init_out: bool = True,
                  implementation: str | None = None, qk_norm: str = "none", dtype: Any = jnp.float32,
@@ -230,12 +232,13 @@ class SelfAttention(nnx.Module):
         self.to_out = Linear((num_heads, head_dim), (dim,), ("heads", "kv", "embed"), use_bias=False,
                              zero_init=zero_init_out, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         qkv = self.to_qkv(x)  # [B, L, 3, heads, head_dim]
         q, k, v = (constrain(qkv[:, :, i], ACTIVATION_HEADS) for i in range(3))
         q, k = _normalised(self.q_norm, q), _normalised(self.k_norm, k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, implementation=self.implementation)
+        mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, L]
+        out = attention(q, k, v, mask=mask, implementation=self.implementation)
         return self.to_out(constrain(out, ACTIVATION_HEADS))
 
 

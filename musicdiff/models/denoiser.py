@@ -8,7 +8,11 @@ Extras are keyword inputs a denoiser may accept for its extension points; the tr
 - `adapter_inputs`: a dict handed to every per-block adapter module (decoupled cross-attention adapters and the
   like, models/block_adapters.py), whose parameters live in their own subtree;
 - `local_cond`: [B, D, L] features time-aligned with x, added in every block (LOCAL_CONDITIONING below); for
-  inpainting D = C + 1: concat([keep mask [B, 1, L] (1 = provided context, 0 = generate), x0 · mask], channels).
+  inpainting D = C + 1: concat([keep mask [B, 1, L] (1 = provided context, 0 = generate), x0 · mask], channels);
+- `padding_mask`: [B, L] bool, True = a real latent frame (variable-length batches, spec §3.4). A denoiser declaring
+  PADDING_MASK guarantees that its outputs at real frames do not depend on the inputs at padded frames; outputs at
+  padded frames are unspecified. Callers pass it only to denoisers that declare the capability, so plain callables
+  `model(x, t, cond)` keep working.
 
 What a denoiser can do is declared, not inferred from its class:
 - `capabilities`: a frozenset of the names below;
@@ -32,6 +36,9 @@ LOCAL_CONDITIONING = "local_conditioning"
 """Accepts `local_cond=` [B, D, L] (Stable Audio 3's additive local conditioning, spec §3.2 step 8: the inpainting /
 continuation input). None or absent = all zeros = text-to-audio. Models without it take no such input, and
 generation falls back to RePaint-style inpainting for them."""
+PADDING_MASK = "padding_mask"
+"""Accepts `padding_mask=` [B, L] (True = a real frame): padded frames are kept out of self-attention's keys and
+their inputs cannot reach the real frames' outputs."""
 
 
 class ConditioningInputs(NamedTuple):
@@ -66,5 +73,6 @@ def train_flops(model: Denoiser, batch: int, length: int, cond_tokens: int) -> i
     return 3 * model.forward_flops(batch, length, cond_tokens)
 
 
-__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "LOCAL_CONDITIONING", "ConditioningInputs",
+__all__ = ["BLOCK_ADAPTERS", "BLOCK_RESIDUALS", "IMPLICIT_NULL_CONTEXT", "LOCAL_CONDITIONING", "PADDING_MASK",
+           "ConditioningInputs",
            "Denoiser", "capabilities", "train_flops"]

@@ -4,7 +4,7 @@
     model(x [B, C, L], t [B] in [0, 1], cond: ConditioningInputs(cross_tokens [B, T, cond_token_dim],
           cross_mask [B, T] bool, global_embed [B, global_cond_dim] or None,
           input_concat [B, input_concat_dim, L] or None) | None,
-          block_residuals=None, adapter_inputs=None, local_cond=None) -> [B, C, L]
+          block_residuals=None, adapter_inputs=None, local_cond=None, padding_mask=None) -> [B, C, L]
 
 With input_concat_dim > 0 (0 in SAO) the features are appended to the latent channels before patching, as the
 reference's input concatenation: preprocess_conv and project_in take (C + input_concat_dim)·patch_size channels,
@@ -23,6 +23,13 @@ cond.cross_tokens (and cross_mask) may have fewer rows than x: rows past them ge
 The context MLP and the cross-attention's kv and output projections have no bias, so zero tokens give zero values and
 an exactly zero cross-attention branch, whatever the mask. Those rows skip cross-attention: the unconditional half
 of a CFG batch costs one cross-attention less per block.
+
+Variable length (spec §3.4, §4; capability PADDING_MASK): `padding_mask` [B, L] bool (True = a real latent frame)
+zeroes the padded frames' inputs (latents and input_concat features) before patching, marks a token real when any of
+its patch_size frames is, and keeps padded tokens out of self-attention's keys (real key masking, as the reference's
+GPU varlen path; the prepended conditioning token is always a key). Cross-attention, FF and the convs act per token,
+so outputs at real frames do not depend on what the padded frames held. Without a mask the computation is the
+unmasked one, unchanged.
 
 Parameter tree and the SAO checkpoint keys it maps to (prefix `model.model.`, spec §9.2; kernels are the transposed
 PyTorch weights, split heads reshaped head-major):
@@ -58,8 +65,8 @@ from flax import nnx
 
 from musicdiff.errors import ConfigError
 from musicdiff.models.attention import Linear, rotary_dim
-from musicdiff.models.denoiser import (BLOCK_ADAPTERS, BLOCK_RESIDUALS, IMPLICIT_NULL_CONTEXT, ConditioningInputs)
-from musicdiff.models.denoiser import LOCAL_CONDITIONING
+from musicdiff.models.denoiser import (BLOCK_ADAPTERS, BLOCK_RESIDUALS, IMPLICIT_NULL_CONTEXT, LOCAL_CONDITIONING,
+                                       PADDING_MASK, ConditioningInputs)
 from musicdiff.models.local_conditioning import local_tokens
 from musicdiff.models.registry import register
 from musicdiff.models.transformer import ContinuousTransformer, DtypeFields, TransformerConfig, adapter_options
@@ -185,7 +192,7 @@ class ConditionMLP(nnx.Module):
 
 
 class DiT(nnx.Module):
-    capabilities = frozenset({IMPLICIT_NULL_CONTEXT, BLOCK_RESIDUALS, BLOCK_ADAPTERS})
+    capabilities = frozenset({IMPLICIT_NULL_CONTEXT, BLOCK_RESIDUALS, BLOCK_ADAPTERS, PADDING_MASK})
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -206,7 +213,8 @@ class DiT(nnx.Module):
             self.capabilities = DiT.capabilities | {LOCAL_CONDITIONING}
 
     def __call__(self, x: jax.Array, t: jax.Array, cond: ConditioningInputs | None = None, *,
-                 block_residuals: Any = None, adapter_inputs: Any = None, local_cond: Any = None) -> jax.Array:
+                 block_residuals: Any = None, adapter_inputs: Any = None, local_cond: Any = None,
+                 padding_mask: jax.Array | None = None) -> jax.Array:
         config = self.config
         if x.ndim != 3 or x.shape[1] != config.io_channels:
             raise ValueError(f"DiT expects latents [batch, {config.io_channels}, length], got {x.shape}")
@@ -224,16 +232,26 @@ class DiT(nnx.Module):
         p = config.patch_size
         if length % p:
             raise ValueError(f"DiT: {length} latent frames are not a multiple of config.model.patch_size={p}")
-        h = jnp.swapaxes(self._with_input_concat(x, cond), 1, 2)
+        h = jnp.swapaxes(self._with_input_concat(x, cond), 1, 2)  # [B, L, C_in]
+        token_mask = None
+        if padding_mask is not None:
+            if padding_mask.shape != (batch, length):
+                raise ValueError(f"DiT: padding_mask has shape {padding_mask.shape}; expected [{batch}, {length}]")
+            frame_mask = padding_mask.astype(bool)
+            # Zeroed, the padded frames' content cannot reach a token that also holds real frames (patch_size > 1).
+            h = jnp.where(frame_mask[:, :, None], h, jnp.zeros_like(h))
+            token_mask = jnp.any(frame_mask.reshape(batch, length // p, p), axis=-1)
         h = h.reshape(batch, length // p, p * h.shape[-1])  # [B, L/p, p·C_in], frame-major
         h = h + self.preprocess_conv(h)
         local = None
         if config.local_cond_dim:
+            if padding_mask is not None and local_cond is not None:  # padded frames carry no local input either
+                local_cond = jnp.where(padding_mask.astype(bool)[:, None, :], local_cond, jnp.zeros_like(local_cond))
             local = local_tokens(local_cond, config.local_cond_dim, batch, length, p, h.dtype)
         elif local_cond is not None:
             raise ValueError("local_cond was given but config.model.local_cond_dim is 0 (no local conditioning input)")
         out = self.transformer(h, embedding, context, cross_mask, block_residuals=block_residuals,
-                               adapter_inputs=adapter_inputs, local_cond=local)
+                               adapter_inputs=adapter_inputs, local_cond=local, token_mask=token_mask)
         out = out + self.postprocess_conv(out)
         return jnp.swapaxes(out.reshape(batch, length, channels), 1, 2).astype(x.dtype)
 

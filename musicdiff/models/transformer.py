@@ -169,13 +169,14 @@ class TransformerBlock(nnx.Module):
 
     def __call__(self, h: jax.Array, cond: jax.Array, context: jax.Array | None, context_mask: jax.Array | None,
                  cos: jax.Array, sin: jax.Array, adapter: nnx.Module | None = None,
-                 adapter_inputs: Mapping[str, Any] | None = None, local: jax.Array | None = None) -> jax.Array:
+                 adapter_inputs: Mapping[str, Any] | None = None, local: jax.Array | None = None,
+                 key_mask: jax.Array | None = None) -> jax.Array:
         if self.modulation is not None:
             mod = self.modulation(jax.nn.silu(cond))[:, :, None, :]  # [B, 6, 1, dim]
             shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, i] for i in range(6))
-            h = h + gate_sa * self.self_attn(self.pre_norm(h) * (1 + scale_sa) + shift_sa, cos, sin)
+            h = h + gate_sa * self.self_attn(self.pre_norm(h) * (1 + scale_sa) + shift_sa, cos, sin, key_mask)
         else:
-            h = h + self.self_attn(self.pre_norm(h), cos, sin)
+            h = h + self.self_attn(self.pre_norm(h), cos, sin, key_mask)
         if self.cross_attn is not None and context is not None:
             h = self._add_cross_attention(h, context, context_mask)
         if adapter is not None:
@@ -197,9 +198,9 @@ class TransformerBlock(nnx.Module):
 
 
 def _run_block(modules: tuple[TransformerBlock, nnx.Module | None], h, cond, context, context_mask, cos, sin,
-               adapter_inputs, local=None):
+               adapter_inputs, key_mask=None, local=None):
     block, adapter = modules
-    return block(h, cond, context, context_mask, cos, sin, adapter, adapter_inputs, local)
+    return block(h, cond, context, context_mask, cos, sin, adapter, adapter_inputs, local, key_mask)
 
 
 class ScaledSinusoidalEmbedding(nnx.Module):
@@ -221,7 +222,10 @@ class ScaledSinusoidalEmbedding(nnx.Module):
 
 
 class ContinuousTransformer(nnx.Module):
-    """[B, L, io] -> [B, L, io]; the conditioning token is prepended at rotary position 0 (`prepend_cond`)."""
+    """[B, L, io] -> [B, L, io]; the conditioning token is prepended at rotary position 0 (`prepend_cond`).
+
+    `token_mask` [B, L] (True = a real token) keeps padded tokens out of self-attention's keys; the prepended token
+    is always a key. Queries are not masked: padded rows get outputs computed from the real keys only."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
@@ -241,9 +245,14 @@ class ContinuousTransformer(nnx.Module):
 
     def __call__(self, x: jax.Array, cond: jax.Array, context: jax.Array | None, context_mask: jax.Array | None, *,
                  block_residuals: Sequence[jax.Array] | None = None,
-                 adapter_inputs: Mapping[str, Any] | None = None, local_cond: jax.Array | None = None) -> jax.Array:
+                 adapter_inputs: Mapping[str, Any] | None = None, local_cond: jax.Array | None = None,
+                 token_mask: jax.Array | None = None) -> jax.Array:
         """`local_cond`: [B, L, local_cond_dim] tokens for the blocks' to_local_embed (None: no local branch)."""
         h = self.project_in(x)
+        key_mask = None
+        if token_mask is not None:
+            key_mask = jnp.concatenate([jnp.ones((x.shape[0], self.prepend_length), bool), token_mask.astype(bool)],
+                                       axis=1)
         if self.prepend_length:
             h = jnp.concatenate([cond[:, None, :].astype(h.dtype), h], axis=1)
         if self.pos_emb is not None:  # after the prepended token, which takes position 0, as in the reference
@@ -257,7 +266,7 @@ class ContinuousTransformer(nnx.Module):
             raise ValueError("adapter_inputs were given but the model has no adapters (config.model.adapter)")
         for index, block in enumerate(self.layers):
             modules = (block, None if self.adapters is None else self.adapters[index])
-            args = (h, cond, context, context_mask, cos, sin, adapter_inputs)
+            args = (h, cond, context, context_mask, cos, sin, adapter_inputs, key_mask)
             if local_cond is not None:
                 args = (*args, local_cond)
             if self.remat == "none":

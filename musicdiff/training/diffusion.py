@@ -17,6 +17,11 @@ training/inpainting.py) a per-sample mask gives the denoiser `local_cond` and th
 A step whose loss or gradients are not finite leaves params, EMA and optimiser untouched
 (`update_skipped` = 1) and the runner's NaN guard stops the run after `training.max_nonfinite_steps` in a row.
 
+Variable length (spec §4): with `config.objective.mask_padding` the loss is each sample's mean over its valid frames
+(objectives.masked_mse) and a denoiser declaring PADDING_MASK also gets the batch's `padding_mask`, so clips of
+different lengths share a batch without the padding reaching the real frames. `config.objective.time_shift` (name
+"none" by default) warps the drawn t by a length-aware shift (diffusion/time_shift.py) at each sample's valid length.
+
 Batches come from data_pipelines.latent_source (keys: latents [B, C, L], padding_mask [B, L], seconds_start [B],
 seconds_total [B], bpm and beat_offset [B], tonic and mode [B] (the frame conditioners' inputs), and
 prompt_embeddings/prompt_mask (frozen T5) or prompt_input_ids/prompt_attention_mask (embedded encoder)).
@@ -39,13 +44,14 @@ import optax
 from flax import nnx
 
 from musicdiff.diffusion.objectives import make_objective
+from musicdiff.diffusion.time_shift import TimeShift
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_directory, atomic_write_bytes
 from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
 from musicdiff.models.conditioning import FRAME_CONDITIONERS, MultiConditioner
-from musicdiff.models.denoiser import Denoiser, train_flops
+from musicdiff.models.denoiser import PADDING_MASK, Denoiser, capabilities, train_flops
 from musicdiff.models.text_encoder import prompt_from_batch, text_encoder_kind
 from musicdiff.parallel.distributed import on_main_process
 from musicdiff.parallel.sharding import Rules, process_batch_rows
@@ -168,6 +174,7 @@ class DiffusionTrainer(Trainer):
         super().__init__(config)
         self.graphdefs = _graphdefs(config)
         self.objective = make_objective(config.objective)
+        self.time_shift = TimeShift.from_config(config.objective.get("time_shift"), "objective.time_shift")
         self.optimizer = self.freezing.wrap(make_optimizer(config.training))
         self.learning_rate = learning_rate_schedule(config.training)
         self.inpainting = inpainting_training(config)  # None: trained without the inpainting input
@@ -219,18 +226,23 @@ class DiffusionTrainer(Trainer):
         cond = conditioner.condition(conditioning_inputs(batch), key=drop_key, cfg_dropout_prob=cfg_dropout_prob)
         x0 = batch["latents"].astype(jnp.float32)
         t = sample_timesteps(t_key, x0.shape[0], self.config.objective)
+        if self.time_shift.active:
+            t = self.time_shift(t, jnp.sum(batch["padding_mask"].astype(jnp.float32), axis=-1))
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         x_t = self.objective.add_noise(x0, noise, t)
+        mask = batch["padding_mask"] if self.config.objective.get("mask_padding", False) else None
         extras, aux = {}, {}
+        if mask is not None and PADDING_MASK in capabilities(model):
+            extras["padding_mask"] = mask.astype(bool)
         if self.inpainting is not None:
             extras["local_cond"], keep, types = local_condition(jax.random.fold_in(key, MASK_STREAM), x0,
                                                                 batch.get("padding_mask"), self.inpainting)
         output = model(x_t, self.objective.model_time(t), cond, **extras)
-        mask = batch["padding_mask"] if self.config.objective.get("mask_padding", False) else None
-        loss = self.objective.loss(output, self.objective.target(x0, noise, t), mask)
-        if self.inpainting is not None:
-            loss, aux = inpainting_loss(self.objective, output, self.objective.target(x0, noise, t), keep, mask,
-                                        self.inpainting.context_loss_weight)
+        target = self.objective.target(x0, noise, t)
+        if self.inpainting is None:
+            loss = self.objective.loss(output, target, mask)
+        else:
+            loss, aux = inpainting_loss(self.objective, output, target, keep, mask, self.inpainting.context_loss_weight)
             aux.update(mask_type_fractions(types))
         return loss, {"std_data": jnp.std(x0), **aux}
 
