@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from musicdiff.checkpoints import path_name
 from musicdiff.config import load_config
+from musicdiff.models.weight_adapters import trainable
 from musicdiff.files import atomic_write_bytes, atomic_write_json
 from musicdiff.parallel import mesh_and_rules
 from musicdiff.parallel.sharding import sharding_context
@@ -62,7 +64,11 @@ def step_memory(trainer, config, batch: int) -> dict:
     sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes")) for name in ("argument", "output", "temp")}
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype")
                       and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
-    trained = sum(x.size for x in jax.tree.leaves(state["params"].get("adapter", state["params"])))
+    if "adapter" in state["params"]:  # the adapter's trained tensors (LoRA-XS's frozen bases are stored, not trained)
+        flat = jax.tree_util.tree_flatten_with_path(state["params"]["adapter"])[0]
+        trained = sum(x.size for path, x in flat if trainable(path_name(path)))
+    else:
+        trained = sum(x.size for x in jax.tree.leaves(state["params"]))
     return {**sizes, "peak_bytes": sizes["argument"] + sizes["temp"], "state_bytes": int(state_bytes),
             "trained_values": int(trained)}
 

@@ -73,6 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         mask="",
         mask_file="",  # .npy [latent frames], 1 = keep, 0 = generate; instead of mask
         spectrograms=True,
+        inpainting="auto",  # "auto": a model's trained inpainting input when it has one, else RePaint; "repaint"
         adapters="",  # weight adapters stacked in order: "FILE[:STRENGTH],FILE2[:STRENGTH]" (launch.train_lora output)
         adapter_sigma_min=0.0,  # the adapters act at noise levels σ/α in [min, max] only (as cfg_sigma_min/max)
         adapter_sigma_max=float("inf"),

@@ -1,6 +1,8 @@
 """Inpainting at generation (inference/inpainting.py): the trained input for models with local conditioning, the
 RePaint fallback for the others, mask files, and the records."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,8 +65,9 @@ def test_mask_file_is_keep_per_latent_frame(tmp_path):
 
 
 def test_trained_input_reaches_the_model_without_a_merge(generator, checkpoints):
-    assert generator.inpainting_method == TRAINED_INPUT
-    assert Generator.from_checkpoint(str(checkpoints[1])).inpainting_method == REPAINT_FALLBACK
+    assert generator.inpainting_method(SamplerSettings()) == TRAINED_INPUT
+    assert generator.inpainting_method(SamplerSettings(inpainting="repaint")) == REPAINT_FALLBACK
+    assert Generator.from_checkpoint(str(checkpoints[1])).inpainting_method(SamplerSettings()) == REPAINT_FALLBACK
     frame_rate = generator.sample_rate / generator.ratio
     regenerate = jnp.asarray(mask_from_spans("0.1:0.2", generator.window_seconds, LATENT_LENGTH, frame_rate))
     rng = np.random.default_rng(0)
@@ -84,6 +87,10 @@ def test_trained_input_reaches_the_model_without_a_merge(generator, checkpoints)
     keep = np.asarray(regenerate) == 0
     # no RePaint merge: the kept frames are the model's own output, not the known latents pasted back
     assert np.max(np.abs(with_known[..., keep] - np.asarray(known)[..., keep])) > 1e-2
+    # forced RePaint on the same model: the kept frames are the known latents, merged back after the last step
+    forced = dataclasses.replace(settings, inpainting="repaint")
+    repainted = np.asarray(generator.sample_latents(["x"], [0.3], forced, [0], inpaint=(known, regenerate[None, None])))
+    np.testing.assert_allclose(repainted[..., keep], np.asarray(known)[..., keep], atol=1e-5)
     # projected guidance (APG) runs the doubled batch through its own path: the input reaches it too
     apg = SamplerSettings(sampler="dpmpp-2m", steps=3, cfg_scale=3.0, sigma_min=0.05, sigma_max=10.0, guidance="apg")
     apg_known = np.asarray(generator.sample_latents(["x"], [0.3], apg, [0], inpaint=(known, regenerate[None, None])))

@@ -99,7 +99,7 @@ def generate_to_folder(config: ml_collections.ConfigDict, workdir: Path) -> list
         else:
             mask = mask_from_spans(config.mask, generator.window_seconds, generator.latent_length, frame_rate)
         inpaint = (known, jnp.asarray(mask)[None, :])
-        method = generator.inpainting_method
+        method = generator.inpainting_method(settings)
         extra.update(inpaint_audio=str(config.inpaint_audio), inpainting=method, inpainting_note=NOTES[method],
                      **({"mask_file": str(mask_file)} if mask_file else {"mask": str(config.mask)}))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ INPAINT_METHOD = REPAINT_FALLBACK  # models without the trained inpainting input
 
 
 GUIDANCE = ("cfg", "apg")
+INPAINTING_CHOICES = ("auto", "repaint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +79,12 @@ class SamplerSettings:
     init_noise_level: float | None = None  # audio-to-audio: σ (or t for ddim / rectified-flow samplers)
     length_bucket_frames: int = 0  # > 0: generate only the frames a batch needs, in multiples of this (0: the window)
     time_shift: TimeShift = TimeShift()  # length-aware shift of rectified-flow time grids ("none": off)
+    inpainting: str = "auto"  # "auto": the trained input when the model has it, else RePaint; "repaint": RePaint always
 
     def __post_init__(self):
         spec = sampler_spec(self.sampler)
+        if self.inpainting not in INPAINTING_CHOICES:
+            raise ConfigError(f"config.inpainting={self.inpainting!r}: choose one of {', '.join(INPAINTING_CHOICES)}")
         if self.length_bucket_frames < 0:
             raise ConfigError(f"config.length_bucket_frames={self.length_bucket_frames}: use 0 (generate the whole "
                               f"window) or a positive number of latent frames")
@@ -169,6 +173,13 @@ def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
     return {name: jax.tree.map(fit, value) for name, value in extras.items()}
 
 
+def inpainting_method(model: Any, settings: SamplerSettings) -> str:
+    """TRAINED_INPUT for a model with the inpainting input (unless settings.inpainting forces "repaint"), else
+    REPAINT_FALLBACK."""
+    trained = LOCAL_CONDITIONING in capabilities(model) and settings.inpainting != "repaint"
+    return TRAINED_INPUT if trained else REPAINT_FALLBACK
+
+
 def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
                  shape: tuple[int, int, int], adapter_stack: Sequence[StackEntry] = ()) -> Callable[..., jax.Array]:
     """A pure `sample_fn(params, inputs, key, init=None, inpaint=None, negative=None, valid_frames=None) -> latents
@@ -201,7 +212,7 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
         model = nnx.merge(graphdefs["model"], params["model"])
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
         extras = {}
-        if inpaint is not None and LOCAL_CONDITIONING in capabilities(model):  # trained input: no merge
+        if inpaint is not None and inpainting_method(model, settings) == TRAINED_INPUT:  # trained input: no merge
             extras["local_cond"], inpaint = local_inpaint_input(*inpaint), None
         if adapter_stack:
             model = TimedAdapters(graphdefs["model"], params["model"], "model", adapter_stack, params["adapters"])
@@ -366,11 +377,9 @@ class Generator:
         self._compiled.clear()
         self._executables.clear()
 
-    @property
-    def inpainting_method(self) -> str:
-        """How `inpaint` is carried out: TRAINED_INPUT for models with the inpainting input, else REPAINT_FALLBACK."""
-        model = nnx.merge(self.graphdefs["model"], self.params["model"])
-        return TRAINED_INPUT if LOCAL_CONDITIONING in capabilities(model) else REPAINT_FALLBACK
+    def inpainting_method(self, settings: SamplerSettings) -> str:
+        """How `inpaint` is carried out with these settings (`inpainting_method`)."""
+        return inpainting_method(nnx.merge(self.graphdefs["model"], self.params["model"]), settings)
 
     @property
     def window_seconds(self) -> float:
