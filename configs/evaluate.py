@@ -11,6 +11,10 @@ The stage is chosen by `kind` (one preset per kind):
 - autoencoder: reconstruction scores of an autoencoder checkpoint on the held-out clips of an audio folder
   (musicdiff.eval.autoencoder_eval): STFT distance, mel distance, SI-SDR, MR-STFT distance.
       --config.checkpoint=RUN --config.data.root=ROOT
+- inpainting: span inpainting of the first num_clips clips of an audio folder by each of `methods` on one diffusion
+  run (musicdiff.eval.inpainting_eval): the kept region's log-mel distance beside the autoencoder's own
+  reconstruction, and the seams at the span boundaries; `span` (fractions of the window), `seam_frames`, `generate`.
+      --config.checkpoint=RUN --config.data.root=HELDOUT
 Series: --config.checkpoints=RUN generates from every saved step of a diffusion run (settings in `generate`, a
 configs/generate.py section; prompts from `prompts_file` or the first `num_prompts` reference captions) and
 evaluates each; --config.series_dir=DIR evaluates existing sub-folders <step>/ or step_<step>/ of generations.
@@ -119,9 +123,25 @@ def _autoencoder_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _inpainting_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "inpainting"
+    c.checkpoint = ""  # the diffusion run
+    c.methods = "trained_input,repaint"  # "trained_input" needs a model trained with the inpainting input
+    c.span = (0.375, 0.625)  # the regenerated span, as fractions of the window
+    c.num_clips = 32
+    c.seed = 0
+    c.seam_frames = 8  # log-mel frames (256-sample hop) on each side of a span boundary
+    c.generate = ml_collections.ConfigDict(to_dict(load_config(f"{Path(__file__).with_name('generate.py')}:demo")))
+    c.bootstrap = ml_collections.ConfigDict(dict(resamples=1000, seed=0))
+    c.data = ml_collections.ConfigDict(dict(root="", **scan_settings()))
+    return c
+
+
 PRESETS = {"generation": functools.partial(_generation_config, "generation"),
            "embedded": functools.partial(_generation_config, "embedded"),
-           "autoencoder": _autoencoder_config}
+           "autoencoder": _autoencoder_config,
+           "inpainting": _inpainting_config}
 
 
 def get_config(arg: str = "embedded") -> ml_collections.ConfigDict:

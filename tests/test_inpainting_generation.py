@@ -122,3 +122,44 @@ def test_records_name_the_method_and_mask_file(checkpoints, tmp_path):
                            tmp_path / "b")
     with pytest.raises(ConfigError, match="inpaint_audio"):
         generate_to_folder(config(checkpoints[0], inpaint_audio="", mask="0.1:"), tmp_path / "c")
+
+
+def test_inpainting_scores_closed_forms():
+    from musicdiff.eval.inpainting_eval import clip_scores
+
+    rate = 16000
+    t = np.arange(rate) / rate
+    clip = (0.3 * np.sin(2 * np.pi * 440 * t))[None].astype(np.float32)
+    span = (6000, 10000)
+    same = clip_scores(clip, clip, clip, rate, span, 4)
+    assert same["kept_mel"] == 0.0 and same["autoencoder_mel"] == 0.0 and same["seam_mel"] == 0.0
+    jumped = clip.copy()
+    jumped[:, span[0]:span[1]] = (0.3 * np.sin(2 * np.pi * 1800 * t[span[0]:span[1]]))  # another pitch in the span
+    scores = clip_scores(clip, jumped, clip, rate, span, 4)
+    assert scores["seam_mel"] > 1.0  # a pitch jump at both boundaries the original does not have
+    assert scores["kept_mel"] == 0.0  # the kept region is the original (frames the span's STFT reaches excluded)
+
+
+def test_inpainting_evaluation_runs_both_methods(checkpoints, tmp_path):
+    from musicdiff.eval.stage import evaluate
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    t = np.arange(int(0.37 * 44100)) / 44100
+    lines = []
+    for index, freq in enumerate((220.0, 330.0)):
+        soundfile.write(folder / f"{index}.wav", np.stack([np.sin(2 * np.pi * freq * t)] * 2, 1) * 0.3, 44100)
+        lines.append(f'{{"path": "{index}.wav", "caption": "tone {index}", "license": "CC0-1.0"}}')
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    config = load_config("configs/evaluate.py:inpainting", [f"checkpoint={checkpoints[0]}", f"data.root={folder}",
+                                                           "generate.steps=2", "seam_frames=2", "data.min_seconds=0.1",
+                                                           "bootstrap.resamples=50"])
+    report = evaluate(config, tmp_path / "out")
+    assert report["clips"] == 2 and set(report["verdicts"]) == {"seam_mel"}
+    for method in ("trained_input", "repaint"):
+        assert (tmp_path / "out" / method / "001.wav").is_file()
+        assert np.isfinite(report["metrics"][f"{method}/kept_mel"]["value"])
+    plain = load_config("configs/evaluate.py:inpainting", [f"checkpoint={checkpoints[1]}", f"data.root={folder}",
+                                                          "data.min_seconds=0.1"])
+    with pytest.raises(ConfigError, match="needs a model trained with the inpainting input"):
+        evaluate(plain, tmp_path / "plain")

@@ -6,6 +6,8 @@
   per step, plus OUT/series.json and OUT/series.png) and prints the report.
 - autoencoder: reconstruction scores of an autoencoder checkpoint on held-out clips
   (musicdiff.eval.autoencoder_eval). Writes OUT/report.json, OUT/report.md, OUT/per_clip.json and prints the report.
+- inpainting: span inpainting of held-out clips by each method on one model (musicdiff.eval.inpainting_eval): the
+  kept region against the autoencoder's own reconstruction, and the seams.
 
 Each kind imports its own modules when chosen, so scoring an autoencoder loads no generation backbones.
 """
@@ -46,8 +48,16 @@ def evaluate_reconstruction(config: ml_collections.ConfigDict, workdir: Path):
     return result
 
 
+def evaluate_inpainted(config: ml_collections.ConfigDict, workdir: Path):
+    from musicdiff.eval.inpainting_eval import evaluate_inpainting
+
+    result = evaluate_inpainting(config, workdir)
+    print((Path(workdir) / "report.md").read_text())
+    return result
+
+
 EVALUATIONS = {"generation": evaluate_generated, "embedded": evaluate_generated,
-               "autoencoder": evaluate_reconstruction}
+               "autoencoder": evaluate_reconstruction, "inpainting": evaluate_inpainted}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path):
