@@ -87,7 +87,8 @@ def evaluate_inpainting(config: ml_collections.ConfigDict, workdir: Path) -> dic
         raise ConfigError(f"config.span={tuple(config.span)}: need 0 <= start < end <= 1 (fractions of the window)")
     items = scan(config).items[: int(config.num_clips)]
     if not items:
-        raise DataError(f"{config.data.root}: no usable clips to inpaint (launch.inspect_data says why clips are skipped, e.g. shorter than data.min_seconds)")
+        raise DataError(f"{config.data.root}: no usable clips to inpaint (launch.inspect_data says why clips are "
+                        f"skipped, e.g. shorter than data.min_seconds)")
     generator = Generator.from_checkpoint(str(config.checkpoint))
     rate, ratio, frames = generator.sample_rate, generator.ratio, generator.latent_length
     channels = int(generator.autoencoder.config.in_channels)
