@@ -211,9 +211,9 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
                               "ddim / rf samplers)")
         model = nnx.merge(graphdefs["model"], params["model"])
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
-        extras = {}
+        extras, pasted = {}, None
         if inpaint is not None and inpainting_method(model, settings) == TRAINED_INPUT:  # trained input: no merge
-            extras["local_cond"], inpaint = local_inpaint_input(*inpaint), None
+            extras["local_cond"], pasted, inpaint = local_inpaint_input(*inpaint), inpaint, None
         if adapter_stack:
             model = TimedAdapters(graphdefs["model"], params["model"], "model", adapter_stack, params["adapters"])
             conditioner = nnx.merge(graphdefs["conditioner"], apply_adapters(
@@ -252,6 +252,8 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
                          init_sigma=settings.init_noise_level if init is not None else None, inpaint=inpaint_arg,
                          betas=training_objective.betas, max_sigma=parameterization.interpolant.max_sigma,
                          time_shift=settings.time_shift, shift_length=jnp.max(frames))
+        if pasted is not None:  # the given audio is kept as given (as SA3's MLX and TensorRT ports; its PyTorch
+            latents = jnp.where(pasted[1] > 0, latents, pasted[0])  # code returns the model's own context frames)
         return latents if frame_mask is None else jnp.where(frame_mask[:, None, :], latents, 0.0)
 
     return sample_fn
