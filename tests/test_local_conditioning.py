@@ -1,7 +1,6 @@
 """The DiT's additive local conditioning (the inpainting input, models/local_conditioning.py): parameter tree and
 axis names, zero-init identity, the branch's closed form, patching, errors, FLOPs."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from musicdiff.models import registry
 from musicdiff.models.denoiser import LOCAL_CONDITIONING, ConditioningInputs, capabilities
 from musicdiff.models.dit import dit_forward_flops
 from musicdiff.models.local_conditioning import LocalEmbed, local_tokens
+from tests.test_dit import normal, randomize
 
 pytestmark = pytest.mark.usefixtures("unsharded")
 
@@ -29,19 +29,6 @@ def model_config(**overrides):
 
 def param_names(model):
     return {"/".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def normal(seed, shape):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def randomize(model, seed=1, scale=0.1):
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    nnx.update(model, jax.tree.unflatten(treedef, [
-        jnp.asarray(np.asarray(x) + scale * rng.normal(size=x.shape), x.dtype) for x in leaves]))
-    return model
 
 
 def inputs(batch=2, tokens=8):

@@ -20,7 +20,6 @@ the base's caption tokenizer (resumable, as launch.precompute_latents is), optio
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
