@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from musicdiff.checkpoints import find_checkpoint, load_model, restore_params_only
+from musicdiff.checkpoints import find_checkpoint, flatten_with_names, load_model, restore_params_only
 from musicdiff.config import load_config
 from musicdiff.models.weight_adapters import read_adapter
 from musicdiff.training.runner import train
@@ -36,6 +36,10 @@ def lora_config(base_run, *overrides):
                         *overrides])
 
 
+def _flat_named(tree):
+    return {name: np.asarray(value) for name, value in flatten_with_names(tree)[0].items()}
+
+
 def stored(workdir, subtree, like):
     ref = find_checkpoint(workdir)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
@@ -59,13 +63,13 @@ def test_adapter_trains_on_a_frozen_base_and_resumes_bit_exactly(base_run, tiny_
 
     config, adapter, metadata = read_adapter(tmp_path / "straight" / "adapter.safetensors")
     assert config.rank == 2 and metadata["step"] == "4"
-    b_norms = [np.abs(v).max() for k, v in _flat(adapter).items() if k.endswith("lora_b")]
+    b_norms = [np.abs(v).max() for k, v in _flat_named(adapter).items() if k.endswith("lora_b")]
     assert min(b_norms) > 0  # every layer's B left zero: the adapter trained everywhere it was put
-    assert any(k.startswith("conditioner/") for k in _flat(adapter))
+    assert any(k.startswith("conditioner/") for k in _flat_named(adapter))
 
     # The optimiser holds state for the adapter alone: Adam's two moments of every trained value, no more.
     opt_values = _opt_state_values(tmp_path / "straight")
-    trained = sum(v.size for v in _flat(adapter).values())
+    trained = sum(v.size for v in _flat_named(adapter).values())
     assert opt_values == 2 * trained
 
     # Generating from the adapter run gives its base with the adapter (EMA) folded in: the whole path from the
@@ -84,8 +88,8 @@ def test_adapter_trains_on_a_frozen_base_and_resumes_bit_exactly(base_run, tiny_
           tmp_path / "resumed")
     train(lora_config(base_run, *args), tmp_path / "resumed")
     _, resumed, _ = read_adapter(tmp_path / "resumed" / "adapter.safetensors")
-    for name, value in _flat(adapter).items():
-        np.testing.assert_array_equal(_flat(resumed)[name], value)
+    for name, value in _flat_named(adapter).items():
+        np.testing.assert_array_equal(_flat_named(resumed)[name], value)
 
 
 @pytest.mark.slow
@@ -100,16 +104,6 @@ def test_audio_folder_is_encoded_with_the_base_tokenizer_and_caption_filter(base
     manifest = json.loads((latents / "manifest.json").read_text())
     assert manifest["source"]["skipped"]["caption_filtered"] > 0
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = np.asarray(value)
-    return out
 
 
 def _opt_state_values(workdir):

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from musicdiff.checkpoints import path_name
+from musicdiff.checkpoints import flatten_with_names, path_name
 from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_write_bytes
 from musicdiff.models.attention import Linear
@@ -172,21 +172,10 @@ def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
-
-
 def layer_tensors(weights: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """{layer name: {tensor name: array}} of a nested adapter weight tree."""
     layers: dict[str, dict[str, Any]] = {}
-    for name, value in _flat(weights).items():
+    for name, value in flatten_with_names(weights)[0].items():
         layer, tensor = name.rsplit("/", 1)
         layers.setdefault(layer, {})[tensor] = value
     return layers
@@ -276,8 +265,7 @@ def apply_adapters(params: Any, stack: Sequence[StackEntry], weights: Sequence[M
 
     `t` (model time; one value per call, as samplers give, or [B] with equal rows) switches off entries whose
     interval excludes it. Entries of strength 0 are skipped. Adapted kernels come back in float32."""
-    per_layer: dict[str, list[tuple[StackEntry, dict[str, Any], Any]]] = {}
-    layer_of: dict[str, str] = {}  # parameter name -> layer name
+    per_param: dict[str, list[tuple[AdapterConfig, Target, dict[str, Any], Any]]] = {}
     for entry, tree in zip(stack, weights, strict=True):
         strength: Any = float(entry.strength)
         if entry.interval is not None:
@@ -288,16 +276,14 @@ def apply_adapters(params: Any, stack: Sequence[StackEntry], weights: Sequence[M
         elif strength == 0.0:
             continue
         for layer, tensors in layer_tensors(tree).items():
-            param_name = entry.targets[layer].param_name
-            per_layer.setdefault(param_name, []).append((entry, tensors, strength))
-            layer_of[param_name] = layer
-    if not per_layer:
+            target = entry.targets[layer]
+            per_param.setdefault(target.param_name, []).append((entry.config, target, tensors, strength))
+    if not per_param:
         return params
 
     def adapt(path, leaf):
-        entries = per_layer.get(path_name(path))
-        for entry, tensors, strength in entries or ():
-            leaf = adapt_kernel(leaf, entry.targets[layer_of[path_name(path)]], entry.config, tensors, strength)
+        for config, target, tensors, strength in per_param.get(path_name(path), ()):
+            leaf = adapt_kernel(leaf, target, config, tensors, strength)
         return leaf
 
     return jax.tree_util.tree_map_with_path(adapt, params)
@@ -355,7 +341,7 @@ def trainable(name: str) -> bool:
 
 def parameter_count(weights: Mapping[str, Any]) -> tuple[int, int]:
     """(trained, stored) numbers of values of an adapter."""
-    flat = _flat(weights)
+    flat, _ = flatten_with_names(weights)
     stored = sum(int(np.prod(np.shape(v))) for v in flat.values())
     trained = sum(int(np.prod(np.shape(v))) for k, v in flat.items() if trainable(k))
     return trained, stored
@@ -369,7 +355,7 @@ def save_adapter(path: str | Path, config: AdapterConfig, weights: Mapping[str, 
     """Writes the adapter as safetensors (atomically); its config goes to the metadata."""
     from safetensors.numpy import save
 
-    tensors = {name: np.ascontiguousarray(np.asarray(value, dtype)) for name, value in _flat(weights).items()}
+    tensors = {name: np.ascontiguousarray(np.asarray(value, dtype)) for name, value in flatten_with_names(weights)[0].items()}
     metadata = {METADATA_KEY: config.to_json(), **dict(extra_metadata or {})}
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata=metadata))

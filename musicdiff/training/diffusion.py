@@ -170,6 +170,8 @@ def _graphdefs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 class DiffusionTrainer(Trainer):
     """Denoiser + conditioner on precomputed latents (see the module docstring)."""
 
+    ema_sections: tuple[str, ...] | None = None  # the params sections the EMA follows (None: every one)
+
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.graphdefs = _graphdefs(config)
@@ -210,8 +212,9 @@ class DiffusionTrainer(Trainer):
         init_key, run_key = jax.random.split(key)
         params = self.init_params(init_key)
         self.freezing.check(params)
-        return dict(params=params, ema=jax.tree.map(jnp.copy, params), opt_state=self.optimizer.init(params),
-                    step=jnp.zeros((), jnp.int32), rng=run_key)
+        sections = self.ema_sections if self.ema_sections is not None else tuple(params)
+        return dict(params=params, ema={name: jax.tree.map(jnp.copy, params[name]) for name in sections},
+                    opt_state=self.optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=run_key)
 
     def models(self, params: Mapping[str, Any]) -> tuple[Denoiser, MultiConditioner]:
         return (nnx.merge(self.graphdefs["model"], params["model"]),

@@ -76,6 +76,7 @@ class LoraTrainer(DiffusionTrainer):
     """A weight adapter on a frozen diffusion model (see the module docstring)."""
 
     optional_sections = (ADAPTER,)
+    ema_sections = (ADAPTER,)  # the frozen base needs no EMA
 
     def __init__(self, config: ml_collections.ConfigDict):
         config = with_base(config)
@@ -114,13 +115,6 @@ class LoraTrainer(DiffusionTrainer):
                                      section) for name, section in params.items()}
         params[ADAPTER] = init_adapter(adapter_key, self.adapter_config, self.targets, params)
         return params
-
-    def init_state(self, key: jax.Array) -> dict[str, Any]:
-        init_key, run_key = jax.random.split(key)
-        params = self.init_params(init_key)
-        self.freezing.check(params)
-        return dict(params=params, ema={ADAPTER: jax.tree.map(jnp.copy, params[ADAPTER])},
-                    opt_state=self.optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=run_key)
 
     def load_weights(self, state: Any, shardings: Any, ref: CheckpointRef) -> Any:
         """The base from `ref`; the adapter is then initialised on it (DoRA magnitudes and LoRA-XS bases are
