@@ -14,14 +14,17 @@ encoder, objective, window and autoencoder; this config holds what is the adapte
   encoded with the base's autoencoder and tokenizer); caption_include / caption_exclude select clips of the folder by
   words of their captions.
 - training: Stable Audio 3's LoRA recipe (spec §8.5): AdamW(1e-4, betas 0.9/0.95, wd 0.01), constant learning rate,
-  10% CFG dropout; the EMA of the adapter is what WORKDIR/adapter.safetensors holds.
+  10% CFG dropout, on the diffusion trainer's keys (training.trainable adds patterns to the adapter's own tensors;
+  the base is always frozen); the EMA of the adapter is what WORKDIR/adapter.safetensors holds.
 - Defaults: rank 16 over every Dense layer of the DiT (add "conditioner/*" to include to adapt the conditioner's layers,
   e.g. an embedded prompt encoder meeting new words), 1000 steps, batch 8.
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from musicdiff.config import choose_preset, stage_config
+from musicdiff.config import choose_preset, load_config, stage_config
 
 PRESETS = {"": dict(rank=16, include=("model/*",), batch_size=8, num_steps=1000, learning_rate=1e-4)}
 
@@ -40,34 +43,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         exclude=(),
         base_dtype="float32",  # "bfloat16" halves the frozen base's memory; the adapter stays float32
     ))
-    c.training = ml_collections.ConfigDict(dict(
+    # The diffusion trainer's keys (the lora trainer is one), with Stable Audio 3's LoRA recipe and an adapter run's
+    # sizes in place of the diffusion presets'.
+    c.training = load_config(f"{Path(__file__).with_name('diffusion.py')}:tiny").training
+    c.training.update(dict(
         num_steps=preset["num_steps"],
-        optimizer="adamw",
         learning_rate=preset["learning_rate"],
-        b1=0.9,
         b2=0.95,
-        eps=1e-8,
         weight_decay=0.01,
         lr_schedule="constant",
-        grad_clip_norm=0.0,
         ema_decay=0.999,
-        ema_power=0.75,
-        ema_inv_gamma=1.0,
-        ema_update_after_step=1,
-        cfg_dropout_prob=0.1,
-        max_nonfinite_steps=20,
-        trainable=(),  # added to the adapter's own tensors (the base is always frozen)
-        frozen=(),
-        peak_flops_per_device=0.0,
         log_every=25,
         checkpoint_every=100,
         keep_checkpoints=2,
-        keep_period=0,
-        save_initial_checkpoint=False,
-        preemption_sync_every=10,
-        demo_every=0,
-        demo_steps=50,
-        demo_cfg_scale=6.0,
         demo_prompts=(),
     ))
     c.data = ml_collections.ConfigDict(dict(
