@@ -12,12 +12,16 @@ import numpy as np
 from musicdiff.files import atomic_path
 
 
-def log_mel(audio: np.ndarray, sample_rate: int, n_mels: int = 128, n_fft: int = 2048, hop: int = 512) -> np.ndarray:
-    """Log-mel power in dB (ref = max) of the channel mean of `audio` [channels, samples] or [samples]."""
+def log_mel(audio: np.ndarray, sample_rate: int, n_mels: int = 128, n_fft: int = 2048, hop: int = 512,
+            floor: float | None = None) -> np.ndarray:
+    """Log-mel power in dB of the channel mean of `audio` [channels, samples] or [samples]: relative to its maximum
+    (80 dB range) by default, or absolute (10·log10, power floored at `floor`) so that loudness differences show."""
     mono = np.asarray(audio, dtype=np.float32)
     if mono.ndim == 2:
         mono = mono.mean(axis=0)
     mel = librosa.feature.melspectrogram(y=mono, sr=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels)
+    if floor is not None:
+        return 10.0 * np.log10(np.maximum(mel, floor))
     return librosa.power_to_db(mel, ref=max(float(mel.max()), 1e-10), top_db=80.0)
 
 

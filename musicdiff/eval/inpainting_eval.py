@@ -19,6 +19,7 @@ OUT/per_clip.jsonl and the outputs' audio under OUT/<method>/.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from musicdiff.audio.io import load_audio, write_audio
+from musicdiff.audio.spectrogram import log_mel
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.eval.intervals import bootstrap_interval, intervals_separate
 from musicdiff.files import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -42,11 +44,7 @@ FLOOR = 1e-5  # power floor (-50 dB): silence and near-silence compare equal
 
 def _mel(audio: np.ndarray, rate: int) -> np.ndarray:
     """Log-mel power in absolute dB (not relative to each clip's maximum, so a louder output reads as louder)."""
-    import librosa
-
-    mono = np.asarray(audio, np.float32).mean(axis=0)
-    mel = librosa.feature.melspectrogram(y=mono, sr=rate, n_fft=N_FFT, hop_length=HOP, n_mels=64)
-    return 10.0 * np.log10(np.maximum(mel, FLOOR))
+    return log_mel(audio, rate, n_mels=64, n_fft=N_FFT, hop=HOP, floor=FLOOR)
 
 
 def clip_scores(original: np.ndarray, output: np.ndarray, reconstruction: np.ndarray, rate: int,
@@ -74,6 +72,7 @@ def evaluate_inpainting(config: ml_collections.ConfigDict, workdir: Path) -> dic
     """The `inpainting` kind of launch.evaluate (module docstring); returns the report."""
     from data_pipelines.audio_folder import scan
     from musicdiff.inference.generate import Generator, SamplerSettings
+    from musicdiff.inference.inpainting import REPAINT_FALLBACK, TRAINED_INPUT
 
     workdir = Path(workdir)
     if not str(config.checkpoint):
@@ -103,11 +102,11 @@ def evaluate_inpainting(config: ml_collections.ConfigDict, workdir: Path) -> dic
         clip[:, : audio.shape[1]] = audio
     known = generator.encode_audio(np.stack(clips))
     reconstructions = generator.decode(known)
-    base = dict(SamplerSettings.from_config(config.generate).__dict__)
+    base = SamplerSettings.from_config(config.generate)
     per_clip: list[dict[str, Any]] = [{"path": str(item.path), "caption": item.caption} for item in items]
     for method in methods:
-        settings = SamplerSettings(**{**base, "inpainting": METHODS[method]})
-        if generator.inpainting_method(settings) != ("repaint_fallback" if method == "repaint" else "trained_input"):
+        settings = dataclasses.replace(base, inpainting=METHODS[method])
+        if generator.inpainting_method(settings) != (TRAINED_INPUT if method == "trained_input" else REPAINT_FALLBACK):
             raise ConfigError(f"config.methods: '{method}' needs a model trained with the inpainting input "
                               f"(config.model.local_cond_dim > 0); {config.checkpoint} has none")
         for index, item in enumerate(items):
