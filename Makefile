@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # `make bench-gpu` installs jax for this accelerator: cuda (NVIDIA GPUs) or tpu.
 ACCELERATOR ?= cuda
 
-.PHONY: venv venv-dev demo test bench bench-gpu clean
+.PHONY: venv venv-dev demo lora-demo test bench bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ venv-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(PY) -m launch.demo --config=configs/demo.py:$(DEMO_PRESET) --workdir=$(DEMO_DIR)
+
+# After `make demo`, in the same folder: a DiT that never heard drums learns them from a LoRA (configs/demo.py).
+lora-demo: $(VENV)/.installed
+	$(PY) -m launch.demo --config=configs/demo.py:lora --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)

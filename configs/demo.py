@@ -1,6 +1,7 @@
 """The `make demo` pipeline: every stage on the embedded CC0 set, sized for ~15 minutes on 2 CPU cores.
 
     python -m launch.demo --workdir=demo_out [--config.fast=True]
+    python -m launch.demo --config=configs/demo.py:lora --workdir=demo_out   (after the demo: the LoRA story)
 
 Each entry of `stages` is (name, config file[:preset], overrides) and runs exactly as its CLI would:
 `python -m launch.<cli> --config=<file> --config.<override> ... --workdir=<demo_out>/<name>`; the demo prints those
@@ -10,6 +11,7 @@ folders. `fast=True` shrinks every stage (a smoke run of the wiring, not a usefu
 
 import ml_collections
 
+from data_pipelines.synthetic.render import ALL_INSTRUMENTS
 from musicdiff.config import choose_preset
 
 # The demo's own sizes (the `:sao` presets are untouched): 16 kHz mono, clips exactly one DiT window long (65,536
@@ -23,13 +25,22 @@ RENDER = (f"num_clips={NUM_CLIPS}", f"seconds={SECONDS}", f"sample_rate={SAMPLE_
 # +100: CFG 5 0.59, CFG 2 0.84). Strong guidance smears pitch around the tonic, which the key profiles read as minor:
 # at CFG 5, 7 of 16 major prompts came out as their parallel minor. Embedded FD fell too (38.7 -> 34.7). The default's
 # 1200-step DiT on this autoencoder: key 0.25 at CFG 5 (below its 0.3 bar), 0.41 at CFG 3.
+# `make lora-demo`: a DiT that never heard drums (trained like the demo's on 800 clips rendered without them), then a
+# LoRA on the demo's clips with drums. Drums because they are what an estimator can hear reliably in generated audio
+# (prompt_following.drums_share: every clip with drums and none without, real and autoencoded); the embedded
+# evaluator's instrument head could not tell instruments apart in generations (docs/fine_tuning.md).
+HELD_OUT_INSTRUMENT = "drums"
+WITHOUT_HELD_OUT = "instruments=" + repr(tuple(i for i in ALL_INSTRUMENTS if i != HELD_OUT_INSTRUMENT))
+LORA_PROMPTS, LORA_BASE_STEPS, LORA_STEPS = 48, 800, 300
 GENERATE = ("generate.sampler=rf-euler", "generate.steps=30", "generate.cfg_scale=3.0", "generate.sigma_min=0.0",
             "generate.sigma_max=1.0")
 # Training steps per preset: "" is `make demo` (~16 min on 2 quiet CPU cores, venv installed: AE 0.27 s and DiT
 # 0.31 s a step, stage startup included); "long" ~1 h there. The DiT learns tempo by step 800 (frame
 # conditioners); 1200 gives the key more. The autoencoder's 1400 steps are what its mel distance needs
 # (configs/autoencoder.py:demo).
-PRESETS = {"": dict(autoencoder=1400, diffusion=1200), "long": dict(autoencoder=4000, diffusion=5000)}
+# "lora" is `make lora-demo` (lora_stages below).
+PRESETS = {"": dict(autoencoder=1400, diffusion=1200), "long": dict(autoencoder=4000, diffusion=5000),
+           "lora": dict(diffusion=LORA_BASE_STEPS, lora=LORA_STEPS)}
 
 
 def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:
@@ -60,6 +71,34 @@ def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:
           *GENERATE)),
     )
 
+
+def lora_stages(base_steps: int, lora_steps: int) -> tuple:
+    """After `make demo`, in its folder (its autoencoder, evaluator and rendered clips are reused)."""
+    return (
+        ("data_without_drums", "prepare_data", "configs/synthetic_data.py", RENDER + (WITHOUT_HELD_OUT,)),
+        ("latents_without_drums", "precompute_latents", "configs/precompute.py:demo",
+         ("autoencoder_checkpoint={autoencoder}", "data.root={data_without_drums}")),
+        ("diffusion_without_drums", "train_diffusion", "configs/diffusion.py:demo",
+         ("data.latents={latents_without_drums}", f"training.num_steps={base_steps}",
+          f"training.checkpoint_every={base_steps}")),
+        # Rank 16 over the DiT and its prompt encoder (the word "drums" is new to the encoder: its tokenizer was built
+        # from captions without it), 10x SA3's learning rate for a run this short.
+        ("lora", "train_lora", "configs/lora.py",
+         ("init_from={diffusion_without_drums}", "data.audio={data}", "data.caption_include=('drum',)",
+          "lora.include=('model/*','conditioner/*')", "batch_size=16", "training.learning_rate=1e-3",
+          f"training.num_steps={lora_steps}", f"training.checkpoint_every={lora_steps}",
+          "training.save_initial_checkpoint=True", "training.keep_checkpoints=10")),
+        # Prompts from another seed with every instrument (most name drums); step 0 of the adapter run is the DiT
+        # without drums itself (a fresh adapter changes nothing).
+        ("lora_prompts", "prepare_data", "configs/synthetic_data.py",
+         RENDER[1:] + (f"num_clips={LORA_PROMPTS}", "seed=2")),
+        ("lora_evaluation", "evaluate", "configs/evaluate.py:embedded",
+         ("checkpoints={lora}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
+          "prompts_dir={lora_prompts}", f"num_prompts={LORA_PROMPTS}", "real_row=True",
+          f"generate.seconds_total={SECONDS}", *GENERATE)),
+    )
+
+
 FAST = {
     "data": ("num_clips=24",),
     "heldout": ("num_clips=4",),
@@ -68,14 +107,25 @@ FAST = {
     "diffusion": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5", "batch_size=8"),
     "evaluator": ("training.num_steps=10",),
     "evaluation": ("num_prompts=4", "generate.steps=4", "bootstrap.resamples=200", "bootstrap.fd_resamples=200"),
+    "data_without_drums": ("num_clips=24",),
+    "diffusion_without_drums": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5",
+                                "batch_size=8"),
+    "lora": ("training.num_steps=10", "training.checkpoint_every=10", "batch_size=2"),
+    "lora_prompts": ("num_clips=4",),
+    "lora_evaluation": ("num_prompts=4", "generate.steps=4", "bootstrap.resamples=200", "bootstrap.fd_resamples=200"),
 }
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     steps = choose_preset(arg, PRESETS)
+    lora = "lora" in steps
     return ml_collections.ConfigDict(dict(
         fast=False,
         preview_clips=4,  # captions and spectrograms of this many rendered clips
-        stages=stages(steps["autoencoder"], steps["diffusion"]),
+        stages=lora_stages(steps["diffusion"], steps["lora"]) if lora else stages(steps["autoencoder"],
+                                                                                   steps["diffusion"]),
+        summary="lora" if lora else "demo",  # which summary the run ends with (musicdiff/pipeline.py)
+        requires=("data", "autoencoder", "evaluator") if lora else (),  # earlier stages' folders this run reads
+        held_out_instrument=HELD_OUT_INSTRUMENT,
         fast_overrides=FAST,
     ))

@@ -79,9 +79,15 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Runs every stage of `config.stages` (configs/demo.py) under WORKDIR/<stage>, then writes WORKDIR/summary.json
     and WORKDIR/summary.md; returns the summary."""
     workdir = Path(workdir).resolve()
+    missing = [name for name in config.get("requires", ()) if not (workdir / name).is_dir()]
+    if missing:
+        raise DataError(f"{workdir}: no {missing[0]}/ folder; this run builds on the demo's outputs: run `make demo` "
+                        f"(python -m launch.demo --workdir={workdir}) first")
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    folders = {name: str(workdir / name) for name, *_ in config.stages}
+    # `{name}` in a stage's overrides is WORKDIR/name, for this run's stages and an earlier run's alike.
+    folders = {name: str(workdir / name) for name in [stage[0] for stage in config.stages] + list(config.get(
+        "requires", ()))}
     timings = {}
     for name, cli, config_file, overrides in config.stages:
         filled = [o.format(**folders) for o in overrides]
@@ -92,6 +98,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             print("\nrendered clips:")
             preview_clips(Path(folders["data"]), workdir / "preview", int(config.preview_clips))
     summary = {"seconds": timings, "total_seconds": sum(timings.values())}
+    if config.get("summary", "demo") == "lora":
+        return finish_lora_story(summary, workdir, str(config.held_out_instrument))
     summary["autoencoder"] = {
         "step_0": json.loads((workdir / "autoencoder_eval_step0" / "report.json").read_text()),
         "final": json.loads((workdir / "autoencoder_eval" / "report.json").read_text())}
@@ -143,11 +151,11 @@ SUMMARY_METRICS = ("tempo_acc", "key_acc", "attr_key_acc", "attr_mode_acc", "att
                    "attr_instrument_f1", "fd_embedded", "kl_embedded")
 
 
-def evaluation_lines(report: dict) -> list[str]:
+def evaluation_lines(report: dict, metrics: tuple[str, ...] = SUMMARY_METRICS) -> list[str]:
     """The evaluation table transposed (a row per metric, a column per clip set: the real clips (ceiling), their
     reconstructions, then each checkpoint step, step 0 being the floor), with each metric's verdict."""
     rows = report["rows"]
-    names = [m for m in SUMMARY_METRICS if any(m in row["metrics"] for row in rows)]
+    names = [m for m in metrics if any(m in row["metrics"] for row in rows)]
     labels = [row["name"] if row["step"] is not None else f"{row['name']} (reference)" for row in rows]
     lines = ["", f"Evaluation of {rows[0]['clips']} held-out prompts ({_crop_text(report)}); value [95% interval]:",
              "", "| metric | " + " | ".join(labels) + " | last step vs step 0 |", "|---" * (len(labels) + 2) + "|"]
@@ -221,3 +229,36 @@ def spectrogram_grid(workdir: Path, report: dict, count: int) -> Path:
                         f"not pair up")
     grid = [[by_caption[name][caption].load() for name in sets] for caption in captions]
     return save_spectrogram_grid(grid, list(sets), captions, workdir / "spectrograms.png")
+
+
+def finish_lora_story(summary: dict, workdir: Path, instrument: str) -> dict:
+    """`make lora-demo`'s summary: how often the held-out instrument is heard in generations for prompts naming it,
+    from the DiT that never heard it (the adapter run's step 0) and with the trained adapter, and the adapter's size."""
+    from safetensors import safe_open
+
+    adapter_file = workdir / "lora" / "adapter.safetensors"
+    with safe_open(str(adapter_file), framework="numpy") as handle:
+        metadata = dict(handle.metadata() or {})
+        values = sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
+    adapter = {"file": str(adapter_file), "bytes": adapter_file.stat().st_size, "stored_values": values,
+               "config": json.loads(metadata.get("musicdiff_adapter", "{}"))}
+    summary["adapter"] = adapter
+    summary["evaluation"] = json.loads((workdir / "lora_evaluation" / "report.json").read_text())
+    atomic_write_json(workdir / "lora_summary.json", summary)
+    metrics = (f"{instrument}_recall", f"{instrument}_acc", f"attr_recall_{instrument}", "tempo_acc", "key_acc",
+               "fd_embedded", "kl_embedded")
+    lines = ["# musicdiff LoRA story", "",
+             f"Total {summary['total_seconds'] / 60:.1f} min: " + ", ".join(
+                 f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items()), "",
+             f"A DiT trained like the demo's on clips without {instrument} (step 0 below), then a "
+             f"{adapter['config'].get('kind', '?')} adapter of rank {adapter['config'].get('rank', '?')} on the "
+             f"demo's clips with {instrument} ({values:,} values, {adapter['bytes'] / 1024:.0f} KiB: {adapter_file}).",
+             f"- Generated audio: {workdir / 'lora_evaluation' / 'generations'}/step_*/",
+             f"- {instrument}_recall: the share of generations for prompts naming {instrument} in which the estimator "
+             f"hears them (musicdiff/eval/prompt_following.py); {instrument}_acc: heard exactly where prompted, over "
+             f"every prompt; attr_recall_{instrument}: the embedded evaluator's view of the same."]
+    lines += evaluation_lines(summary["evaluation"], metrics)
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(workdir / "lora_summary.md", markdown)
+    print("\n" + markdown)
+    return summary

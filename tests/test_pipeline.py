@@ -62,3 +62,39 @@ def test_loss_summary_without_losses_says_which_setting(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "lr": 1e-3}) + "\n")
     with pytest.raises(DataError, match="training.log_every"):
         loss_summary(tmp_path / "metrics.jsonl")
+
+
+def test_lora_story_needs_the_demo_and_resolves_every_folder(tmp_path):
+    from configs import demo
+    from musicdiff.pipeline import run_demo
+
+    config = demo.get_config("lora")
+    with pytest.raises(DataError, match="no data/ folder.*run `make demo`"):
+        run_demo(config, tmp_path)
+    # every {name} of its stages is one of its own stages or a demo folder it requires
+    folders = {name: name for name in [s[0] for s in config.stages] + list(config.requires)}
+    for _, _, _, overrides in config.stages:
+        [o.format(**folders) for o in overrides]
+
+
+def test_lora_story_summary(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from musicdiff.pipeline import finish_lora_story
+
+    (tmp_path / "lora").mkdir()
+    save_file({"model/a/lora_a": np.zeros((4, 8), np.float32), "model/a/lora_b": np.zeros((6, 4), np.float32)},
+              str(tmp_path / "lora" / "adapter.safetensors"),
+              metadata={"musicdiff_adapter": json.dumps({"kind": "lora", "rank": 4})})
+    (tmp_path / "lora_evaluation").mkdir()
+    rows = [{"name": name, "step": step, "clips": 8, "folder": "",
+             "metrics": {"drums_recall": dict(value=v, lo=v - 0.1, hi=min(1.0, v + 0.1))}}
+            for name, step, v in (("real", None, 1.0), ("step 0", 0, 0.1), ("step 400", 400, 0.9))]
+    report = {"crop_seconds": 4.1, "verdicts": {"drums_recall": {"verdict": "improved"}}, "rows": rows}
+    (tmp_path / "lora_evaluation" / "report.json").write_text(json.dumps(report))
+    summary = finish_lora_story({"seconds": {"lora": 60.0}, "total_seconds": 60.0}, tmp_path, "drums")
+    assert summary["adapter"]["stored_values"] == 4 * 8 + 6 * 4
+    text = (tmp_path / "lora_summary.md").read_text()
+    assert "rank 4 on the demo's clips with drums (56 values" in text
+    assert "| drums_recall | 1 [0.9, 1] | 0.1 [0, 0.2] | 0.9 [0.8, 1] | improved |" in text

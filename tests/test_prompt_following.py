@@ -98,3 +98,41 @@ def test_instrument_recall_per_prompted_instrument():
     assert summary["attr_recall_piano"] == 1.0 and "attr_recall_organ" not in summary
     # micro F1 over (tp, fp, fn) = (1+2+1, 0+1+0, 1+0+0)
     assert summary["attr_instrument_f1"] == 2 * 4 / (2 * 4 + 1 + 1)
+
+
+def test_drums_share_is_bounded_by_the_band_and_reads_tones_as_none():
+    rate = 22050  # the analysis rate: no resampling, so white noise keeps a flat spectrum up to 11.025 kHz
+    rng = np.random.default_rng(0)
+    t = np.arange(4 * rate) / rate
+    # A sustained chord with partials below 4 kHz: no energy in the band at all.
+    tone = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((220.0, 440.0, 660.0, 880.0, 1320.0), 1))
+    assert pf.drums_share(tone.astype(np.float32), rate) < 1e-3
+    # Decaying white-noise bursts on every eighth note (hat-like): harmonic + percussive = the spectrogram, so the
+    # share is at most the band's share of white noise's power, (8000 - 4000) / 11025; the bursts are percussive.
+    bursts = np.zeros_like(t)
+    for start in range(0, len(t) - 2048, rate // 4):
+        bursts[start:start + 2048] = rng.standard_normal(2048) * np.exp(-np.arange(2048) / 300.0)
+    share = pf.drums_share(bursts.astype(np.float32), rate)
+    assert 0.25 < share <= 4000 / 11025 * 1.05
+    assert share >= pf.DRUMS_THRESHOLD
+
+
+def test_drums_heard_exactly_where_the_renderer_put_them():
+    per_clip = []
+    for i, allowed in enumerate((("piano", "bass", "drums"), ("organ", "lead", "drums"), ("marimba", "guitar", "drums"),
+                                 ("piano", "bass"), ("organ", "lead"), ("marimba", "guitar", "pad"))):
+        clip = render_clip(300 + i, seconds=4.0, sample_rate=16000, instruments_allowed=allowed)
+        targets = evaluator_labels.prompt_targets(clip.caption, clip.attributes)
+        assert targets["drums"] == ("drums" in clip.attributes["instruments"])
+        per_clip.append(pf.clip_prompt_following(clip.audio, 16000, targets))
+    assert [c["drums_acc"] for c in per_clip] == [1.0] * 6
+    summary = pf.summarize(per_clip)
+    assert summary["drums_recall_count"] == sum("drums_recall" in c for c in per_clip)
+    assert summary["drums_acc_count"] == 6
+
+
+def test_drums_target_from_text_only_when_named():
+    assert evaluator_labels.prompt_targets("a fast tune with busy drums")["drums"] is True
+    assert evaluator_labels.prompt_targets("piano and a drum kit")["drums"] is True
+    assert "drums" not in evaluator_labels.prompt_targets("a piano tune at 90 BPM")
+    assert evaluator_labels.prompt_targets("a piano tune", {"instruments": ["piano"]})["drums"] is False

@@ -37,13 +37,15 @@ def parse_pitch_class(name: str) -> int:
     return pitch % 12
 
 
+_DRUMS_TEXT = re.compile(r"\bdrum(s|\s+kit)?\b", re.IGNORECASE)
 _KEY_TEXT = re.compile(r"\b([A-G](?:-flat|-sharp|b|#)?)\s+(major|minor)\b")
 
 
 def prompt_targets(prompt: str, attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """{bpm, tonic, mode, instruments} the prompt asks for, from attributes when given, else from the text.
+    """{bpm, tonic, mode, instruments, drums} the prompt asks for, from attributes when given, else from the text.
 
-    Keys the prompt does not state are absent."""
+    Keys the prompt does not state are absent; `drums` (bool) is known from attributes' instruments, and from text
+    only when it names drums (a caption that does not may still mean a kit)."""
     targets: dict[str, Any] = {}
     attributes = attributes or {}
     if "bpm" in attributes:
@@ -56,6 +58,9 @@ def prompt_targets(prompt: str, attributes: Mapping[str, Any] | None = None) -> 
         targets["mode"] = attributes["mode"]
     if "instruments" in attributes:
         targets["instruments"] = list(attributes["instruments"])
+        targets["drums"] = "drums" in targets["instruments"]
+    elif _DRUMS_TEXT.search(prompt):
+        targets["drums"] = True
     if "bpm" not in targets and (bpm := prompt_bpm(prompt)):
         targets["bpm"] = bpm
     if "tonic" not in targets and (match := _KEY_TEXT.search(prompt)):
