@@ -2,6 +2,7 @@
 RePaint fallback for the others, mask files, and the records."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -157,7 +158,10 @@ def test_inpainting_evaluation_runs_both_methods(checkpoints, tmp_path):
                                                            "generate.steps=2", "seam_frames=2", "data.min_seconds=0.1",
                                                            "bootstrap.resamples=50"])
     report = evaluate(config, tmp_path / "out")
-    assert report["clips"] == 2 and set(report["verdicts"]) == {"seam_mel"}
+    assert report["clips"] == 2 and set(report["verdicts"]) == {"seam_mel", "seam_mel_difference"}
+    per_clip = [json.loads(line) for line in (tmp_path / "out" / "per_clip.jsonl").read_text().splitlines()]
+    paired = np.mean([row["trained_input/seam_mel"] - row["repaint/seam_mel"] for row in per_clip])
+    assert report["metrics"]["seam_mel_difference"]["value"] == pytest.approx(paired, abs=1e-12)
     for method in ("trained_input", "repaint"):
         assert (tmp_path / "out" / method / "001.wav").is_file()
         assert np.isfinite(report["metrics"][f"{method}/kept_mel"]["value"])
