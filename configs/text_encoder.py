@@ -1,5 +1,6 @@
-"""Text encoders. `:t5_base` is the frozen SAO text encoder (spec §5.2: t5-base, 128 tokens, 768-d); `:embedded`
-is the small encoder trained with the denoiser over a tokenizer built from the dataset captions (no download).
+"""Text encoders. `:t5_base` is the frozen SAO text encoder (spec §5.2: t5-base, 128 tokens, 768-d); `:t5gemma_b` is
+Stable Audio 3's (spec §3.3: the google/t5gemma-b-b-ul2 encoder, 256 tokens, 768-d); `:embedded` is the small
+encoder trained with the denoiser over a tokenizer built from the dataset captions (no download).
 
     python -m launch.describe --config=configs/text_encoder.py:t5_base --workdir=/tmp/describe_t5
 """
@@ -29,6 +30,27 @@ def t5_base() -> ml_collections.ConfigDict:
     ))
 
 
+def t5gemma_b() -> ml_collections.ConfigDict:
+    """Sizes as the spec gives them; the checkpoint's config.json must agree (the loader names any difference), and
+    a section without `hidden_size` takes all sizes from it."""
+    return ml_collections.ConfigDict(dict(
+        name="t5gemma",
+        path="google/t5gemma-b-b-ul2",  # a local Hugging Face directory, or a hub name fetched when online
+        max_length=256,  # SA3 pads/truncates prompts to 256 tokens (its MLX and TensorRT pipelines)
+        dtype="float32",  # compute dtype; logits and softmax stay float32 in any case (spec §10)
+        param_dtype="float32",
+        vocab_size=256000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        head_dim=64,
+        hidden_activation="gelu_pytorch_tanh",
+        attn_logit_softcapping=50.0,
+        rms_norm_eps=1e-6,
+    ))
+
+
 def embedded() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="embedded",
@@ -52,7 +74,7 @@ def embedded() -> ml_collections.ConfigDict:
     ))
 
 
-PRESETS = {"t5_base": t5_base, "embedded": embedded}
+PRESETS = {"t5_base": t5_base, "t5gemma_b": t5gemma_b, "embedded": embedded}
 
 
 def get_config(arg: str = "t5_base") -> ml_collections.ConfigDict:
