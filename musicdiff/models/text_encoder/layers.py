@@ -54,6 +54,41 @@ class RMSNorm(nnx.Module):
         return ((1.0 + scale if self.unit_offset else scale) * normed).astype(x.dtype)
 
 
+class AttentionKernels(nnx.Module):
+    """The bias-free projections of multi-head self-attention: query [dim, heads, head_dim], key and value [dim,
+    kv_heads, head_dim] (kv_heads < heads: grouped-query attention), out [heads, head_dim, dim]. Subclasses (the T5
+    and T5Gemma attentions) say how queries meet keys."""
+
+    adaptable_kernels = {"query": 1, "key": 1, "value": 1, "out": 2}  # weight adapters' targets (in-axes counts)
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, *, query_std: float, rngs: nnx.Rngs,
+                 dtype: Any, param_dtype: Any):
+        names = ("embed", "heads", "kv")
+        self.query = nnx.Param(normal(rngs, (dim, heads, head_dim), query_std, param_dtype), out_sharding=names)
+        self.key = nnx.Param(normal(rngs, (dim, kv_heads, head_dim), dim**-0.5, param_dtype), out_sharding=names)
+        self.value = nnx.Param(normal(rngs, (dim, kv_heads, head_dim), dim**-0.5, param_dtype), out_sharding=names)
+        self.out = nnx.Param(normal(rngs, (heads, head_dim, dim), (heads * head_dim) ** -0.5, param_dtype),
+                             out_sharding=("heads", "kv", "embed"))
+        self.dtype = dtype
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, dim] -> q [B, T, heads, head_dim], k and v [B, T, kv_heads, head_dim] in the compute dtype."""
+        q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(self.dtype))
+                   for kernel in (self.query, self.key, self.value))
+        return constrain(q, ("activation_batch", "activation_length", "activation_heads", None)), k, v
+
+    def output(self, context: jax.Array) -> jax.Array:
+        """context [B, T, heads, head_dim] -> [B, T, dim]."""
+        return jnp.einsum("bqhk,hkd->bqd", context, self.out[...].astype(self.dtype))
+
+
+def embed_tokens(table: nnx.Param, input_ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows of the [vocab, dim] embedding table for `input_ids` [B, T], in `dtype`, laid out as activations."""
+    # Gathering from the fsdp-split table directly makes XLA rematerialise it; all-gather its embed dim first.
+    x = jnp.take(constrain(table[...], ("vocab", None)), input_ids, axis=0).astype(dtype)
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
 class FeedForward(nnx.Module):
     """wo(act(wi x)), or gated wo(act(wi x) * wi_gate x) (T5 v1.1's gated-gelu, Gemma's GeGLU); no biases."""
 

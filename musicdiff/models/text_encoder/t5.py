@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 from musicdiff.errors import ConfigError
-from musicdiff.models.text_encoder.layers import (ACTIVATIONS, FeedForward, RMSNorm, dot_product_attention, normal,
-                                                  padding_bias)
+from musicdiff.models.text_encoder.layers import (ACTIVATIONS, AttentionKernels, FeedForward, RMSNorm,
+                                                  dot_product_attention, embed_tokens, normal, padding_bias)
 from musicdiff.parallel.sharding import constrain
 
 # feed_forward_proj's ACT: the activations T5 configs name ("gelu_pytorch_tanh" is Gemma's name for gelu_new).
@@ -88,31 +88,18 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     return (buckets + np.where(distance < max_exact, distance, large)).astype(np.int32)
 
 
-class T5Attention(nnx.Module):
+class T5Attention(AttentionKernels):
     """Multi-head self-attention without 1/sqrt(d) scaling; q/k/v kernels [d_model, heads, d_kv], out [heads, d_kv,
     d_model]. Initialised as Hugging Face's T5 (the query std carries the missing 1/sqrt(d_kv))."""
 
-    adaptable_kernels = {"query": 1, "key": 1, "value": 1, "out": 2}  # weight adapters' targets (in-axes counts)
-
     def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
         d, h, k = config.d_model, config.num_heads, config.d_kv
-        names = ("embed", "heads", "kv")
-        self.query = nnx.Param(normal(rngs, (d, h, k), (d * k) ** -0.5, param_dtype), out_sharding=names)
-        self.key = nnx.Param(normal(rngs, (d, h, k), d**-0.5, param_dtype), out_sharding=names)
-        self.value = nnx.Param(normal(rngs, (d, h, k), d**-0.5, param_dtype), out_sharding=names)
-        self.out = nnx.Param(normal(rngs, (h, k, d), (h * k) ** -0.5, param_dtype),
-                             out_sharding=("heads", "kv", "embed"))
-        self.dtype = dtype
+        super().__init__(d, h, h, k, query_std=(d * k) ** -0.5, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """x [B, T, D]; bias [B or 1, heads, T, T] float32 (relative positions plus the padding mask)."""
-        cast = lambda p: p[...].astype(self.dtype)
-        q = jnp.einsum("btd,dhk->bthk", x, cast(self.query))
-        k = jnp.einsum("btd,dhk->bthk", x, cast(self.key))
-        v = jnp.einsum("btd,dhk->bthk", x, cast(self.value))
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
-        context = dot_product_attention(q, k, v, bias, dtype=self.dtype)
-        return jnp.einsum("bqhk,hkd->bqd", context, cast(self.out))
+        q, k, v = self.project(x)
+        return self.output(dot_product_attention(q, k, v, bias, dtype=self.dtype))
 
 
 class T5Block(nnx.Module):
@@ -164,12 +151,9 @@ class T5Encoder(nnx.Module):
         """`token_offsets` [B, T, d_model], if given, is added to the token embeddings (the number-aware encoder's
         values of numbers, text_encoder/numbers.py)."""
         mask = attention_mask.astype(bool)
-        # Gathering from the fsdp-split table directly makes XLA rematerialise it; all-gather its embed dim first.
-        table = constrain(self.shared[...], ("vocab", None))
-        x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
+        x = embed_tokens(self.shared, input_ids, self.dtype)
         if token_offsets is not None:
             x = x + token_offsets.astype(self.dtype)
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
         bias = self.position_bias(input_ids.shape[1]) + padding_bias(mask)
         for block in self.blocks:

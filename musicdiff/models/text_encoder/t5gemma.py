@@ -35,8 +35,8 @@ from musicdiff.errors import ConfigError
 from musicdiff.models.attention import apply_rotary, rotary_angles
 from musicdiff.models.text_encoder.hf_checkpoint import (KeyMap, load_hf_encoder, read_hf_config,
                                                          resolve_checkpoint_dir)
-from musicdiff.models.text_encoder.layers import (ACTIVATIONS, FeedForward, RMSNorm, dot_product_attention, normal,
-                                                  padding_bias)
+from musicdiff.models.text_encoder.layers import (ACTIVATIONS, AttentionKernels, FeedForward, RMSNorm,
+                                                  dot_product_attention, embed_tokens, normal, padding_bias)
 from musicdiff.parallel.sharding import DEFAULT_SHARDING_RULES, Rules, constrain
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -47,20 +47,22 @@ class T5GemmaEncoderConfig:
     """The fields of a T5Gemma encoder config that the network needs (defaults: google/t5gemma-b-b-ul2 as the spec
     describes it; a checkpoint's config.json is authoritative)."""
 
+    # Sizes the spec states (12 layers, 768 wide, 12 heads, GeGLU 2048).
     vocab_size: int = 256000
     hidden_size: int = 768
     intermediate_size: int = 2048
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
+    # Not stated by the spec: 64 = 768 / 12 per head, no key/value grouping, queries scaled by head_dim^-1/2.
     num_key_value_heads: int = 12
     head_dim: int = 64
+    query_pre_attn_scalar: float = 64
+    # Gemma-2's: tanh GELU, norm epsilon, attention soft-cap, RoPE base and the window of "sliding_attention" layers.
     hidden_activation: str = "gelu_pytorch_tanh"
     rms_norm_eps: float = 1e-6
-    query_pre_attn_scalar: float = 64
     attn_logit_softcapping: float | None = 50.0
     rope_theta: float = 10000.0
     sliding_window: int | None = 4096
-    # One of LAYER_TYPES per layer; empty: Hugging Face's default, sliding first and then alternating.
     layer_types: tuple[str, ...] = ()
 
     @classmethod
@@ -110,37 +112,26 @@ class T5GemmaEncoderConfig:
         return "sliding_attention" if (index + 1) % 2 else "full_attention"
 
 
-class T5GemmaAttention(nnx.Module):
+class T5GemmaAttention(AttentionKernels):
     """Bidirectional self-attention with RoPE, Gemma's query scaling and logit soft-capping, and grouped-query keys
-    and values. Kernels: query [hidden, heads, head_dim], key/value [hidden, kv_heads, head_dim], out [heads,
-    head_dim, hidden]."""
-
-    adaptable_kernels = {"query": 1, "key": 1, "value": 1, "out": 2}  # weight adapters' targets (in-axes counts)
+    and values (query [hidden, heads, head_dim], key/value [hidden, kv_heads, head_dim])."""
 
     def __init__(self, config: T5GemmaEncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-        d, h, g, k = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        names = ("embed", "heads", "kv")
-        self.query = nnx.Param(normal(rngs, (d, h, k), d**-0.5, param_dtype), out_sharding=names)
-        self.key = nnx.Param(normal(rngs, (d, g, k), d**-0.5, param_dtype), out_sharding=names)
-        self.value = nnx.Param(normal(rngs, (d, g, k), d**-0.5, param_dtype), out_sharding=names)
-        self.out = nnx.Param(normal(rngs, (h, k, d), (h * k) ** -0.5, param_dtype),
-                             out_sharding=("heads", "kv", "embed"))
-        self.groups = h // g
+        d, h = config.hidden_size, config.num_attention_heads
+        super().__init__(d, h, config.num_key_value_heads, config.head_dim, query_std=d**-0.5, rngs=rngs,
+                         dtype=dtype, param_dtype=param_dtype)
+        self.groups = h // config.num_key_value_heads
         self.scale = float(config.query_pre_attn_scalar) ** -0.5
         self.softcap = config.attn_logit_softcapping
-        self.dtype = dtype
 
     def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [B, T, hidden]; bias [B, 1, T or 1, T] float32 (padding and window); cos, sin [T, head_dim]."""
-        cast = lambda p: p[...].astype(self.dtype)
-        q = apply_rotary(jnp.einsum("btd,dhk->bthk", x, cast(self.query)), cos, sin)
-        k = apply_rotary(jnp.einsum("btd,dhk->bthk", x, cast(self.key)), cos, sin)
-        v = jnp.einsum("btd,dhk->bthk", x, cast(self.value))
+        q, k, v = self.project(x)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Query head i reads key/value head i // groups (Hugging Face's repeat_kv).
         k, v = jnp.repeat(k, self.groups, axis=2), jnp.repeat(v, self.groups, axis=2)
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
-        context = dot_product_attention(q, k, v, bias, dtype=self.dtype, scale=self.scale, softcap=self.softcap)
-        return jnp.einsum("bqhk,hkd->bqd", context, cast(self.out))
+        return self.output(dot_product_attention(q, k, v, bias, dtype=self.dtype, scale=self.scale,
+                                                 softcap=self.softcap))
 
 
 class T5GemmaBlock(nnx.Module):
@@ -189,12 +180,9 @@ class T5GemmaEncoder(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         mask = attention_mask.astype(bool)
         length = input_ids.shape[1]
-        # Gathering from the fsdp-split table directly makes XLA rematerialise it; all-gather its embed dim first.
-        table = constrain(self.embed_tokens[...], ("vocab", None))
-        x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
         # Hugging Face rounds the normaliser to the hidden dtype first (bfloat16: sqrt(768) becomes 27.75).
-        x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = embed_tokens(self.embed_tokens, input_ids, self.dtype) * jnp.asarray(self.config.hidden_size**0.5,
+                                                                                  self.dtype)
         cos, sin = rotary_angles(length, self.config.head_dim, self.config.rope_theta)
         full_bias = padding_bias(mask)
         sliding_bias = full_bias
