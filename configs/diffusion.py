@@ -78,10 +78,13 @@ EMBEDDED_TEXT = dict(vocab_size=1024, d_model=64, d_kv=16, d_ff=128, num_layers=
                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, max_length=32)
 
 
+# SAO's training demos (spec §3.4), for the pretrained text encoders.
+SAO_DEMO_PROMPTS = ("Amen break 174 BPM", "A beautiful orchestral symphony, classical music",
+                    "Chill hip-hop beat, chillhop", "A pop song about love and loss")
 DEMO_PROMPTS = {
-    # SAO's training demos (spec §3.4) and captions in the style of the embedded set.
-    "t5": ("Amen break 174 BPM", "A beautiful orchestral symphony, classical music", "Chill hip-hop beat, chillhop",
-           "A pop song about love and loss"),
+    # SAO's demos and captions in the style of the embedded set.
+    "t5": SAO_DEMO_PROMPTS,
+    "t5gemma": SAO_DEMO_PROMPTS,
     "embedded": ("an upbeat track in A minor at 128 BPM with plucked bass and drums",
                  "a calm piano piece in C major at 80 BPM"),
 }
@@ -91,10 +94,15 @@ DEMO_PROMPTS = {
 # prompt_encoder section (musicdiff/models/text_encoder/builtin.py).
 PROMPT_CONDITIONERS = {
     "t5": dict(id="prompt", type="t5", config=dict(t5_model_name="t5-base", max_length=128)),
+    # Stable Audio 3's prompt (spec §3.3): 256 tokens, pads replaced by a learned vector, no projection at 768.
+    "t5gemma": dict(id="prompt", type="t5gemma", config=dict(t5gemma_model_name="google/t5gemma-b-b-ul2",
+                                                             max_length=256, padding_mode="learned")),
     "embedded": dict(id="prompt", type="embedded", config=EMBEDDED_TEXT),
 }
 PROMPT_ENCODERS = {
     "t5": dict(name="t5", path="t5-base", max_length=128, dtype="float32", param_dtype="float32"),
+    "t5gemma": dict(name="t5gemma", path="google/t5gemma-b-b-ul2", max_length=256, dtype="float32",
+                    param_dtype="float32"),
     "embedded": dict(name="embedded", tokenizer_path="", max_length=EMBEDDED_TEXT["max_length"],
                      vocab_size=EMBEDDED_TEXT["vocab_size"]),
 }

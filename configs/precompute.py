@@ -54,7 +54,8 @@ def _embedded_section() -> ml_collections.ConfigDict:
 
 
 # The text_encoder section of each text-encoder kind a preset's `text` may name.
-TEXT_ENCODER_SECTIONS = {"t5": lambda: _sibling("text_encoder").t5_base(), "embedded": _embedded_section}
+TEXT_ENCODER_SECTIONS = {"t5": lambda: _sibling("text_encoder").t5_base(),
+                         "t5gemma": lambda: _sibling("text_encoder").t5gemma_b(), "embedded": _embedded_section}
 
 
 def _text_encoder(kind: str) -> ml_collections.ConfigDict:

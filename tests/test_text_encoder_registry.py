@@ -132,7 +132,7 @@ def test_a_registered_kind_is_what_every_stage_dispatches_to(toy_kind, tmp_path)
 
 def test_an_unknown_text_encoder_names_the_key_and_the_registered_kinds():
     registered = ", ".join(text_encoder_names())
-    assert registered == "embedded, t5"
+    assert registered == "embedded, t5, t5gemma"
     with pytest.raises(ConfigError, match=f"config.text_encoder.name='clap': no such text encoder; registered text "
                                           f"encoders: {registered}"):
         text_encoder_kind("clap")

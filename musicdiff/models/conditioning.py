@@ -9,6 +9,8 @@ The `conditioning` structure is the one in a stable-audio-tools `model_config.js
   checkpoint): pass precomputed `{"embeddings", "mask"}` (see text_encoder.encode_captions) or token ids together
   with `encoders={id: t5}` at call time; gradients never flow into it;
 - "embedded": text from the small trainable T5-style encoder owned by this module (its `config` holds the sizes);
+- "t5gemma": text from a frozen T5Gemma encoder (Stable Audio 3), passed like "t5"; SA3's entry sets
+  `padding_mode: "learned"` (below);
 - "beat_grid", "key_chroma": frame conditioners (models/frame_conditioner.py): a tempo as beat features, a key as
   pitch-class features, [B, F, frames] each, no parameters.
 Routing (`cross_attention_cond_ids`, `global_cond_ids`, `input_concat_cond_ids`) builds the cross-attention tokens
@@ -46,22 +48,36 @@ from musicdiff.models.registry import register
 from musicdiff.models.text_encoder import is_text_encoder, text_encoder_kind, text_encoder_names
 
 
+PADDING_MODES = ("zero", "learned")
+
+
 class TextConditioner(nnx.Module):
-    """Text tokens [B, T, dim] -> [B, T, output_dim], padded positions zero.
+    """Text tokens [B, T, dim] -> [B, T, output_dim]; padded positions zero, or a learned vector.
 
     A Linear(dim -> output_dim, bias) runs when the widths differ or `project_out` is set (reference Conditioner);
-    the mask is applied after it, as the reference does, so pads stay exactly zero. `encoder` is owned (trainable,
-    "embedded"); a frozen T5 is passed at call time instead.
+    the padding is applied after it, as the reference does, so pads are exactly zero ("zero") or exactly the learned
+    `padding_embedding` [output_dim] ("learned": Stable Audio 3's `padding_mode="learned"`, its checkpoint key
+    `conditioner.conditioners.prompt.padding_embedding`). The mask is returned unchanged: SA3's DiT attends to every
+    token, learned pads included, which here means `model.use_cross_attn_mask=False` (with the mask on, the DiT
+    never reads the padding embedding). `encoder` is owned (trainable, "embedded"); a frozen encoder (T5, T5Gemma)
+    is passed at call time instead.
     """
 
     def __init__(self, dim: int, output_dim: int, *, rngs: nnx.Rngs, project_out: bool = False,
-                 encoder: nnx.Module | None = None, dtype: Any = jnp.float32):
+                 encoder: nnx.Module | None = None, padding_mode: str = "zero", dtype: Any = jnp.float32):
+        if padding_mode not in PADDING_MODES:
+            raise ConfigError(f"text conditioner padding_mode={padding_mode!r}: expected one of "
+                              f"{', '.join(PADDING_MODES)}")
         self.encoder = encoder
         self.project = project_out or dim != output_dim
         if self.project:
             self.kernel = nnx.Param(torch_linear_init(rngs, dim, (dim, output_dim)),
                                     out_sharding=("embed", "cond_embed"))
             self.bias = nnx.Param(torch_linear_init(rngs, dim, (output_dim,)), out_sharding=("cond_embed",))
+        if padding_mode == "learned":
+            # Zero at init: a fresh conditioner pads exactly as "zero" does until training (or SA3's weights) move it.
+            self.padding_embedding = nnx.Param(jnp.zeros((output_dim,), jnp.float32), out_sharding=("cond_embed",))
+        self.padding_mode = padding_mode
         self.dim, self.output_dim, self.dtype = dim, output_dim, dtype
 
     def __call__(self, inputs: Mapping[str, jax.Array], frozen_encoder: nnx.Module | None = None
@@ -82,6 +98,8 @@ class TextConditioner(nnx.Module):
         x = embeddings.astype(self.dtype)
         if self.project:
             x = x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        if self.padding_mode == "learned":
+            return jnp.where(mask[..., None], x, self.padding_embedding[...].astype(x.dtype)), mask
         return x * mask[..., None].astype(x.dtype), mask
 
 
@@ -110,7 +128,7 @@ def build_conditioner(entry: Mapping[str, Any], cond_dim: int, rngs: nnx.Rngs, d
     if is_text_encoder(kind):
         dim, encoder = text_encoder_kind(kind).conditioner_encoder(entry["id"], config, rngs, dtype)
         return TextConditioner(dim, output_dim, rngs=rngs, project_out=config.get("project_out", False),
-                               encoder=encoder, dtype=dtype)
+                               encoder=encoder, padding_mode=config.get("padding_mode", "zero"), dtype=dtype)
     raise ConfigError(f"conditioning '{entry['id']}': type {kind!r} is not supported; use number, beat_grid, "
                       f"key_chroma or a text encoder ({', '.join(text_encoder_names())})")
 

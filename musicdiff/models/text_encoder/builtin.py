@@ -1,6 +1,8 @@
-"""The two text encoders of this codebase, registered under the names config sections use:
+"""The text encoders of this codebase, registered under the names config sections use:
 
 - "t5": a frozen T5 from a local Hugging Face directory or hub name (`path`); precompute stores its embeddings.
+- "t5gemma": a frozen T5Gemma encoder (Stable Audio 3's, text_encoder/t5gemma.py) from `path`, used as "t5" is;
+  its prompt conditioner entry usually sets `padding_mode="learned"` (models/conditioning.py), as Stable Audio 3 does.
 - "embedded": the same architecture, small and randomly initialised, owned and trained by the prompt conditioner;
   precompute builds a byte-level BPE tokenizer from the dataset captions into OUT/tokenizer and stores token ids.
   With `number_max` > 0 in the conditioner entry, digit tokens also carry the value of their number
@@ -31,6 +33,7 @@ from musicdiff.models.text_encoder.hf_checkpoint import load_t5_encoder, resolve
 from musicdiff.models.text_encoder.registry import (CaptionFieldsFn, PromptEncoderFn, TextEncoderKind,
                                                     register_text_encoder)
 from musicdiff.models.text_encoder.t5 import T5Encoder, T5EncoderConfig
+from musicdiff.models.text_encoder.t5gemma import T5GemmaEncoder, T5GemmaEncoderConfig, load_t5gemma_encoder
 from musicdiff.models.text_encoder.tokenizers import (TextTokenizer, build_caption_tokenizer,
                                                       load_caption_tokenizer)
 from musicdiff.parallel.sharding import DEFAULT_SHARDING_RULES, Rules
@@ -44,6 +47,8 @@ T5_DIMS = {
     "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
     "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096,
 }
+# Output width of Stable Audio 3's T5Gemma encoder (spec §3.3); other checkpoints: set the conditioner's `dim`.
+T5GEMMA_DIMS = {"google/t5gemma-b-b-ul2": 768}
 
 
 def _dtype(section: ml_collections.ConfigDict, key: str) -> Any:
@@ -53,13 +58,43 @@ def _dtype(section: ml_collections.ConfigDict, key: str) -> Any:
     return jnp.dtype(name)
 
 
+def _sizes(section: ml_collections.ConfigDict, width_key: str) -> dict[str, Any]:
+    """The section's values; a section without sizes (no `width_key`) takes them from `path`/config.json (a T5Gemma
+    config.json's sizes sit in its `encoder` sub-config, which the section's own keys then override)."""
+    values = dict(section)
+    if width_key not in values and values.get("path"):
+        directory = resolve_checkpoint_dir(values["path"])
+        loaded = json.loads((directory / "config.json").read_text())
+        values = {**loaded, **loaded.get("encoder", {}), **values}
+        values.pop("encoder", None)
+    return values
+
+
 def encoder_config_from(section: ml_collections.ConfigDict) -> T5EncoderConfig:
     """Sizes from the config section; a "t5" section without sizes reads them from `path`/config.json."""
-    values = dict(section)
-    if "d_model" not in values and values.get("path"):
-        directory = resolve_checkpoint_dir(values["path"])
-        values = {**json.loads((directory / "config.json").read_text()), **values}
-    return T5EncoderConfig.from_mapping(values)
+    return T5EncoderConfig.from_mapping(_sizes(section, "d_model"))
+
+
+def _check_sizes(section: ml_collections.ConfigDict, loaded: Any, skip: tuple[str, ...] = ()) -> None:
+    """Sizes the section gives must be those of the checkpoint at `path` (`loaded`: its encoder config)."""
+    for field in dataclasses.fields(loaded):
+        if field.name not in skip and field.name in section:
+            value = getattr(loaded, field.name)
+            given = tuple(section[field.name]) if isinstance(value, tuple) else section[field.name]
+            if given != value:
+                raise ConfigError(f"config.text_encoder.{field.name}={section[field.name]!r}: the checkpoint at "
+                                  f"{section.path} has {value!r}; use --config.text_encoder.{field.name}={value!r}")
+
+
+def _conditioner_dim(entry_id: str, config: Mapping[str, Any], name_key: str, default_name: str,
+                     dims: Mapping[str, int]) -> int:
+    """A frozen encoder's token width: the entry's `dim`, else the width of the model its `name_key` names."""
+    name = config.get(name_key, default_name)
+    dim = config.get("dim", dims.get(name))
+    if dim is None:
+        raise ConfigError(f"conditioning '{entry_id}': unknown {name_key} {name!r}; set config.dim to its "
+                          f"width or use one of {', '.join(dims)}")
+    return dim
 
 
 def _sized_encoder(section: ml_collections.ConfigDict, rngs: nnx.Rngs) -> T5Encoder:
@@ -80,26 +115,46 @@ class T5Kind(FrozenEmbeddingsKind):
         """Frozen weights from `path`; sizes in the section, if given, must agree with its config.json."""
         encoder = load_t5_encoder(section.path, mesh=mesh, rules=rules, dtype=_dtype(section, "dtype"),
                                   param_dtype=_dtype(section, "param_dtype"))
-        for field in dataclasses.fields(T5EncoderConfig):
-            if field.name != "dropout_rate" and field.name in section:
-                loaded = getattr(encoder.config, field.name)
-                if section[field.name] != loaded:
-                    raise ConfigError(f"config.text_encoder.{field.name}={section[field.name]!r}: the checkpoint "
-                                      f"at {section.path} has {loaded!r}; use "
-                                      f"--config.text_encoder.{field.name}={loaded!r}")
+        _check_sizes(section, encoder.config, skip=("dropout_rate",))
         return encoder, TextTokenizer(section.path, section.max_length)
 
     def conditioner_encoder(self, entry_id: str, config: Mapping[str, Any], rngs: nnx.Rngs, dtype: Any
                             ) -> tuple[int, None]:
-        name = config.get("t5_model_name", "t5-base")
-        dim = config.get("dim", T5_DIMS.get(name))
-        if dim is None:
-            raise ConfigError(f"conditioning '{entry_id}': unknown t5_model_name {name!r}; set config.dim to its "
-                              f"width or use one of {', '.join(T5_DIMS)}")
-        return dim, None
+        return _conditioner_dim(entry_id, config, "t5_model_name", "t5-base", T5_DIMS), None
 
     def embedding_dim(self, section: ml_collections.ConfigDict) -> int:
         return encoder_config_from(section).d_model
+
+    def checkpoint_id(self, section: ml_collections.ConfigDict) -> str:
+        return section.path
+
+
+@register_text_encoder
+class T5GemmaKind(FrozenEmbeddingsKind):
+    """Stable Audio 3's prompt encoder: padded/truncated to `max_length` tokens (SA3: 256) by the checkpoint's own
+    tokenizer; its prompt conditioner entry sets `padding_mode="learned"` (conditioning.TextConditioner)."""
+
+    name = "t5gemma"
+
+    def build(self, section: ml_collections.ConfigDict, rngs: nnx.Rngs) -> T5GemmaEncoder:
+        """Randomly initialised T5Gemma encoder of the configured size (describe, tests); weights come from `load`."""
+        return T5GemmaEncoder(T5GemmaEncoderConfig.from_mapping(_sizes(section, "hidden_size")), rngs=rngs,
+                              dtype=_dtype(section, "dtype"), param_dtype=_dtype(section, "param_dtype"))
+
+    def load(self, section: ml_collections.ConfigDict, rngs: nnx.Rngs, *, mesh: Mesh | None = None,
+             rules: Rules = DEFAULT_SHARDING_RULES) -> tuple[T5GemmaEncoder, TextTokenizer]:
+        """Frozen weights and tokenizer from `path`; sizes in the section, if given, must agree with its config.json."""
+        encoder = load_t5gemma_encoder(section.path, mesh=mesh, rules=rules, dtype=_dtype(section, "dtype"),
+                                       param_dtype=_dtype(section, "param_dtype"))
+        _check_sizes(section, encoder.config)
+        return encoder, TextTokenizer(section.path, section.max_length)
+
+    def conditioner_encoder(self, entry_id: str, config: Mapping[str, Any], rngs: nnx.Rngs, dtype: Any
+                            ) -> tuple[int, None]:
+        return _conditioner_dim(entry_id, config, "t5gemma_model_name", "google/t5gemma-b-b-ul2", T5GEMMA_DIMS), None
+
+    def embedding_dim(self, section: ml_collections.ConfigDict) -> int:
+        return T5GemmaEncoderConfig.from_mapping(_sizes(section, "hidden_size")).hidden_size
 
     def checkpoint_id(self, section: ml_collections.ConfigDict) -> str:
         return section.path

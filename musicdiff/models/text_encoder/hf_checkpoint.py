@@ -1,9 +1,10 @@
-"""Hugging Face T5 checkpoints: directory or hub-name resolution, safetensors reading (bfloat16 included) and the
-key map that streams the encoder's tensors straight into sharded NNX parameters."""
+"""Hugging Face checkpoints: directory or hub-name resolution, safetensors reading (bfloat16 included), the loader
+that streams an encoder's tensors straight into sharded NNX parameters by a key map, and T5's key map."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from musicdiff.parallel.sharding import Rules
 
 _CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
                      "special_tokens_map.json"]
+
+# Hugging Face key -> (path in the NNX state, transform of the torch-layout array).
+KeyMap = dict[str, tuple[tuple[Any, ...], Callable[[np.ndarray], np.ndarray]]]
 
 
 def resolve_checkpoint_dir(path_or_name: str | Path) -> Path:
@@ -77,7 +81,7 @@ def read_safetensors_header(file: Path) -> dict[str, Any]:
         return json.loads(stream.read(size))
 
 
-def hf_t5_key_map(config: T5EncoderConfig) -> dict[str, tuple[tuple[Any, ...], Any]]:
+def hf_t5_key_map(config: T5EncoderConfig) -> KeyMap:
     """Hugging Face encoder key -> (path in the NNX state, transform of the torch-layout array)."""
     d, h, k = config.d_model, config.num_heads, config.d_kv
     qkv = lambda w: w.T.reshape(d, h, k)  # Linear weight [h*k, d] -> kernel [d, h, k]
@@ -101,49 +105,58 @@ def hf_t5_key_map(config: T5EncoderConfig) -> dict[str, tuple[tuple[Any, ...], A
     return keys
 
 
-def _ignored_key(key: str) -> bool:
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, once its files are all there (else one error naming each missing)."""
+    _safetensors_files(directory)
+    return json.loads((directory / "config.json").read_text())
+
+
+def _ignored_t5_key(key: str) -> bool:
     # Full T5 checkpoints carry a decoder and an LM head; an encoder-only load drops them.
     return key.startswith(("decoder.", "lm_head."))
 
 
-def load_t5_encoder(path_or_name: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_SHARDING_RULES,
-                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T5Encoder:
-    """Builds the encoder from a Hugging Face T5 directory (or hub name) with every parameter placed on `mesh` by the
-    logical-axis rules. Tensors stream one at a time from safetensors straight to their target sharding; no full
-    host copy of the model and no random init happen. Missing or unexpected keys are refused with their names."""
+def load_hf_encoder(directory: Path, build: Callable[[], nnx.Module], key_map: Callable[[set[str]], KeyMap],
+                    ignored: Callable[[str], bool], *, mesh: Mesh | None = None,
+                    rules: Rules = DEFAULT_SHARDING_RULES) -> nnx.Module:
+    """The module `build` makes, its parameters read from the safetensors files of `directory` and placed on `mesh`
+    by the logical-axis rules. `key_map` gets the checkpoint's keys (less the `ignored` ones: a decoder, an LM head)
+    and says where each goes. Tensors stream one at a time from safetensors straight to their target sharding; no
+    full host copy of the model and no random init happen. Missing tensors, unexpected keys and wrong shapes are
+    refused with their names and files."""
     from safetensors import safe_open
 
-    directory = resolve_checkpoint_dir(path_or_name)
     files = _safetensors_files(directory)
-    config = T5EncoderConfig.from_mapping(json.loads((directory / "config.json").read_text()))
     mesh = mesh if mesh is not None else make_mesh(mesh_config())
-    abstract = nnx.eval_shape(lambda: T5Encoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
     targets = dict(nnx.to_flat_state(abstract_state))
     shardings = {path: var.get_value() for path, var in nnx.to_flat_state(param_shardings(abstract_state, rules, mesh))}
-    key_map = hf_t5_key_map(config)
 
     file_keys = {}
     for file in files:
         with safe_open(str(file), framework="numpy") as handle:
-            file_keys[file] = [key for key in handle.keys() if not _ignored_key(key)]
+            file_keys[file] = [key for key in handle.keys() if not ignored(key)]
     present = {key for keys in file_keys.values() for key in keys}
-    unexpected = sorted(present - set(key_map))
-    covered = {key_map[key][0] for key in present if key in key_map}
-    missing = sorted(".".join(map(str, p)) for p in set(targets) - covered)
+    keys = key_map(present)
+    unexpected = sorted(present - set(keys))
+    covered = {keys[key][0] for key in present if key in keys}
+    expected_key = {}
+    for key, (path, _) in keys.items():
+        expected_key.setdefault(path, key)  # the first key naming a parameter (its tied copies come later)
+    missing = sorted(f"{expected_key.get(p, '?')} (parameter {'.'.join(map(str, p))})" for p in set(targets) - covered)
     if unexpected or missing:
         raise DataError(
-            f"{directory}: checkpoint does not match its config.json; missing parameters: {missing or 'none'}; "
-            f"unexpected keys: {unexpected or 'none'}"
+            f"{directory}: checkpoint does not match its config.json; missing tensors (in "
+            f"{', '.join(f.name for f in files)}): {missing or 'none'}; unexpected keys: {unexpected or 'none'}"
         )
 
     loaded: dict[tuple[Any, ...], jax.Array] = {}
-    for file, keys in file_keys.items():
+    for file, names in file_keys.items():
         header = read_safetensors_header(file)
         with safe_open(str(file), framework="numpy") as handle:
-            for key in keys:
-                path, transform = key_map[key]
-                if path in loaded:  # the tied embedding copy
+            for key in names:
+                path, transform = keys[key]
+                if path in loaded:  # a tied embedding copy
                     continue
                 target = targets[path].get_value()
                 array = np.asarray(transform(read_safetensors_tensor(handle, file, key, header)))
@@ -153,3 +166,12 @@ def load_t5_encoder(path_or_name: str | Path, *, mesh: Mesh | None = None, rules
                 loaded[path] = jax.device_put(array.astype(target.dtype), shardings[path])
     state = nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in targets.items()])
     return nnx.merge(graphdef, state)
+
+
+def load_t5_encoder(path_or_name: str | Path, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_SHARDING_RULES,
+                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T5Encoder:
+    """The T5 encoder of a Hugging Face T5 directory (or hub name), loaded by `load_hf_encoder`."""
+    directory = resolve_checkpoint_dir(path_or_name)
+    config = T5EncoderConfig.from_mapping(read_hf_config(directory))
+    return load_hf_encoder(directory, lambda: T5Encoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+                           lambda present: hf_t5_key_map(config), _ignored_t5_key, mesh=mesh, rules=rules)

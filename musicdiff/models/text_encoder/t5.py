@@ -13,9 +13,8 @@ The output is `(embeddings * mask, mask)`: padded positions are zeroed as the SA
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -24,14 +23,12 @@ import numpy as np
 from flax import nnx
 
 from musicdiff.errors import ConfigError
+from musicdiff.models.text_encoder.layers import (ACTIVATIONS, AttentionKernels, FeedForward, RMSNorm,
+                                                  dot_product_attention, embed_tokens, normal, padding_bias)
 from musicdiff.parallel.sharding import constrain
 
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-}
+# feed_forward_proj's ACT: the activations T5 configs name ("gelu_pytorch_tanh" is Gemma's name for gelu_new).
+_ACTIVATIONS = {name: ACTIVATIONS[name] for name in ("relu", "gelu", "gelu_new", "silu")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,87 +88,27 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     return (buckets + np.where(distance < max_exact, distance, large)).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3))
-def _scaled_normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
-    # One compiled program per shape: eager init would otherwise compile sample, scale and cast separately.
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype: Any) -> jax.Array:
-    return _scaled_normal(rngs.params(), tuple(shape), std, jnp.dtype(dtype))
-
-
-class T5LayerNorm(nnx.Module):
-    """RMSNorm: x / sqrt(mean(x^2) + eps) * scale, no mean subtraction, no bias, statistics in float32."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * normed).astype(x.dtype)
-
-
-class T5Attention(nnx.Module):
+class T5Attention(AttentionKernels):
     """Multi-head self-attention without 1/sqrt(d) scaling; q/k/v kernels [d_model, heads, d_kv], out [heads, d_kv,
     d_model]. Initialised as Hugging Face's T5 (the query std carries the missing 1/sqrt(d_kv))."""
 
-    adaptable_kernels = {"query": 1, "key": 1, "value": 1, "out": 2}  # weight adapters' targets (in-axes counts)
-
     def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
         d, h, k = config.d_model, config.num_heads, config.d_kv
-        names = ("embed", "heads", "kv")
-        self.query = nnx.Param(_normal(rngs, (d, h, k), (d * k) ** -0.5, param_dtype), out_sharding=names)
-        self.key = nnx.Param(_normal(rngs, (d, h, k), d**-0.5, param_dtype), out_sharding=names)
-        self.value = nnx.Param(_normal(rngs, (d, h, k), d**-0.5, param_dtype), out_sharding=names)
-        self.out = nnx.Param(_normal(rngs, (h, k, d), (h * k) ** -0.5, param_dtype),
-                             out_sharding=("heads", "kv", "embed"))
-        self.dtype = dtype
+        super().__init__(d, h, h, k, query_std=(d * k) ** -0.5, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """x [B, T, D]; bias [B or 1, heads, T, T] float32 (relative positions plus the padding mask)."""
-        cast = lambda p: p[...].astype(self.dtype)
-        q = jnp.einsum("btd,dhk->bthk", x, cast(self.query))
-        k = jnp.einsum("btd,dhk->bthk", x, cast(self.key))
-        v = jnp.einsum("btd,dhk->bthk", x, cast(self.value))
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
-        logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) + bias
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        context = jnp.einsum("bhqs,bshk->bqhk", weights, v)
-        return jnp.einsum("bqhk,hkd->bqd", context, cast(self.out))
-
-
-class T5FeedForward(nnx.Module):
-    """`DenseReluDense`: wo(act(wi x)), or the gated v1.1 form wo(act(wi_0 x) * wi_1 x); no biases."""
-
-    adaptable_kernels = {"wi": 1, "wi_gate": 1, "wo": 1}
-
-    def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-        d, f = config.d_model, config.d_ff
-        self.gated = config.is_gated
-        self.wi = nnx.Param(_normal(rngs, (d, f), d**-0.5, param_dtype), out_sharding=("embed", "mlp"))
-        if self.gated:
-            self.wi_gate = nnx.Param(_normal(rngs, (d, f), d**-0.5, param_dtype), out_sharding=("embed", "mlp"))
-        self.wo = nnx.Param(_normal(rngs, (f, d), f**-0.5, param_dtype), out_sharding=("mlp", "embed"))
-        self.activation = _ACTIVATIONS[config.activation]
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = self.activation(x @ self.wi[...].astype(self.dtype))
-        if self.gated:
-            hidden = hidden * (x @ self.wi_gate[...].astype(self.dtype))
-        hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return hidden @ self.wo[...].astype(self.dtype)
+        q, k, v = self.project(x)
+        return self.output(dot_product_attention(q, k, v, bias, dtype=self.dtype))
 
 
 class T5Block(nnx.Module):
     def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-        self.attention_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.attention_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
         self.attention = T5Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.ff_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
-        self.ff = T5FeedForward(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.activation, config.is_gated, rngs=rngs,
+                              dtype=dtype, param_dtype=param_dtype)
         self.dropout = nnx.Dropout(config.dropout_rate)
 
     def __call__(self, x: jax.Array, bias: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
@@ -190,16 +127,16 @@ class T5Encoder(nnx.Module):
                  param_dtype: Any = jnp.float32):
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.shared = nnx.Param(_normal(rngs, (config.vocab_size, config.d_model), 1.0, param_dtype),
+        self.shared = nnx.Param(normal(rngs, (config.vocab_size, config.d_model), 1.0, param_dtype),
                                 out_sharding=("vocab", "embed"))
         self.relative_attention_bias = nnx.Param(
-            _normal(rngs, (config.relative_attention_num_buckets, config.num_heads), config.d_model**-0.5, param_dtype),
+            normal(rngs, (config.relative_attention_num_buckets, config.num_heads), config.d_model**-0.5, param_dtype),
             out_sharding=(None, "heads"),
         )
         self.blocks = nnx.List(
             [T5Block(config, rngs=rngs, dtype=self.dtype, param_dtype=param_dtype) for _ in range(config.num_layers)]
         )
-        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, param_dtype=param_dtype)
         self.dropout = nnx.Dropout(config.dropout_rate)
 
     def position_bias(self, length: int) -> jax.Array:
@@ -214,16 +151,11 @@ class T5Encoder(nnx.Module):
         """`token_offsets` [B, T, d_model], if given, is added to the token embeddings (the number-aware encoder's
         values of numbers, text_encoder/numbers.py)."""
         mask = attention_mask.astype(bool)
-        # Gathering from the fsdp-split table directly makes XLA rematerialise it; all-gather its embed dim first.
-        table = constrain(self.shared[...], ("vocab", None))
-        x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
+        x = embed_tokens(self.shared, input_ids, self.dtype)
         if token_offsets is not None:
             x = x + token_offsets.astype(self.dtype)
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
-        # Padded keys get the most negative float32, as Hugging Face adds (1 - mask) * finfo.min to the bias.
-        mask_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-        bias = self.position_bias(input_ids.shape[1]) + mask_bias
+        bias = self.position_bias(input_ids.shape[1]) + padding_bias(mask)
         for block in self.blocks:
             x = block(x, bias, rngs)
             x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
