@@ -17,6 +17,7 @@ from musicdiff.errors import DataError
 from musicdiff.models.text_encoder.t5 import T5Encoder, T5EncoderConfig
 from musicdiff.parallel import DEFAULT_SHARDING_RULES, make_mesh, mesh_config, param_shardings
 from musicdiff.parallel.sharding import Rules
+from musicdiff.weight_files import checked_cast
 
 _CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
                      "special_tokens_map.json"]
@@ -110,7 +111,8 @@ def load_t5_encoder(path_or_name: str | Path, *, mesh: Mesh | None = None, rules
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T5Encoder:
     """Builds the encoder from a Hugging Face T5 directory (or hub name) with every parameter placed on `mesh` by the
     logical-axis rules. Tensors stream one at a time from safetensors straight to their target sharding; no full
-    host copy of the model and no random init happen. Missing or unexpected keys are refused with their names."""
+    host copy of the model and no random init happen. Missing or unexpected keys, and tensors holding NaN or inf, are
+    refused with their names."""
     from safetensors import safe_open
 
     directory = resolve_checkpoint_dir(path_or_name)
@@ -146,10 +148,11 @@ def load_t5_encoder(path_or_name: str | Path, *, mesh: Mesh | None = None, rules
                 if path in loaded:  # the tied embedding copy
                     continue
                 target = targets[path].get_value()
-                array = np.asarray(transform(read_safetensors_tensor(handle, file, key, header)))
+                stored = read_safetensors_tensor(handle, file, key, header)
+                array = np.asarray(transform(checked_cast(stored, target.dtype, file=str(file), key=key)))
                 if array.shape != target.shape:
                     raise DataError(f"{file}: {key} has shape {array.shape} after conversion, the model expects "
                                     f"{target.shape}; check config.json")
-                loaded[path] = jax.device_put(array.astype(target.dtype), shardings[path])
+                loaded[path] = jax.device_put(array, shardings[path])
     state = nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in targets.items()])
     return nnx.merge(graphdef, state)
