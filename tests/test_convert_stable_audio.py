@@ -52,6 +52,7 @@ from musicdiff.checkpoints import find_checkpoint, load_model  # noqa: E402
 from musicdiff.inference.generate import guided_model  # noqa: E402
 from musicdiff.models.conditioning import null_condition  # noqa: E402
 from musicdiff.models.text_encoder import TextTokenizer, build_caption_tokenizer, load_t5_encoder  # noqa: E402
+from tests.sao_fixtures import FRAMES, MAX_LENGTH, reduced_sao_config  # noqa: E402
 
 # These tests call bare modules; model code needs a declared layout (musicdiff/parallel/sharding.py).
 pytestmark = pytest.mark.usefixtures("unsharded")
@@ -59,25 +60,6 @@ pytestmark = pytest.mark.usefixtures("unsharded")
 AE_TOL, DIT_TOL = 1e-5, 1e-4
 PROMPTS = ["a calm piano melody with soft strings", "drums"]
 SECONDS_START, SECONDS_TOTAL = [3.0, 100.0], [30.0, 470.0]
-MAX_LENGTH = 8
-FRAMES = 4  # latent frames: 4 x 2048 audio samples
-
-
-def reduced_sao_config() -> dict:
-    """SAO 1.0's model_config.json (tests/fixtures) with reduced widths and depth, same structure and routing."""
-    config = json.loads((Path(__file__).parent / "fixtures" / "stable_audio_open_1_0_model_config.json").read_text())
-    config["sample_size"] = 2048 * FRAMES
-    ae = config["model"]["pretransform"]["config"]
-    ae["encoder"]["config"].update(channels=4, latent_dim=16)
-    ae["decoder"]["config"].update(channels=4, latent_dim=8)
-    ae["latent_dim"] = 8
-    conditioning = config["model"]["conditioning"]
-    conditioning["cond_dim"] = 128  # t5-base's 768 is then projected (T5Conditioner.proj_out)
-    conditioning["configs"][0]["config"]["max_length"] = MAX_LENGTH
-    config["model"]["diffusion"]["config"].update(io_channels=8, embed_dim=256, depth=2, num_heads=4,
-                                                  cond_token_dim=128, global_cond_dim=256)
-    config["model"]["io_channels"] = 8
-    return config
 
 
 def reduced_small_config() -> dict:

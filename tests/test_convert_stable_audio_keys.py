@@ -77,7 +77,7 @@ class RandomSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.shapes[key])
 
-    def get(self, key: str) -> np.ndarray:
+    def read(self, key: str) -> np.ndarray:
         if key in self.overrides:
             return self.overrides[key]
         if key.endswith("norm.beta"):  # the reference's bias-free LayerNorm: a zero buffer

@@ -245,6 +245,18 @@ def test_missing_and_unexpected_keys_are_listed(torch, tmp_path):
         load_t5_encoder(tmp_path)
 
 
+def test_non_finite_tensor_is_refused_with_its_name(torch, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_checkpoint(torch, tmp_path, "relu")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = "encoder.block.1.layer.0.SelfAttention.k.weight"
+    tensors[key][2, 3] = float("nan")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(DataError, match=rf"model\.safetensors: tensor {key} .*\(1 NaN of"):
+        load_t5_encoder(tmp_path)
+
+
 def test_config_loader_checks_sizes_against_checkpoint(torch, tmp_path):
     make_checkpoint(torch, tmp_path, "gated-gelu")
     section = ml_collections.ConfigDict(dict(name="t5", path=str(tmp_path), max_length=MAX_LENGTH, dtype="float32",

@@ -16,6 +16,11 @@ Checkpoints are `model.safetensors` or a `.ckpt` state dict; a `.ckpt` is read o
 matched against the rules of stable_audio_keys.py: missing keys, unknown keys and shape mismatches are refused with
 their names and the file. Configs are translated (and unsupported options refused) by stable_audio_config.py.
 
+Half-precision files (float16 or bfloat16 exports) import like float32 ones: every tensor is cast to the model's
+parameter dtype (exactly: each half-precision value is a float32 value), and the fixed buffers (rotary `inv_freq`,
+LayerNorm `beta`) are compared with their recomputed values rounded to the stored dtype, within one step of it. A
+tensor holding NaN or inf is refused by name (musicdiff.weight_files.checked_cast).
+
 Reference behaviours kept for numerical parity (spec §10): the converted DiT ignores the cross-attention mask
 (`use_cross_attn_mask=False`), classifier-free guidance uses all-zero cross tokens with the global timing embedding
 kept (`conditioning.null_condition` with `parameterization.cfg_denoiser`), and the reference VAE always samples when
@@ -52,17 +57,18 @@ from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.models import registry
 from musicdiff.checkpoints import Checkpointer
 from musicdiff.checkpoints import CHECKPOINT_DIR
+from musicdiff.weight_files import checked_cast, rounding_step
 
 MAX_LISTED = 12
 CHECKPOINT_STEP = 0
 AUTOENCODER_DIR, DIFFUSION_DIR = "autoencoder", "diffusion"
-BUFFER_ATOL = 1e-6
+BUFFER_RTOL, BUFFER_ATOL = 1e-6, 1e-6
 
 
 # ---- reading reference checkpoints -------------------------------------------------------------------------------
 
 class TensorSource:
-    """Named tensors read one at a time (float32 numpy). `name` is what error messages call the file."""
+    """Named tensors read one at a time. `name` is what error messages call the file."""
 
     name: str
 
@@ -72,8 +78,13 @@ class TensorSource:
     def shape(self, key: str) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def get(self, key: str) -> np.ndarray:
+    def read(self, key: str) -> np.ndarray:
+        """The tensor as stored (float16 and bfloat16 included)."""
         raise NotImplementedError
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as float32, refused if any value is not finite."""
+        return checked_cast(self.read(key), np.float32, file=self.name, key=key)
 
 
 class ArraySource(TensorSource):
@@ -88,8 +99,8 @@ class ArraySource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(np.shape(self.arrays[key]))
 
-    def get(self, key: str) -> np.ndarray:
-        return np.asarray(self.arrays[key], np.float32)
+    def read(self, key: str) -> np.ndarray:
+        return np.asarray(self.arrays[key])
 
 
 class SafetensorsSource(TensorSource):
@@ -112,10 +123,10 @@ class SafetensorsSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.header[key]["shape"])
 
-    def get(self, key: str) -> np.ndarray:
+    def read(self, key: str) -> np.ndarray:
         from musicdiff.models.text_encoder import read_safetensors_tensor
 
-        return np.asarray(read_safetensors_tensor(self._handle, self.path, key, self.header), np.float32)
+        return np.asarray(read_safetensors_tensor(self._handle, self.path, key, self.header))
 
 
 class TorchCheckpointSource(TensorSource):
@@ -144,8 +155,15 @@ class TorchCheckpointSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.state[key].shape)
 
-    def get(self, key: str) -> np.ndarray:
-        return self.state[key].detach().float().numpy()
+    def read(self, key: str) -> np.ndarray:
+        import torch
+
+        tensor = self.state[key].detach()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bits viewed as ml_dtypes.bfloat16
+            import ml_dtypes
+
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
 
 
 def open_checkpoint(path: str | Path) -> TensorSource:
@@ -233,18 +251,29 @@ def check_keys(source: TensorSource, plans: Iterable[SectionPlan]) -> None:
                         + ". A training checkpoint must be unwrapped first (stable-audio-tools unwrap_model.py)")
 
 
-def iter_converted(source: TensorSource, plan: SectionPlan) -> Iterator[tuple[TensorRule, np.ndarray]]:
-    """(rule, musicdiff-layout array) for every parameter of the section, one tensor in memory at a time.
+def check_buffer(source: TensorSource, rule: TensorRule, stored: np.ndarray) -> None:
+    """Refuses a buffer that differs from its fixed value by more than the precision of the dtype it is stored in:
+    the fixed value is rounded to that dtype and a stored value may be one rounding step of it away (an export that
+    computed the value differently in float32 may round to the neighbouring half-precision value)."""
+    step = rounding_step(stored.dtype)
+    expected = rule.buffer.astype(stored.dtype).astype(np.float32) if step else rule.buffer
+    array = rule.to_ours(checked_cast(stored, np.float32, file=source.name, key=rule.key))
+    rtol = max(BUFFER_RTOL, step)
+    if not np.allclose(array, expected, rtol=rtol, atol=BUFFER_ATOL):
+        raise DataError(f"{source.name}: buffer {rule.key} differs from its fixed value beyond the precision of its "
+                        f"dtype {stored.dtype.name} (max deviation {np.max(np.abs(array - expected)):.3g}, tolerance "
+                        f"{rtol:.2g} relative + {BUFFER_ATOL:g}); musicdiff cannot represent it")
 
-    Buffers are checked against their fixed values and not yielded."""
+
+def iter_converted(source: TensorSource, plan: SectionPlan) -> Iterator[tuple[TensorRule, np.ndarray]]:
+    """(rule, musicdiff-layout array in the parameter's dtype) for every parameter of the section, one tensor in
+    memory at a time. Buffers are checked against their fixed values (check_buffer) and not yielded."""
     targets = plan.targets()
     for rule in plan.rules:
-        array = rule.to_ours(source.get(rule.key))
         if rule.path is None:
-            if not np.allclose(array, rule.buffer, rtol=1e-6, atol=BUFFER_ATOL):
-                raise DataError(f"{source.name}: buffer {rule.key} differs from its fixed value (max deviation "
-                                f"{np.max(np.abs(array - rule.buffer)):.3g}); musicdiff cannot represent it")
+            check_buffer(source, rule, source.read(rule.key))
             continue
+        array = rule.to_ours(source.get(rule.key))
         target = targets[rule.path].get_value()
         if array.shape != tuple(target.shape):
             raise DataError(f"{source.name}: {rule.key} converts to {array.shape}, the model expects "
@@ -366,5 +395,6 @@ def export_stable_audio(workdir: str | Path, *, diffusion: str | Path | None = N
 
 
 __all__ = ["ArraySource", "Exported", "Imported", "SafetensorsSource", "SectionPlan", "TensorSource",
-           "TorchCheckpointSource", "check_keys", "convert_section", "export_section", "export_stable_audio",
-           "import_stable_audio", "iter_converted", "open_checkpoint", "plan_section", "read_model_config"]
+           "TorchCheckpointSource", "check_buffer", "check_keys", "convert_section", "export_section",
+           "export_stable_audio", "import_stable_audio", "iter_converted", "open_checkpoint", "plan_section",
+           "read_model_config"]

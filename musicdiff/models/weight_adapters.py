@@ -52,6 +52,7 @@ from musicdiff.errors import ConfigError
 from musicdiff.files import atomic_write_bytes
 from musicdiff.models.attention import Linear
 from musicdiff.models.oobleck_layers import WNConv1d
+from musicdiff.weight_files import checked_cast
 
 KINDS = ("lora", "dora", "lora_xs")
 TENSORS = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "magnitude"),
@@ -363,7 +364,8 @@ def save_adapter(path: str | Path, config: AdapterConfig, weights: Mapping[str, 
 
 
 def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, Any], dict[str, str]]:
-    """(config, nested float32 weights, metadata) of an adapter file, unchecked against any model."""
+    """(config, nested float32 weights, metadata) of an adapter file (float16 and bfloat16 files are cast exactly;
+    a NaN or inf value is refused with its tensor's name), unchecked against any model."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -373,16 +375,15 @@ def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, Any], dict[
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = dict(handle.metadata() or {})
-            flat = {name: handle.get_tensor(name).astype(np.float32) for name in handle.keys()}
+            stored = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for damaged headers
         raise ConfigError(f"adapter file {path}: not a readable safetensors file ({error})") from error
     if METADATA_KEY not in metadata:
         raise ConfigError(f"adapter file {path}: its metadata has no '{METADATA_KEY}' entry; it was not written by "
                           f"musicdiff's save_adapter (convert other formats first)")
     config = AdapterConfig.from_mapping(json.loads(metadata[METADATA_KEY]), prefix=f"{path} metadata")
-    for name, value in flat.items():
-        if not np.all(np.isfinite(value)):
-            raise ConfigError(f"adapter file {path}: tensor {name} holds non-finite values")
+    flat = {name: checked_cast(value, np.float32, file=f"adapter file {path}", key=name)
+            for name, value in stored.items()}
     return config, _nested(flat), metadata
 
 

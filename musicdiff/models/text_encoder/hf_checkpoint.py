@@ -18,6 +18,7 @@ from musicdiff.errors import DataError
 from musicdiff.models.text_encoder.t5 import T5Encoder, T5EncoderConfig
 from musicdiff.parallel import DEFAULT_SHARDING_RULES, make_mesh, mesh_config, param_shardings
 from musicdiff.parallel.sharding import Rules
+from musicdiff.weight_files import checked_cast
 
 _CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
                      "special_tokens_map.json"]
@@ -122,8 +123,8 @@ def load_hf_encoder(directory: Path, build: Callable[[], nnx.Module], key_map: C
     """The module `build` makes, its parameters read from the safetensors files of `directory` and placed on `mesh`
     by the logical-axis rules. `key_map` gets the checkpoint's keys (less the `ignored` ones: a decoder, an LM head)
     and says where each goes. Tensors stream one at a time from safetensors straight to their target sharding; no
-    full host copy of the model and no random init happen. Missing tensors, unexpected keys and wrong shapes are
-    refused with their names and files."""
+    full host copy of the model and no random init happen. Missing tensors, unexpected keys, wrong shapes and
+    tensors holding NaN or inf are refused with their names and files."""
     from safetensors import safe_open
 
     files = _safetensors_files(directory)
@@ -159,11 +160,12 @@ def load_hf_encoder(directory: Path, build: Callable[[], nnx.Module], key_map: C
                 if path in loaded:  # a tied embedding copy
                     continue
                 target = targets[path].get_value()
-                array = np.asarray(transform(read_safetensors_tensor(handle, file, key, header)))
+                stored = read_safetensors_tensor(handle, file, key, header)
+                array = np.asarray(transform(checked_cast(stored, target.dtype, file=str(file), key=key)))
                 if array.shape != target.shape:
                     raise DataError(f"{file}: {key} has shape {array.shape} after conversion, the model expects "
                                     f"{target.shape}; check config.json")
-                loaded[path] = jax.device_put(array.astype(target.dtype), shardings[path])
+                loaded[path] = jax.device_put(array, shardings[path])
     state = nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in targets.items()])
     return nnx.merge(graphdef, state)
 
