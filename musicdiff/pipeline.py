@@ -11,6 +11,7 @@ CLIs it starts by name; none of them imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -86,8 +87,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # `{name}` in a stage's overrides is WORKDIR/name, for this run's stages and an earlier run's alike.
-    folders = {name: str(workdir / name) for name in [stage[0] for stage in config.stages] + list(config.get(
-        "requires", ()))}
+    names = [name for name, *_ in config.stages] + list(config.get("requires", ()))
+    folders = {name: str(workdir / name) for name in names}
     timings = {}
     for name, cli, config_file, overrides in config.stages:
         filled = [o.format(**folders) for o in overrides]
@@ -234,14 +235,13 @@ def spectrogram_grid(workdir: Path, report: dict, count: int) -> Path:
 def finish_lora_story(summary: dict, workdir: Path, instrument: str) -> dict:
     """`make lora-demo`'s summary: how often the held-out instrument is heard in generations for prompts naming it,
     from the DiT that never heard it (the adapter run's step 0) and with the trained adapter, and the adapter's size."""
-    from safetensors import safe_open
+    from musicdiff.models.weight_adapters import parameter_count, read_adapter  # jax: only when this summary runs
 
     adapter_file = workdir / "lora" / "adapter.safetensors"
-    with safe_open(str(adapter_file), framework="numpy") as handle:
-        metadata = dict(handle.metadata() or {})
-        values = sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
+    adapter_config, weights, _ = read_adapter(adapter_file)
+    trained, values = parameter_count(weights)
     adapter = {"file": str(adapter_file), "bytes": adapter_file.stat().st_size, "stored_values": values,
-               "config": json.loads(metadata.get("musicdiff_adapter", "{}"))}
+               "trained_values": trained, "config": dataclasses.asdict(adapter_config)}
     summary["adapter"] = adapter
     summary["evaluation"] = json.loads((workdir / "lora_evaluation" / "report.json").read_text())
     atomic_write_json(workdir / "lora_summary.json", summary)
@@ -251,7 +251,7 @@ def finish_lora_story(summary: dict, workdir: Path, instrument: str) -> dict:
              f"Total {summary['total_seconds'] / 60:.1f} min: " + ", ".join(
                  f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items()), "",
              f"A DiT trained like the demo's on clips without {instrument} (step 0 below), then a "
-             f"{adapter['config'].get('kind', '?')} adapter of rank {adapter['config'].get('rank', '?')} on the "
+             f"{adapter_config.kind} adapter of rank {adapter_config.rank} on the "
              f"demo's clips with {instrument} ({values:,} values, {adapter['bytes'] / 1024:.0f} KiB: {adapter_file}).",
              f"- Generated audio: {workdir / 'lora_evaluation' / 'generations'}/step_*/",
              f"- {instrument}_recall: the share of generations for prompts naming {instrument} in which the estimator "

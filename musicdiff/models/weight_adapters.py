@@ -356,7 +356,8 @@ def save_adapter(path: str | Path, config: AdapterConfig, weights: Mapping[str, 
     """Writes the adapter as safetensors (atomically); its config goes to the metadata."""
     from safetensors.numpy import save
 
-    tensors = {name: np.ascontiguousarray(np.asarray(value, dtype)) for name, value in flatten_with_names(weights)[0].items()}
+    flat, _ = flatten_with_names(weights)
+    tensors = {name: np.ascontiguousarray(np.asarray(value, dtype)) for name, value in flat.items()}
     metadata = {METADATA_KEY: config.to_json(), **dict(extra_metadata or {})}
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata=metadata))
