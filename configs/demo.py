@@ -65,11 +65,17 @@ def stages(autoencoder_steps: int, diffusion_steps: int) -> tuple:
           "training.save_initial_checkpoint=True", "training.keep_checkpoints=10")),
         ("evaluator", "train_evaluator", "configs/evaluator.py", ("data.root={data}",)),
         ("evaluation", "evaluate", "configs/evaluate.py:embedded",
-         ("checkpoints={diffusion}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
-          "prompts_dir={heldout}", f"num_prompts={HELDOUT_CLIPS}", "real_row=True",
-          "reference_rows=autoencoded={autoencoder_eval}/reconstructions", f"generate.seconds_total={SECONDS}",
-          *GENERATE)),
+         evaluation("{diffusion}", "{heldout}", HELDOUT_CLIPS,
+                    "reference_rows=autoencoded={autoencoder_eval}/reconstructions")),
     )
+
+
+def evaluation(checkpoints: str, prompts_dir: str, num_prompts: int, *extra: str) -> tuple[str, ...]:
+    """The embedded evaluation of a diffusion run's checkpoints on the prompts of `prompts_dir`, beside its real clips
+    (the ceiling), against the demo's rendered clips and with the demo's evaluator and sampling."""
+    return (f"checkpoints={checkpoints}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
+            f"prompts_dir={prompts_dir}", f"num_prompts={num_prompts}", "real_row=True", *extra,
+            f"generate.seconds_total={SECONDS}", *GENERATE)
 
 
 def lora_stages(base_steps: int, lora_steps: int) -> tuple:
@@ -93,9 +99,7 @@ def lora_stages(base_steps: int, lora_steps: int) -> tuple:
         ("lora_prompts", "prepare_data", "configs/synthetic_data.py",
          RENDER[1:] + (f"num_clips={LORA_PROMPTS}", "seed=2")),
         ("lora_evaluation", "evaluate", "configs/evaluate.py:embedded",
-         ("checkpoints={lora}", "reference.audio_dir={data}", "backbones.embedded.checkpoint={evaluator}",
-          "prompts_dir={lora_prompts}", f"num_prompts={LORA_PROMPTS}", "real_row=True",
-          f"generate.seconds_total={SECONDS}", *GENERATE)),
+         evaluation("{lora}", "{lora_prompts}", LORA_PROMPTS)),
     )
 
 
@@ -107,13 +111,12 @@ FAST = {
     "diffusion": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5", "batch_size=8"),
     "evaluator": ("training.num_steps=10",),
     "evaluation": ("num_prompts=4", "generate.steps=4", "bootstrap.resamples=200", "bootstrap.fd_resamples=200"),
-    "data_without_drums": ("num_clips=24",),
-    "diffusion_without_drums": ("training.num_steps=20", "training.checkpoint_every=20", "training.log_every=5",
-                                "batch_size=8"),
     "lora": ("training.num_steps=10", "training.checkpoint_every=10", "batch_size=2"),
     "lora_prompts": ("num_clips=4",),
-    "lora_evaluation": ("num_prompts=4", "generate.steps=4", "bootstrap.resamples=200", "bootstrap.fd_resamples=200"),
 }
+# The LoRA story's stages that mirror the demo's shrink as those do.
+FAST.update(data_without_drums=FAST["data"], diffusion_without_drums=FAST["diffusion"],
+            lora_evaluation=FAST["evaluation"])
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
