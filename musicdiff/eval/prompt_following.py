@@ -116,6 +116,8 @@ def mirex_key_score(tonic: int, mode: str, true_tonic: int, true_mode: str) -> f
 def clip_prompt_following(audio: np.ndarray, sample_rate: int, targets: Mapping[str, Any]) -> dict[str, float]:
     """Estimates and per-clip scores for the targets a prompt states ({} when it states no tempo, key or drums)."""
     out: dict[str, float] = {}
+    # Mix down and resample once; each estimator then finds the analysis rate and resamples nothing.
+    audio, sample_rate = _mono(audio, sample_rate), ANALYSIS_RATE
     if "bpm" in targets:
         bpm = estimate_tempo(audio, sample_rate)
         out.update(estimated_bpm=bpm, tempo_acc=float(tempo_correct(bpm, targets["bpm"])),
