@@ -1,8 +1,22 @@
-"""Diffusion (DiT) training configs: `--config=configs/diffusion.py:PRESET`, PRESET in sao, sao_small, tiny.
+"""Diffusion (DiT) training configs: `--config=configs/diffusion.py:PRESET`, PRESET in sao, sao_small, tiny, demo,
+sa3_small, sa3_medium, sa3_tiny.
 
 - sao: Stable Audio Open 1.0's DiT (spec §2.1): 1,056,828,544 parameters, v-objective, 1024 latent frames.
 - sao_small: Stable Audio Open Small's DiT (spec §8.2): 340,863,104 parameters, rectified flow, 256 frames.
 - tiny: a 2-block DiT that trains on CPU in seconds (tests), conditioned through the embedded text encoder.
+- sa3_small / sa3_medium: Stable Audio 3's DiTs (spec §3.1; 256 latent channels at 44100/4096 frames/s): width 1024 x
+  20 blocks, 16 heads (small-music / small-sfx) and 1536 x 24, 24 heads with differential self- and cross-attention
+  (medium); SA3 adaLN blocks (sa3_adaln), RMSNorm and qk-RMSNorm, 64 memory tokens, ExpoFourier timestep features,
+  the 257-channel inpainting input in every block. Conditioning (SA3_CONDITIONING): the T5Gemma prompt (256 tokens,
+  learned padding) and `seconds_total` (expo number conditioner over [0, 384] s), which is both the 257th
+  cross-attention token and the global vector; CFG drops the whole cross context and keeps the global vector.
+  Rectified flow; the post-trained checkpoints (rf_denoiser) sample with 8 ping-pong steps and no CFG, the base
+  checkpoints with Euler and APG guidance (~50 steps, CFG 7; configs/generate.py's sampler options). Parameters
+  (tests/test_sa3_dit.py derives them from the released key shapes): small DiT 459,130,880 (the report's 459M; the
+  README's 433M is that less the per-block inpainting MLPs, 20 x 1,313,792), medium 1,453,170,176; conditioner
+  198,144 (seconds Linear 256 -> 768 with bias, and the 768-wide padding embedding).
+- sa3_tiny: the SA3 structure at width 128 (2 heads of 64: the rotary dim is max(head_dim/2, 32)), 2 blocks, 4 memory
+  tokens, 16 latent channels, the embedded text encoder in place of T5Gemma (tests).
 - demo: the `make demo` DiT: 4 blocks of width 128 over the 32-channel latents of configs/autoencoder.py:demo, 256
   frames (4.1 s at 16 kHz) read as 128 tokens of 2 frames (patch_size 2), batch 16, rectified flow with logit-normal
   times, prompts through the embedded text encoder with digits as tokens. On 2 CPU cores a narrow model taking more
@@ -42,6 +56,11 @@ from musicdiff.diffusion.time_shift import time_shift_config
 from musicdiff.models.beat_grid import DEFAULT_HARMONICS, grid_channels
 from musicdiff.models.key_chroma import CHANNELS as KEY_CHANNELS
 
+# Stable Audio 3's DiT options (spec §3.1-3.2), shared by its presets.
+SA3_MODEL = dict(io_channels=256, cond_token_dim=768, global_cond_dim=768, project_cond_tokens=True,
+                 block_type="sa3_adaln", norm_type="rms_norm", qk_norm="rms", num_memory_tokens=64,
+                 local_cond_dim=257, timestep_features_type="expo", use_cross_attn_mask=False)
+
 PRESETS = {
     "sao": dict(
         model=dict(io_channels=64, embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=1536,
@@ -58,6 +77,23 @@ PRESETS = {
                    project_cond_tokens=False, remat="none", dtype="float32", rotary_min_dim=8),
         objective="v", latent_length=32, cond_tokens=34, batch_size=8, cond_dim=32, text="embedded",
         training=dict(num_steps=200, learning_rate=1e-3, log_every=10, checkpoint_every=100),
+    ),
+    "sa3_small": dict(
+        model=dict(SA3_MODEL, embed_dim=1024, depth=20, num_heads=16, remat="full", dtype="bfloat16"),
+        objective="rectified_flow", latent_length=1292, cond_tokens=257, batch_size=32, cond_dim=768,
+        text="t5gemma", conditioning="sa3",
+    ),
+    "sa3_medium": dict(
+        model=dict(SA3_MODEL, embed_dim=1536, depth=24, num_heads=24, differential_attention=True, remat="full",
+                   dtype="bfloat16"),
+        objective="rectified_flow", latent_length=4092, cond_tokens=257, batch_size=16, cond_dim=768,
+        text="t5gemma", conditioning="sa3",
+    ),
+    "sa3_tiny": dict(
+        model=dict(SA3_MODEL, io_channels=16, local_cond_dim=17, embed_dim=128, depth=2, num_heads=2,
+                   cond_token_dim=64, global_cond_dim=64, num_memory_tokens=4, remat="none", dtype="float32"),
+        objective="rectified_flow", latent_length=32, cond_tokens=33, batch_size=8, cond_dim=64, text="embedded",
+        conditioning="sa3", training=dict(num_steps=200, learning_rate=1e-3, log_every=10, checkpoint_every=100),
     ),
     "demo": dict(
         model=dict(io_channels=32, embed_dim=128, depth=4, num_heads=4, cond_token_dim=32, global_cond_dim=64,
@@ -146,6 +182,23 @@ def conditioner_config(text: str, cond_dim: int, number_max: float = 0.0, beat_g
     return ml_collections.ConfigDict(section)
 
 
+SA3_SECONDS_TOTAL = dict(id="seconds_total", type="number",
+                         config=dict(min_val=0, max_val=384, fourier_features_type="expo"))
+
+
+def sa3_conditioner_config(text: str, cond_dim: int) -> ml_collections.ConfigDict:
+    """Stable Audio 3's conditioning (spec §3.3): the prompt's tokens then the `seconds_total` token as cross-attention
+    context, `seconds_total` alone as the global vector; no seconds_start. The prompt pads with a learned vector."""
+    prompt = _for_text(PROMPT_CONDITIONERS, text)
+    prompt["config"]["padding_mode"] = "learned"
+    return ml_collections.ConfigDict(dict(
+        name="multi_conditioner",
+        conditioning=dict(configs=[prompt, copy.deepcopy(SA3_SECONDS_TOTAL)], cond_dim=cond_dim),
+        cross_attention_cond_ids=("prompt", "seconds_total"),
+        global_cond_ids=("seconds_total",),
+    ))
+
+
 def prompt_encoder_config(text: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_for_text(PROMPT_ENCODERS, text))
 
@@ -158,14 +211,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="dit",
         transformer_type="continuous_transformer",
-        block_type="sao",  # "sao" | "adaln_zero"
+        block_type="sao",  # "sao" | "adaln_zero" | "sa3_adaln" (Stable Audio 3)
         timestep_features_dim=256,
+        timestep_features_type="learned",  # "learned" (SAO) | "expo" (SA3's fixed ExpoFourier features)
+        timestep_features_logsnr=False,  # features of the normalised log-SNR of t instead of t
+        norm_type="layer_norm",  # "layer_norm" | "rms_norm" (SA3)
+        differential_attention=False,  # SA3 medium
+        num_memory_tokens=0,  # SA3: 64
         ff_mult=4,
         rotary_min_dim=32,
         rotary_base=10000.0,
         layer_norm_eps=1e-5,
         use_cross_attn_mask=True,
-        qk_norm="none",  # "ln": LayerNorm over each head's q and k (SAO Small)
+        qk_norm="none",  # "ln": LayerNorm over each head's q and k (SAO Small); "rms": RMSNorm (SA3)
         attention_implementation="auto",  # "auto" | "xla" | "cudnn"
         patch_size=1,  # latent frames per token (1 = SAO; p > 1 shortens the sequence p times)
         sinusoidal_embedding=False,  # absolute positions beside rotary (the reference's use_sinusoidal_emb)
@@ -174,8 +232,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     ))
     c.model.update(preset["model"])
 
-    c.conditioner = conditioner_config(preset["text"], preset["cond_dim"], preset.get("number_max", 0.0),
-                                       preset.get("beat_grid"), preset.get("key_chroma"))
+    if preset.get("conditioning") == "sa3":
+        c.conditioner = sa3_conditioner_config(preset["text"], preset["cond_dim"])
+    else:
+        c.conditioner = conditioner_config(preset["text"], preset["cond_dim"], preset.get("number_max", 0.0),
+                                           preset.get("beat_grid"), preset.get("key_chroma"))
     framed = ((grid_channels(preset["beat_grid"]["harmonics"]) if preset.get("beat_grid") else 0)
               + (KEY_CHANNELS if preset.get("key_chroma") else 0))
     if framed:

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from musicdiff.models.attention import LayerNorm, Linear, rotary_inv_freq
+from musicdiff.models.attention import LayerNorm, Linear, RMSNorm, rotary_inv_freq
 from musicdiff.models.autoencoder import OobleckAutoencoder
 from musicdiff.models.conditioning import MultiConditioner, NumberConditioner, TextConditioner
-from musicdiff.models.dit import DiT
+from musicdiff.models.dit import DiT, FourierFeatures
 from musicdiff.models.oobleck_layers import Snake, WNConv1d, WNConvTranspose1d
 
 Path = tuple[Any, ...]
@@ -141,7 +141,7 @@ _DIT_RENAMES = {"in_proj": "0", "out_proj": "2"}
 
 def _dit_key(path: Path) -> str:
     parts = [str(p) for p in path]
-    if parts[-1] in _DIT_RENAMES and parts[0].startswith("to_"):
+    if parts[-1] in _DIT_RENAMES and (parts[-2].startswith("to_") or parts[-2] == "global_cond_embedder"):
         parts[-1] = _DIT_RENAMES[parts[-1]]
     if len(parts) >= 2 and parts[-2] == "ff":  # FeedForward(proj, out) is ff.ff.0.proj / ff.ff.2 there
         parts[-1:] = ["ff", "0", "proj"] if parts[-1] == "proj" else ["ff", "2"]
@@ -149,11 +149,21 @@ def _dit_key(path: Path) -> str:
 
 
 def dit_rules(model: DiT) -> list[TensorRule]:
-    """Keys below `model.model.` (spec §9.2), with the LayerNorm beta and rotary inv_freq buffers."""
+    """Keys below `model.model.` (spec §9.2), with the LayerNorm beta and rotary inv_freq buffers. Stable Audio 3's
+    options add `transformer.memory_tokens` [M, E], `transformer.global_cond_embedder.{0,2}`, per block
+    `to_scale_shift_gate` [6E] (ours [6, E]) and RMSNorm `gamma`s (q/k norms included); its ExpoFourier timestep
+    features have no tensor."""
     config = model.config
     shapes = _param_shapes(model)
-    rules = [reshape_rule("timestep_features.weight", ("timestep_features", "weight"),
-                          (config.timestep_features_dim // 2, 1), (config.timestep_features_dim // 2,))]
+    rules = []
+    if isinstance(model.timestep_features, FourierFeatures):
+        rules.append(reshape_rule("timestep_features.weight", ("timestep_features", "weight"),
+                                  (config.timestep_features_dim // 2, 1), (config.timestep_features_dim // 2,)))
+    for path in shapes:
+        if path[-1] == "memory_tokens":
+            rules.append(identity_rule(_torch_key(path), path, shapes[path]))
+        elif path[-1] == "to_scale_shift_gate":
+            rules.append(reshape_rule(_torch_key(path), path, (math.prod(shapes[path]),), shapes[path]))
     for path, module in _modules(model):
         if isinstance(module, Linear):
             if path[-1] in ("preprocess_conv", "postprocess_conv"):
@@ -162,6 +172,8 @@ def dit_rules(model: DiT) -> list[TensorRule]:
                                         _contiguous(lambda w: w[:, :, 0].T), _contiguous(lambda k: k.T[:, :, None])))
             else:
                 rules.extend(linear_rules(_dit_key(path), path, module, shapes))
+        elif isinstance(module, RMSNorm):
+            rules.append(identity_rule(f"{_torch_key(path)}.gamma", path + ("scale",), shapes[path + ("scale",)]))
         elif isinstance(module, LayerNorm):
             key = _torch_key(path)
             qk_norm = path[-1] in ("q_norm", "k_norm")  # nn.LayerNorm: weight / bias
@@ -182,15 +194,19 @@ def dit_rules(model: DiT) -> list[TensorRule]:
 # ---- conditioners --------------------------------------------------------------------------------------------
 
 def conditioner_rules(model: MultiConditioner) -> list[TensorRule]:
-    """Keys below `conditioner.conditioners.` (spec §9.3): number embedders and t5 output projections."""
+    """Keys below `conditioner.conditioners.` (spec §9.3): number embedders, t5 output projections and learned
+    padding embeddings (Stable Audio 3's prompt). An "expo" number embedder's features have no tensor: its Linear is
+    `embedder.embedding.1` as in SAO."""
     shapes = _param_shapes(model)
     rules = []
     for cond_id, conditioner in model.conditioners.items():
         path = ("conditioners", cond_id)
         if isinstance(conditioner, NumberConditioner):
-            freqs, kernel = shapes[path + ("frequencies",)], shapes[path + ("kernel",)]
-            rules += [identity_rule(f"{cond_id}.embedder.embedding.0.weights", path + ("frequencies",), freqs),
-                      linear_weight_rule(f"{cond_id}.embedder.embedding.1.weight", path + ("kernel",), kernel, 1),
+            kernel = shapes[path + ("kernel",)]
+            if path + ("frequencies",) in shapes:
+                rules.append(identity_rule(f"{cond_id}.embedder.embedding.0.weights", path + ("frequencies",),
+                                           shapes[path + ("frequencies",)]))
+            rules += [linear_weight_rule(f"{cond_id}.embedder.embedding.1.weight", path + ("kernel",), kernel, 1),
                       identity_rule(f"{cond_id}.embedder.embedding.1.bias", path + ("bias",), shapes[path + ("bias",)])]
         elif isinstance(conditioner, TextConditioner):
             if conditioner.encoder is not None:
@@ -200,6 +216,9 @@ def conditioner_rules(model: MultiConditioner) -> list[TensorRule]:
                 kernel = shapes[path + ("kernel",)]
                 rules += [linear_weight_rule(f"{cond_id}.proj_out.weight", path + ("kernel",), kernel, 1),
                           identity_rule(f"{cond_id}.proj_out.bias", path + ("bias",), shapes[path + ("bias",)])]
+            if conditioner.padding_mode == "learned":
+                rules.append(identity_rule(f"{cond_id}.padding_embedding", path + ("padding_embedding",),
+                                           shapes[path + ("padding_embedding",)]))
         else:
             raise ValueError(f"conditioner '{cond_id}' ({type(conditioner).__name__}) has no stable-audio-tools key "
                              f"layout")

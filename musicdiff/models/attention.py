@@ -114,23 +114,73 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-QK_NORMS = ("none", "ln")
-QK_NORM_EPS = 1e-6  # the reference's nn.LayerNorm(head_dim, eps=1e-6)
+class RMSNorm(nnx.Module):
+    """x · rsqrt(mean(x²) + eps) · scale in fp32 (the reference's RMSNorm: F.rms_norm with its `gamma`)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def qk_norms(qk_norm: str, head_dim: int, dtype: Any, param_dtype: Any) -> tuple[LayerNorm | None, LayerNorm | None]:
-    """(q_norm, k_norm): "ln" normalises q and k over the head dim (affine, with bias) after the head split and
-    before rotary, as the reference's `attn_kwargs.qk_norm="ln"`; "none" gives (None, None)."""
+NORM_TYPES = ("layer_norm", "rms_norm")
+
+
+def make_norm(norm_type: str, dim: int, *, eps: float, use_scale: bool = True, dtype: Any = jnp.float32,
+              param_dtype: Any = jnp.float32) -> LayerNorm | RMSNorm:
+    """A block's pre/cross/ff norm: bias-free LayerNorm (SAO) or RMSNorm (Stable Audio 3)."""
+    if norm_type == "rms_norm":
+        if not use_scale:
+            raise ValueError("norm_type='rms_norm' always has a scale; adaLN-Zero blocks use layer_norm")
+        return RMSNorm(dim, eps=eps, dtype=dtype, param_dtype=param_dtype)
+    return LayerNorm(dim, eps=eps, use_scale=use_scale, dtype=dtype, param_dtype=param_dtype)
+
+
+QK_NORMS = ("none", "ln", "rms")
+QK_NORM_EPS = 1e-6  # the reference's qk_norm_eps (nn.LayerNorm or RMSNorm over head_dim)
+
+
+def qk_norms(qk_norm: str, head_dim: int, dtype: Any, param_dtype: Any
+             ) -> tuple[LayerNorm | RMSNorm | None, LayerNorm | RMSNorm | None]:
+    """(q_norm, k_norm) over the head dim after the head split and before rotary, as the reference's
+    `attn_kwargs.qk_norm`: "ln" affine LayerNorm with bias (SAO Small), "rms" RMSNorm (Stable Audio 3); "none" gives
+    (None, None). Differential attention normalises both query/key pairs with the same norm, as the reference."""
     if qk_norm not in QK_NORMS:
         raise ValueError(f"qk_norm={qk_norm!r}: expected one of {', '.join(QK_NORMS)}")
     if qk_norm == "none":
         return None, None
-    make = lambda: LayerNorm(head_dim, eps=QK_NORM_EPS, use_bias=True, dtype=dtype, param_dtype=param_dtype)
+    if qk_norm == "rms":
+        make = lambda: RMSNorm(head_dim, eps=QK_NORM_EPS, dtype=dtype, param_dtype=param_dtype)
+    else:
+        make = lambda: LayerNorm(head_dim, eps=QK_NORM_EPS, use_bias=True, dtype=dtype, param_dtype=param_dtype)
     return make(), make()
 
 
-def _normalised(norm: LayerNorm | None, x: jax.Array) -> jax.Array:
+def _normalised(norm: nnx.Module | None, x: jax.Array) -> jax.Array:
     return x if norm is None else norm(x).astype(x.dtype)
+
+
+class ConditionMLP(nnx.Module):
+    """Linear -> SiLU -> Linear (the reference's Sequential indices 0 and 2), [..., in_dim] -> [..., *out_shape].
+
+    Both kernels carry "embed" on their output so FSDP shards them; the hidden is "mlp" for tensor parallelism.
+    `out_shape` defaults to (dim,); Stable Audio 3's global_cond_embedder gives (6, dim), its adaLN chunks.
+    """
+
+    def __init__(self, in_dim: int, dim: int, in_name: str | None, *, use_bias: bool, rngs: nnx.Rngs, dtype,
+                 param_dtype, out_shape: Sequence[int] | None = None):
+        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        out_shape = tuple(out_shape or (dim,))
+        self.in_proj = Linear((in_dim,), (dim,), (in_name, "embed"), **kw)
+        self.out_proj = Linear((dim,), out_shape, ("mlp",) + (None,) * (len(out_shape) - 1) + ("embed",), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out_proj(jax.nn.silu(self.in_proj(x)))
 
 
 def rotary_dim(head_dim: int, min_dim: int = 32) -> int:
@@ -217,28 +267,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head self-attention with partial rotary on q and k. An optional key mask [B, L] (True =
     a real token) removes padded keys from every query's softmax: the reference's GPU varlen path, not its CPU
-    "V-zeroing" (spec §3.4). Without one there is no mask at all, as the reference."""
+    "V-zeroing" (spec §3.4). Without one there is no mask at all, as the reference.
+
+    `differential` (Stable Audio 3 medium): a second query/key pair shares the values and its attention is
+    subtracted, out = softmax(q·kᵀ)·v − softmax(q₂·k₂ᵀ)·v, with no λ (the reference); to_qkv then gives
+    [embed, 5, heads, head_dim] in the reference's chunk order q, k, v, q₂, k₂.
+    """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, zero_init_out: bool = True,
-                 implementation: str | None = None, qk_norm: str = "none", dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
+                 implementation: str | None = None, qk_norm: str = "none", differential: bool = False,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         head_dim = dim // num_heads
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.implementation = implementation
+        self.differential = differential
         self.q_norm, self.k_norm = qk_norms(qk_norm, head_dim, dtype, param_dtype)
-        self.to_qkv = Linear((dim,), (3, num_heads, head_dim), ("embed", None, "heads", "kv"), use_bias=False, **kw)
+        self.to_qkv = Linear((dim,), (5 if differential else 3, num_heads, head_dim), ("embed", None, "heads", "kv"),
+                             use_bias=False, **kw)
         self.to_out = Linear((num_heads, head_dim), (dim,), ("heads", "kv", "embed"), use_bias=False,
                              zero_init=zero_init_out, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-        qkv = self.to_qkv(x)  # [B, L, 3, heads, head_dim]
-        q, k, v = (constrain(qkv[:, :, i], ACTIVATION_HEADS) for i in range(3))
-        q, k = _normalised(self.q_norm, q), _normalised(self.k_norm, k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.to_qkv(x)  # [B, L, 3 or 5, heads, head_dim]
         mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, L]
-        out = attention(q, k, v, mask=mask, implementation=self.implementation)
+
+        def attend(q, k, v):
+            q, k = (constrain(a, ACTIVATION_HEADS) for a in (q, k))
+            q, k = _normalised(self.q_norm, q), _normalised(self.k_norm, k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            return attention(q, k, v, mask=mask, implementation=self.implementation)
+
+        v = constrain(qkv[:, :, 2], ACTIVATION_HEADS)
+        out = attend(qkv[:, :, 0], qkv[:, :, 1], v)
+        if self.differential:
+            out = out - attend(qkv[:, :, 3], qkv[:, :, 4], v)
         return self.to_out(constrain(out, ACTIVATION_HEADS))
 
 
@@ -248,11 +312,14 @@ class CrossAttention(nnx.Module):
     The context keeps its own width: kv heads = context_dim / head_dim, fewer than the query heads for SAO (12 vs 24).
     That is grouped-query attention where query head i reads kv head i // (heads / kv_heads), the reference's
     repeat_interleave, which is also how `jax.nn.dot_product_attention` groups heads.
+
+    `differential` (Stable Audio 3 medium): to_q gives [embed, 2, heads, head_dim] (q, q₂) and to_kv
+    [context, 3, kv_heads, head_dim] (k, k₂, v), the reference's chunk orders; out = attn(q, k, v) − attn(q₂, k₂, v).
     """
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, *, rngs: nnx.Rngs, zero_init_out: bool = True,
-                 use_mask: bool = True, qk_norm: str = "none", dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
+                 use_mask: bool = True, qk_norm: str = "none", differential: bool = False,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         head_dim = dim // num_heads
         if context_dim % head_dim or num_heads % (context_dim // head_dim):
             raise ValueError(
@@ -262,25 +329,36 @@ class CrossAttention(nnx.Module):
         kv_heads = context_dim // head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.use_mask = use_mask
+        self.differential = differential
         self.q_norm, self.k_norm = qk_norms(qk_norm, head_dim, dtype, param_dtype)
-        self.to_q = Linear((dim,), (num_heads, head_dim), ("embed", "heads", "kv"), use_bias=False, **kw)
+        # Without differential attention the kernels keep their original shapes (converted checkpoints load as before).
+        q_pairs = (2,) if differential else ()
+        self.to_q = Linear((dim,), (*q_pairs, num_heads, head_dim), ("embed", *(None,) * len(q_pairs), "heads", "kv"),
+                           use_bias=False, **kw)
         # The context width is fsdp-sharded like the latent width ("embed"): these kernels are 2.7% of SAO.
-        self.to_kv = Linear((context_dim,), (2, kv_heads, head_dim), ("embed", None, "heads", "kv"), use_bias=False,
-                            **kw)
+        self.to_kv = Linear((context_dim,), (3 if differential else 2, kv_heads, head_dim),
+                            ("embed", None, "heads", "kv"), use_bias=False, **kw)
         self.to_out = Linear((num_heads, head_dim), (dim,), ("heads", "kv", "embed"), use_bias=False,
                              zero_init=zero_init_out, **kw)
 
     def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None) -> jax.Array:
-        q = _normalised(self.q_norm, constrain(self.to_q(x), ACTIVATION_HEADS))
+        queries = self.to_q(x)
         kv = self.to_kv(context)
-        k, v = _normalised(self.k_norm, kv[:, :, 0]), kv[:, :, 1]
-        if not self.use_mask or context_mask is None:
-            out = attention(q, k, v)
-            return self.to_out(constrain(out, ACTIVATION_HEADS))
-        context_mask = context_mask.astype(bool)
-        out = attention(q, k, v, mask=context_mask[:, None, None, :])
-        # A sample with no valid token (the CFG null condition) gets no cross-attention contribution, as the
-        # reference's all-zero null context does; softmax over only-masked keys would otherwise average them.
-        has_context = jnp.any(context_mask, axis=-1)[:, None, None, None]
-        out = jnp.where(has_context, out, jnp.zeros_like(out))
+        if self.differential:
+            pairs = [(queries[:, :, 0], kv[:, :, 0]), (queries[:, :, 1], kv[:, :, 1])]
+            v = kv[:, :, 2]
+        else:
+            pairs, v = [(queries, kv[:, :, 0])], kv[:, :, 1]
+        masked = self.use_mask and context_mask is not None
+        mask = context_mask.astype(bool)[:, None, None, :] if masked else None
+        out = None
+        for q, k in pairs:
+            q = _normalised(self.q_norm, constrain(q, ACTIVATION_HEADS))
+            part = attention(q, _normalised(self.k_norm, k), v, mask=mask)
+            out = part if out is None else out - part
+        if masked:
+            # A sample with no valid token (the CFG null condition) gets no cross-attention contribution, as the
+            # reference's all-zero null context does; softmax over only-masked keys would otherwise average them.
+            has_context = jnp.any(context_mask.astype(bool), axis=-1)[:, None, None, None]
+            out = jnp.where(has_context, out, jnp.zeros_like(out))
         return self.to_out(constrain(out, ACTIVATION_HEADS))

@@ -2,7 +2,9 @@
 
 The `conditioning` structure is the one in a stable-audio-tools `model_config.json`:
 `{"configs": [{"id", "type", "config"}], "cond_dim", "default_keys"?}` with types
-- "number": NumberConditioner (seconds_start / seconds_total);
+- "number": NumberConditioner (seconds_start / seconds_total); `fourier_features_type: "expo"` gives Stable Audio 3's
+  seconds_total (fixed ExpoFourier features, spec §3.3), which SA3 routes both as the last cross-attention token and
+  as the global vector;
 - a registered text-encoder kind (models/text_encoder/registry.py), which gives the token width and any encoder this
   module owns; the built-in ones:
 - "t5": text from a frozen T5. Its encoder is not part of this module's state (as in SAO, where T5 is absent from the
@@ -122,7 +124,7 @@ def build_conditioner(entry: Mapping[str, Any], cond_dim: int, rngs: nnx.Rngs, d
     output_dim = config.get("output_dim", cond_dim)
     if kind == "number":
         return NumberConditioner(output_dim, config.get("min_val", 0.0), config.get("max_val", 1.0), rngs=rngs,
-                                 dtype=dtype)
+                                 features=config.get("fourier_features_type", "learned"), dtype=dtype)
     if kind in FRAME_CONDITIONERS:
         return FRAME_CONDITIONERS[kind].from_config(config)
     if is_text_encoder(kind):

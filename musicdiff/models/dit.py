@@ -64,10 +64,11 @@ import ml_collections
 from flax import nnx
 
 from musicdiff.errors import ConfigError
-from musicdiff.models.attention import Linear, rotary_dim
+from musicdiff.models.attention import ConditionMLP, Linear, rotary_dim
 from musicdiff.models.denoiser import (BLOCK_ADAPTERS, BLOCK_RESIDUALS, IMPLICIT_NULL_CONTEXT, LOCAL_CONDITIONING,
                                        PADDING_MASK, ConditioningInputs)
 from musicdiff.models.local_conditioning import local_tokens
+from musicdiff.models.number_embedding import expo_fourier_features
 from musicdiff.models.registry import register
 from musicdiff.models.transformer import ContinuousTransformer, DtypeFields, TransformerConfig, adapter_options
 from musicdiff.parallel.sharding import split_count
@@ -82,8 +83,10 @@ class DiTConfig(DtypeFields):
     cond_token_dim: int = 768
     global_cond_dim: int = 1536
     project_cond_tokens: bool = False  # False: the context keeps cond_token_dim width (SAO); True: embed_dim
-    block_type: str = "sao"  # "sao" | "adaln_zero"
+    block_type: str = "sao"  # "sao" | "adaln_zero" | "sa3_adaln" (models/transformer.py)
     timestep_features_dim: int = 256
+    timestep_features_type: str = "learned"  # "learned" (SAO: N(0, 1) frequencies) | "expo" (SA3: fixed)
+    timestep_features_logsnr: bool = False  # features of (5 - clip(log((1-t)/t), -12, 5))/17 instead of t
     ff_mult: int = 4
     rotary_min_dim: int = 32
     rotary_base: float = 10000.0
@@ -99,12 +102,18 @@ class DiTConfig(DtypeFields):
     sinusoidal_embedding: bool = False  # absolute token positions beside rotary (reference use_sinusoidal_emb)
     input_concat_dim: int = 0  # channels of cond.input_concat appended to the latents' (reference input_concat_dim)
     local_cond_dim: int = 0  # channels of local_cond added in every block (SA3's local_add_cond_dim); 0: none
+    norm_type: str = "layer_norm"  # "layer_norm" (SAO) | "rms_norm" (SA3), the blocks' pre/cross/ff norms
+    differential_attention: bool = False  # differential self- and cross-attention (SA3 medium)
+    num_memory_tokens: int = 0  # learned tokens in front of the sequence (SA3: 64)
 
     def __post_init__(self):
         if self.input_concat_dim < 0:
             raise ConfigError(f"config.model.input_concat_dim={self.input_concat_dim}: must be 0 or more")
         if self.local_cond_dim < 0:
             raise ConfigError(f"config.model.local_cond_dim={self.local_cond_dim}: must be 0 (off) or more")
+        if self.timestep_features_type not in TIMESTEP_FEATURES:
+            raise ConfigError(f"config.model.timestep_features_type={self.timestep_features_type!r}: expected one of "
+                              f"{', '.join(TIMESTEP_FEATURES)}")
         if self.patch_size < 1:
             raise ConfigError(f"config.model.patch_size={self.patch_size}: use 1 (one latent frame per token) or more")
         _ = self.transformer  # building it validates the transformer options
@@ -143,7 +152,7 @@ class DiTConfig(DtypeFields):
 
     @property
     def prepend_length(self) -> int:
-        return 1 if self.block_type == "sao" else 0
+        return self.transformer.prepend_length
 
     @property
     def rotary_dim(self) -> int:
@@ -159,7 +168,11 @@ class DiTConfig(DtypeFields):
             layer_norm_eps=self.layer_norm_eps, use_cross_attn_mask=self.use_cross_attn_mask, qk_norm=self.qk_norm,
             attention_implementation=self.attention_implementation, remat=self.remat, dtype=self.dtype,
             param_dtype=self.param_dtype, adapter=self.adapter, sinusoidal_embedding=self.sinusoidal_embedding,
-            local_cond_dim=self.local_cond_dim * self.patch_size)
+            local_cond_dim=self.local_cond_dim * self.patch_size, norm_type=self.norm_type,
+            differential_attention=self.differential_attention, num_memory_tokens=self.num_memory_tokens)
+
+
+TIMESTEP_FEATURES = ("learned", "expo")
 
 
 class FourierFeatures(nnx.Module):
@@ -175,20 +188,23 @@ class FourierFeatures(nnx.Module):
         return jnp.concatenate([jnp.cos(f), jnp.sin(f)], axis=-1)
 
 
-class ConditionMLP(nnx.Module):
-    """Linear -> SiLU -> Linear (the reference's Sequential indices 0 and 2).
+class ExpoFourierFeatures(nnx.Module):
+    """t [B] -> [cos 2πtf, sin 2πtf] [B, dim] in fp32, f log-spaced over [0.5, 1e4] (SA3; no parameters)."""
 
-    Both kernels carry "embed" on their output so FSDP shards them; the hidden is "mlp" for tensor parallelism.
-    """
+    def __init__(self, dim: int):
+        if dim % 2:
+            raise ConfigError(f"config.model.timestep_features_dim={dim}: must be even")
+        self.dim = dim
 
-    def __init__(self, in_dim: int, dim: int, in_name: str | None, *, use_bias: bool, rngs: nnx.Rngs, dtype,
-                 param_dtype):
-        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.in_proj = Linear((in_dim,), (dim,), (in_name, "embed"), **kw)
-        self.out_proj = Linear((dim,), (dim,), ("mlp", "embed"), **kw)
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return expo_fourier_features(t, self.dim)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out_proj(jax.nn.silu(self.in_proj(x)))
+
+def logsnr_time(t: jax.Array) -> jax.Array:
+    """The reference's `timestep_features_logsnr` input: log-SNR log((1-t)/t) clipped to [-12, 5], mapped to [0, 1]
+    with t = 0 -> 0 and t = 1 -> 1 (fp32, t clipped to [1e-7, 1 - 1e-7])."""
+    t = jnp.clip(t.astype(jnp.float32), 1e-7, 1 - 1e-7)
+    return (5.0 - jnp.clip(jnp.log((1 - t) / t), -12.0, 5.0)) / 17.0
 
 
 class DiT(nnx.Module):
@@ -198,8 +214,10 @@ class DiT(nnx.Module):
         self.config = config
         E, C, C_in = config.embed_dim, config.token_channels, config.input_token_channels
         kw = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
-        self.timestep_features = FourierFeatures(config.timestep_features_dim, rngs=rngs,
-                                                 param_dtype=config.weight_dtype)
+        self.timestep_features = (ExpoFourierFeatures(config.timestep_features_dim)
+                                  if config.timestep_features_type == "expo" else
+                                  FourierFeatures(config.timestep_features_dim, rngs=rngs,
+                                                  param_dtype=config.weight_dtype))
         self.to_timestep_embed = ConditionMLP(config.timestep_features_dim, E, None, use_bias=True, **kw)
         self.to_cond_embed = (ConditionMLP(config.cond_token_dim, config.context_dim, "cond_embed", use_bias=False,
                                            **kw) if config.cond_token_dim else None)
@@ -219,7 +237,8 @@ class DiT(nnx.Module):
         if x.ndim != 3 or x.shape[1] != config.io_channels:
             raise ValueError(f"DiT expects latents [batch, {config.io_channels}, length], got {x.shape}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
-        embedding = self.to_timestep_embed(self.timestep_features(t))
+        embedding = self.to_timestep_embed(self.timestep_features(logsnr_time(t) if config.timestep_features_logsnr
+                                                                  else t))
         context = cross_mask = None
         if cond is not None and cond.global_embed is not None:
             if self.to_global_embed is None:
@@ -327,10 +346,14 @@ def dit_forward_flops(model_config: DiTConfig | ml_collections.ConfigDict | dict
         + 2 * length * (C_in * C_in + C * C)  # pre/post 1x1 convs
         + 2 * length * C_in * E + 2 * N * E * C  # project_in (before the prepend), project_out (after)
     )
-    self_attn = 2 * N * E * 3 * E + 2 * N * E * E + 4 * N * N * E
-    cross_attn = (2 * N * E * E + 2 * T * Dc * 2 * Dc + 4 * N * T * E + 2 * N * E * E) if c.cond_token_dim else 0
+    pairs = 2 if c.differential_attention else 1  # query/key pairs (differential: two attention maps)
+    self_attn = 2 * N * E * (2 * pairs + 1) * E + 2 * N * E * E + 4 * pairs * N * N * E
+    cross_attn = (2 * N * E * pairs * E + 2 * T * Dc * (pairs + 1) * Dc + 4 * pairs * N * T * E + 2 * N * E * E
+                  if c.cond_token_dim else 0)
     ff = 2 * N * E * 2 * F + 2 * N * F * E
     modulation = 2 * E * 6 * E if c.block_type == "adaln_zero" else 0
+    if c.block_type == "sa3_adaln":  # the shared global_cond_embedder, once per forward
+        outside += 2 * (E * E + E * 6 * E)
     local = 2 * length * (c.local_cond_dim * c.patch_size * E + E * E) if c.local_cond_dim else 0  # to_local_embed
     return batch * (outside + c.depth * (self_attn + cross_attn + ff + modulation + local))
 
