@@ -118,3 +118,23 @@ def test_ema_decay_matches_ema_pytorch_warmup():
     assert float(ema_decay(2, update_after_step=1)) == 0.0
     assert float(ema_decay(3, update_after_step=1, power=0.75)) == pytest.approx(1 - 2 ** -0.75, rel=1e-6)
     assert float(ema_decay(10**9, max_decay=0.9999)) == pytest.approx(0.9999)
+
+
+def test_sa3_tiny_trains_with_finite_loss():
+    """Stable Audio 3's structure (:sa3_tiny: sa3_adaln blocks, memory tokens, the inpainting input, the expo
+    seconds_total token and global vector) through the diffusion trainer: a few steps, finite losses."""
+    config = load_config("configs/diffusion.py:sa3_tiny", FAST_LR)
+    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
+    trainer = DiffusionTrainer(config)
+    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+
+    @jax.jit
+    def step(state, batch):
+        with sharding_context(mesh, rules):
+            return trainer.train_step(state, batch)
+
+    losses = []
+    for seed in range(3):
+        state, metrics = step(state, synthetic_batch(config, seed=seed))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)), losses

@@ -46,6 +46,12 @@ PyTorch weights, split heads reshaped head-major):
     transformer.layers.N.{self_attn,cross_attn}.{q_norm,k_norm}.scale / .bias   (qk_norm="ln") ....weight / .bias
     transformer.layers.N.to_local_embed.{in_proj,out_proj}.{kernel,bias}  (local_cond_dim > 0; SA3's
         transformer.layers.N.to_local_embed.{0,2}.{weight,bias}; absent from SAO)
+Stable Audio 3 (spec §3; `block_type="sa3_adaln"`, `norm_type="rms_norm"`, `qk_norm="rms"`,
+`differential_attention`, `num_memory_tokens`, `timestep_features_type="expo"`; models/transformer.py) adds
+    transformer.memory_tokens [M, E]; transformer.global_cond_embedder.{in,out}_proj; per block to_scale_shift_gate
+    [6, E], RMSNorm scales (norms and q/k norms, SA3's `gamma`), differential to_qkv [E, 5, H, D] and cross to_q
+    [E, 2, H, D] / to_kv [Dc, 3, Dc/D, D]; its ExpoFourier timestep features have no parameter. Key map:
+    convert/sa3_dit_keys.py.
 `patch_size` p > 1 (not in SAO; p = 1 is the reference) makes each token p consecutive latent frames: [B, C, L] is
 read as [B, L/p, p·C] around the convs and the transformer (their widths become p·C), so the sequence is p times
 shorter for the same audio. The rotary inv_freq buffer is recomputed (`attention.rotary_inv_freq`), not stored. Adapters (`model.adapter`) live
