@@ -376,7 +376,10 @@ def reference_autoencoder(section: Mapping[str, Any]) -> dict[str, Any]:
 def reference_dit(model: Mapping[str, Any]) -> dict[str, Any]:
     checks = dict(block_type="sao", transformer_type="continuous_transformer",
                   timestep_features_dim=REFERENCE_TIMESTEP_FEATURES, rotary_min_dim=REFERENCE_ROTARY_MIN_DIM,
-                  rotary_base=REFERENCE_ROTARY_BASE)
+                  rotary_base=REFERENCE_ROTARY_BASE,
+                  # Stable Audio 3's options (convert/sa3_dit_keys.py maps those weights, not this SAO exporter).
+                  norm_type="layer_norm", num_memory_tokens=0, differential_attention=False,
+                  timestep_features_type="learned", timestep_features_logsnr=False)
     for key, expected in checks.items():
         if model.get(key, expected) != expected:
             raise ConfigError(f"config.model.{key}={model[key]!r}: stable-audio-tools' DiT fixes it to {expected!r}; "
