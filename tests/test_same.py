@@ -229,8 +229,8 @@ def test_export_reimport_round_trip_is_bitwise_and_errors_name_the_key(pair):
 
 @pytest.mark.parametrize("structure", sorted(STRUCTURES))
 def test_attention_cost_grows_linearly_with_length(structure):
-    """Compiled encode + decode flops at 64 and 256 frames (17 · 4 · 64 = 4352 tokens at the longer one, where
-    full attention would be 6x the rest of the network): the ratio is the length ratio."""
+    """Compiled encode + decode flops at 64 and 256 frames: the ratio is the length ratio. At 256 frames the
+    encoder's sequence is 4352 tokens, where full attention alone would cost ~15x the whole banded/chunked pass."""
     model = registry.build(our_config(structure), nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
@@ -243,6 +243,8 @@ def test_attention_cost_grows_linearly_with_length(structure):
         return jax.jit(roundtrip).lower(state, audio).compile().cost_analysis()["flops"]
 
     short, long = flops(64), flops(256)
+    print(f"SAME-{structure.upper()} tiny encode+decode flops: {short:.4g} at 64 frames, {long:.4g} at 256, ratio "
+          f"{long / short:.4f}")
     assert 3.8 <= long / short <= 4.2, (short, long)
 
 
@@ -304,3 +306,60 @@ def test_bad_options_are_config_errors_naming_the_key():
                               ("conformer", True, "conformer")]:
         with pytest.raises(ConfigError, match=match):
             SAMEConfig.from_config({**base, key: value})
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_same_tiny_trains_through_the_autoencoder_trainer(devices):
+    """Warm-up generator, discriminator and generator steps of :same_tiny (the runner's compiled programs): finite
+    losses, the softnorm term in the loss, and running_std moved by the training passes of both kinds of step."""
+    from musicdiff.parallel import make_mesh, mesh_config
+    from musicdiff.training import loop
+    from musicdiff.training.autoencoder import AutoencoderTrainer
+
+    config = load_config("configs/autoencoder.py:same_tiny", [
+        "training.warmup_steps=1", "training.num_steps=3", "training.stft_fft_sizes=(256, 64)",
+        "discriminator.n_ffts=(256,)", "discriminator.filters=4", "training.loss_weights.softnorm=1.0",
+        "mesh.data=1"])
+    trainer = AutoencoderTrainer(config)
+    mesh = make_mesh(mesh_config(data=1), devices[:1])
+    rules = config.sharding_rules
+    state, shardings = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    t = np.arange(config.data.sample_size) / 44100.0
+    batch = {"audio": (0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000, (config.batch_size, 2, 1)) * t)
+                       + 0.02 * rng.standard_normal((config.batch_size, 2, t.size))).astype(np.float32)}
+    programs = loop.StepPrograms(trainer.step_kinds(), trainer.step, trainer.step_kind, shardings,
+                                 loop.batch_shardings(batch, mesh, rules), mesh, rules, 0)
+    stds = [float(state["params"]["autoencoder"]["bottleneck"]["running_std"][...][0])]
+    for _ in range(3):
+        state, metrics = programs(state, loop.shard_batch(batch, mesh, rules))
+        metrics = jax.device_get(metrics)
+        assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["softnorm_loss"])
+        assert metrics["update_skipped"] == 0.0
+        stds.append(float(state["params"]["autoencoder"]["bottleneck"]["running_std"][...][0]))
+    assert metrics["loss"] > metrics["spectral"]  # softnorm (weight 1) is in the generator's loss
+    assert all(a != b for a, b in zip(stds, stds[1:])), stds  # every step's training pass moves it
+    assert stds[-1] == pytest.approx(float(metrics["running_std"]), rel=1e-6)
+
+
+def test_latent_precompute_encodes_with_same(devices):
+    """The precompute stage's window encoder (softnorm: no posterior, the bottleneck's latents), unchunked and
+    chunked, against model.encode."""
+    from musicdiff.inference.precompute.window_encoder import WindowEncoder
+    from musicdiff.parallel import DEFAULT_SHARDING_RULES, make_mesh, mesh_config
+
+    model = registry.build(load_config("configs/autoencoder.py:same_tiny").autoencoder, nnx.Rngs(1))
+    mesh = make_mesh(mesh_config(data=1), devices[:1])
+    audio = audio_of(32, 6)
+    mask = np.ones(audio.shape[::2], np.float32)
+    mask[1, 20 * RATIO:] = 0.0
+    expected = np.asarray(model.encode(jnp.asarray(audio))[0])
+    for chunk, overlap in [(0, 0), (16, 8)]:
+        settings = ml_collections.ConfigDict(dict(dtype="float32", encode_chunk_frames=chunk,
+                                                  encode_overlap_frames=overlap))
+        out = WindowEncoder(model, mesh, DEFAULT_SHARDING_RULES, settings)(audio, mask)
+        assert set(out) == {"latent_mean", "latent_mask"}
+        assert relative_error(out["latent_mean"], expected) <= TOLERANCE, chunk
+        np.testing.assert_array_equal(np.asarray(out["latent_mask"]).sum(axis=1), [32, 20])
