@@ -1,4 +1,11 @@
-"""Oobleck autoencoder configs: `--config=configs/autoencoder.py:PRESET`, PRESET in sao, tiny, vq_tiny.
+"""Autoencoder configs: `--config=configs/autoencoder.py:PRESET`, PRESET in sao, tiny, vq_tiny, demo (Oobleck) and
+same_s, same_l, same_tiny (Stable Audio 3's SAME, musicdiff/models/same.py).
+
+- same_s / same_l: the released SAME-S / SAME-L sizes (stable_audio_3.md §2.4, the MLX ports' constants), 4096x,
+  latent_dim 256: 108,244,529 and 852,127,073 parameters (counted from the key shapes in tests/test_same.py; the
+  tech report's 108M / 852M, not the docs' 266M / 1.7B). Their training recipe is unpublished: crops, batch, learning
+  rates and the softnorm weight here are SAO's choices, not SA3's.
+- same_tiny: SAME-S's structure at 64x (patch 16, stride 4), width 32, 2 + 2 blocks; trains steps in seconds on CPU.
 
 - sao: Stable Audio Open 1.0's VAE (spec §1.1): channels 128, c_mults [1,2,4,8,16], strides [2,4,4,8,8] (2048×),
   latent_dim 64, VAE bottleneck; 156,112,514 parameters. Training recipe of spec §1.9 (65,536-sample stereo crops).
