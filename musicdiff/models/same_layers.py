@@ -9,7 +9,6 @@ Layout: activations are `[B, L, D]`; parameter names follow the reference's stat
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
