@@ -1,4 +1,11 @@
-"""Oobleck autoencoder configs: `--config=configs/autoencoder.py:PRESET`, PRESET in sao, tiny, vq_tiny.
+"""Autoencoder configs: `--config=configs/autoencoder.py:PRESET`, PRESET in sao, tiny, vq_tiny, demo (Oobleck) and
+same_s, same_l, same_tiny (Stable Audio 3's SAME, musicdiff/models/same.py).
+
+- same_s / same_l: the released SAME-S / SAME-L sizes (stable_audio_3.md §2.4, the MLX ports' constants), 4096x,
+  latent_dim 256: 108,244,529 and 852,127,073 parameters (counted from the key shapes in tests/test_same.py; the
+  tech report's 108M / 852M, not the docs' 266M / 1.7B). Their training recipe is unpublished: crops, batch, learning
+  rates and the softnorm weight here are SAO's choices, not SA3's.
+- same_tiny: SAME-S's structure at 64x (patch 16, stride 4), width 32, 2 + 2 blocks; trains steps in seconds on CPU.
 
 - sao: Stable Audio Open 1.0's VAE (spec §1.1): channels 128, c_mults [1,2,4,8,16], strides [2,4,4,8,8] (2048×),
   latent_dim 64, VAE bottleneck; 156,112,514 parameters. Training recipe of spec §1.9 (65,536-sample stereo crops).
@@ -30,6 +37,19 @@ from musicdiff.config import choose_preset, stage_config
 SAO_STFT_FFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # hops are fft / 4, windows = fft (spec §1.9)
 SAO_DISCRIMINATOR_FFT_SIZES = (2048, 1024, 512, 256, 128)
 
+# SAME (stable_audio_3.md §2.4, sizes from the MLX ports `optimized/mlx/models/defs/same_{s,l}_*.py`). Every SAME
+# option is spelled out here; musicdiff/models/same.py documents them.
+SAME_S = dict(patch_size=256, strides=(16,), width=768, latent_dim=256, encoder_depth=6, decoder_depth=6, head_dim=64,
+              ff_mult=3, attention="chunked", chunk_size=32, chunk_midpoint_shift=True, sliding_window=1,
+              differential=True, variable_stride=True, encoder_mapping_kernel=1, decoder_mapping_kernel=3,
+              decoder_sinusoidal_blocks=0, soft_clip=False, remat=True)
+SAME_L = {**SAME_S, "width": 1536, "encoder_depth": 12, "decoder_depth": 12, "attention": "sliding_window",
+          "decoder_mapping_kernel": 1, "decoder_sinusoidal_blocks": 8}
+# SAME-S's structure at 64x (patch 16, stride 4: 689 latent frames/s at 44.1 kHz), width 32 in 2 heads of 16, chunks
+# of 2 latent frames.
+SAME_TINY = {**SAME_S, "patch_size": 16, "strides": (4,), "width": 32, "latent_dim": 16, "encoder_depth": 2,
+             "decoder_depth": 2, "head_dim": 16, "chunk_size": 8, "remat": False}
+
 PRESETS = {
     "sao": dict(
         model=dict(channels=128, c_mults=(1, 2, 4, 8, 16), strides=(2, 4, 4, 8, 8), latent_dim=64,
@@ -50,6 +70,12 @@ PRESETS = {
         training=dict(lr_warmup=0.95, warmup_steps=1400, warmup_mode="full", l1=80.0, mel=0.5,
                       stft_perceptual_weighting=False, checkpoint_every=1400, demo_every=1400, demo_seconds=4.0),
     ),
+    "same_s": dict(model=dict(name="same", **SAME_S), sample_size=131072, batch_size=16, discriminator_filters=64,
+                   gen_lr=1.5e-4, disc_lr=3e-4, num_steps=1_000_000),
+    "same_l": dict(model=dict(name="same", **SAME_L), sample_size=131072, batch_size=16, discriminator_filters=64,
+                   gen_lr=1.5e-4, disc_lr=3e-4, num_steps=1_000_000),
+    "same_tiny": dict(model=dict(name="same", **SAME_TINY), sample_size=2048, batch_size=4, discriminator_filters=8,
+                      gen_lr=5e-4, disc_lr=1e-3, num_steps=300),
     "vq_tiny": dict(
         model=dict(channels=16, c_mults=(1, 2, 4, 4), strides=(2, 4, 4, 8), latent_dim=32,
                    bottleneck=dict(type="rvq", codebook_size=256, num_quantizers=4, codebook_dim=8), remat=False),
@@ -58,14 +84,11 @@ PRESETS = {
 }
 
 
-def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    preset = choose_preset(arg, PRESETS)
-    c = stage_config(preset["batch_size"], distributed=True)
-
+def oobleck_autoencoder(preset: dict) -> ml_collections.ConfigDict:
     bottleneck = dict(type="vae", codebook_size=1024, num_quantizers=1, codebook_dim=0, commitment_weight=0.25,
                       codebook_weight=1.0)
     bottleneck.update(preset["model"]["bottleneck"])
-    c.autoencoder = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         name="oobleck",
         sample_rate=preset.get("sample_rate", 44100),
         in_channels=preset.get("audio_channels", 2),
@@ -84,6 +107,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         decoder_upsample=preset["model"].get("decoder_upsample", "transpose"),
         bottleneck=ml_collections.ConfigDict(bottleneck),
     ))
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    preset = choose_preset(arg, PRESETS)
+    c = stage_config(preset["batch_size"], distributed=True)
+
+    if preset["model"].get("name") == "same":
+        c.autoencoder = ml_collections.ConfigDict(dict(
+            **preset["model"], sample_rate=preset.get("sample_rate", 44100),
+            in_channels=preset.get("audio_channels", 2), out_channels=preset.get("audio_channels", 2),
+            dtype="float32", bottleneck=ml_collections.ConfigDict(dict(type="softnorm"))))
+    else:
+        c.autoencoder = oobleck_autoencoder(preset)
 
     # EnCodec-style multi-scale STFT discriminator (spec §1.9), built by the training loop; not counted by describe.
     c.discriminator = ml_collections.ConfigDict(dict(
@@ -129,6 +165,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             feature_matching=5.0,
             kl=1e-4,
             quantizer=1.0,  # vq / rvq bottlenecks only
+            # SAME's SoftNorm regulariser (softnorm bottleneck only); SA3's weight is unpublished, this is SAO's KL's.
+            softnorm=1e-4,
         )),
         stft_fft_sizes=preset.get("stft_fft_sizes", SAO_STFT_FFT_SIZES),
         stft_perceptual_weighting=training.get("stft_perceptual_weighting", True),  # A-weighting FIR pre-filter

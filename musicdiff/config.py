@@ -141,9 +141,10 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def downsampling_ratio(model_config: ml_collections.ConfigDict) -> int:
-    """Samples per latent frame of an autoencoder config (1 when the config has no strides)."""
+    """Samples per latent frame of an autoencoder config: its patch size (SAME; 1 without) times its strides
+    (1 when the config has no strides)."""
     strides = model_config.get("strides", None)
-    return int(math.prod(strides)) if strides else 1
+    return int(model_config.get("patch_size", 1)) * (int(math.prod(strides)) if strides else 1)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None) -> None:

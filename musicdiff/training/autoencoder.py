@@ -12,12 +12,15 @@ Alternation, as the reference: a step is a discriminator step when its global st
 adversarial terms from `warmup_steps` on. So there are three kinds of step (`step_kind`), each a straight-line pure
 function of (state, batch) (`step(kind)`):
 - generator warm-up step: encode (VAE sample) + decode with gradients, loss = mrstft·spectral + mel·mel-scaled
-  MR-STFT + l1·L1 + kl·KL (or quantizer·VQ loss), no discriminator pass at all; AdamW update of the autoencoder,
-  then EMA;
+  MR-STFT + l1·L1 + kl·KL (or quantizer·VQ loss, or softnorm·SAME's SoftNorm regulariser), no discriminator pass
+  at all; AdamW update of the autoencoder, then EMA;
 - generator step: the same + adversarial·G_hinge + feature_matching·FM from a pass of the (fixed) discriminator over
   [reals; fakes];
 - discriminator step: the same reconstruction without gradients, hinge loss of the discriminator on
   [reals; stop_gradient(fakes)], AdamW update of the discriminator.
+Running statistics (`same_layers.RunningStatistic` params, SAME's SoftNorm running_std) are set by the training pass
+itself, on every kind of step as the reference's training-mode forward does; the optimiser's update of them is
+replaced by that value.
 The runner compiles one program per kind (training/loop.StepPrograms) and picks the kind of each step on the host
 (`step_kind`), so the loop stays plain. Only the kinds that steps 0 .. num_steps-1 reach are compiled
 (`reachable_kinds`): the SAO recipe compiles two programs, a run that ends inside its warm-up one.
@@ -56,6 +59,7 @@ from musicdiff.errors import ConfigError
 from musicdiff.metrics import SKIPPED_METRIC, MetricLogger
 from musicdiff.models import registry
 from musicdiff.models.discriminator import adversarial_losses
+from musicdiff.models.same_layers import RunningStatistic
 from musicdiff.parallel.sharding import Rules
 from musicdiff.training import autoencoder_data
 from musicdiff.training.optim import (all_finite, ema_decay_from, ema_update, learning_rate_schedule, make_optimizer,
@@ -64,7 +68,7 @@ from musicdiff.training.trainer import DemoFn, Trainer, register_trainer
 
 log = logging.getLogger(__name__)
 WARMUP_MODES = ("adv", "full")
-LOSS_WEIGHT_KEYS = ("mrstft", "mel", "l1", "adversarial", "feature_matching", "kl", "quantizer")
+LOSS_WEIGHT_KEYS = ("mrstft", "mel", "l1", "adversarial", "feature_matching", "kl", "quantizer", "softnorm")
 _ADVERSARIAL_TERMS = ("discriminator", "adversarial", "feature_matching")
 
 
@@ -77,6 +81,7 @@ class LossWeights:
     feature_matching: float = 5.0
     kl: float = 1e-4
     quantizer: float = 1.0
+    softnorm: float = 1e-4
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> LossWeights:
@@ -209,11 +214,13 @@ class AutoencoderTrainer(Trainer):
 
     # ---- losses -----------------------------------------------------------------------------------------------
 
-    def _reconstruct(self, autoencoder_params: Any, audio: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
-        """(decoded [B, C, T], bottleneck info) of the training pass (the VAE samples)."""
+    def _reconstruct(self, autoencoder_params: Any, audio: jax.Array,
+                     key: jax.Array) -> tuple[jax.Array, dict, nnx.State]:
+        """(decoded [B, C, T], bottleneck info, running statistics) of the training pass (the VAE samples). The
+        statistics are the RunningStatistic params as the pass left them (SAME's SoftNorm running_std)."""
         autoencoder = nnx.merge(self.autoencoder_graphdef, autoencoder_params)
         decoded, info = autoencoder(audio, key)
-        return decoded[..., : audio.shape[-1]], info
+        return decoded[..., : audio.shape[-1]], info, nnx.state(autoencoder, RunningStatistic)
 
     def _adversarial(self, discriminator_params: Any, audio: jax.Array, decoded: jax.Array) -> dict[str, jax.Array]:
         discriminator = nnx.merge(self.discriminator_graphdef, discriminator_params)
@@ -236,6 +243,8 @@ class AutoencoderTrainer(Trainer):
             loss = loss + w.kl * info["kl"]
         if self.bottleneck in ("vq", "rvq") and w.quantizer:
             loss = loss + w.quantizer * info["quantizer_loss"]
+        if self.bottleneck == "softnorm" and w.softnorm:
+            loss = loss + w.softnorm * info["softnorm_loss"]
         gan = w.adversarial * adversarial["adversarial"] + w.feature_matching * adversarial["feature_matching"]
         loss = loss + jnp.where(adversarial_on, gan, 0.0)
         metrics.update(adversarial=adversarial["adversarial"], feature_matching=adversarial["feature_matching"],
@@ -249,20 +258,22 @@ class AutoencoderTrainer(Trainer):
         params, opt_state = state["params"], state["opt_state"]
 
         def loss_fn(autoencoder_params):
-            decoded, info = self._reconstruct(autoencoder_params, audio, key)
+            decoded, info, statistics = self._reconstruct(autoencoder_params, audio, key)
             if adversarial:
                 terms = self._adversarial(params["discriminator"], audio, decoded)
             else:
                 terms = {name: jnp.zeros((), jnp.float32) for name in _ADVERSARIAL_TERMS}
-            return self._generator_objective(audio, decoded, info, terms, adversarial)
+            loss, metrics = self._generator_objective(audio, decoded, info, terms, adversarial)
+            return loss, (metrics, statistics)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["autoencoder"])
+        (loss, (metrics, statistics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["autoencoder"])
         grads = self.generator_freezing.zero_frozen(grads)
         updates, new_opt = self.generator_tx.update(grads, opt_state["generator"], params["autoencoder"])
         if adversarial and self.freeze_encoder_after_warmup:
             updates = jax.tree_util.tree_map_with_path(
                 lambda path, u: jnp.zeros_like(u) if getattr(path[0], "key", None) == "encoder" else u, updates)
-        new_params = optax.apply_updates(params["autoencoder"], updates)
+        # Running statistics take the training pass's value, not the optimiser's (their gradient is zero).
+        new_params = nnx.merge_state(optax.apply_updates(params["autoencoder"], updates), statistics)
         finite = all_finite(loss, grads)
         count = generator_updates_before(state["step"], self.warmup_steps, self.warmup_mode) + 1
         decay = ema_decay_from(self.config.training, count)
@@ -280,7 +291,7 @@ class AutoencoderTrainer(Trainer):
     def _discriminator_step(self, state: dict[str, Any], audio: jax.Array,
                             key: jax.Array) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         params, opt_state = state["params"], state["opt_state"]
-        decoded, info = jax.lax.stop_gradient(self._reconstruct(params["autoencoder"], audio, key))
+        decoded, info, statistics = jax.lax.stop_gradient(self._reconstruct(params["autoencoder"], audio, key))
 
         def loss_fn(discriminator_params):
             terms = self._adversarial(discriminator_params, audio, decoded)
@@ -294,7 +305,11 @@ class AutoencoderTrainer(Trainer):
         _, metrics = self._generator_objective(audio, decoded, info, terms, state["step"] >= self.warmup_steps)
         new_state = {
             **state,
-            "params": {**params, "discriminator": select_tree(finite, new_params, params["discriminator"])},
+            # The autoencoder ran its training pass here too, so its running statistics move, as the reference's
+            # (which encodes in training mode on every step); its other parameters stay.
+            "params": {**params, "discriminator": select_tree(finite, new_params, params["discriminator"]),
+                       "autoencoder": select_tree(finite, nnx.merge_state(params["autoencoder"], statistics),
+                                                  params["autoencoder"])},
             "opt_state": {**opt_state, "discriminator": select_tree(finite, new_opt, opt_state["discriminator"])},
         }
         metrics.update(grad_norm=optax.tree.norm(grads), **{SKIPPED_METRIC: 1.0 - finite.astype(jnp.float32)},

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from data_pipelines.audio_folder import AudioItem, data_root, scan
 from data_pipelines.grain_pipeline import AudioFolderSource, ClipSpec, make_example, training_dataset
 from data_pipelines.splits import split_items
+from musicdiff.config import downsampling_ratio
 from musicdiff.errors import ConfigError, DataError
 from musicdiff.parallel.sharding import process_batch_rows
 from musicdiff.metrics import MetricLogger
@@ -74,11 +75,9 @@ class ReconstructionDemo:
 
     def __init__(self, graphdef: Any, config: ml_collections.ConfigDict, item: AudioItem, workdir: Path,
                  logger: MetricLogger, mesh: jax.sharding.Mesh):
-        from musicdiff.models.autoencoder import OobleckConfig
-
         self.logger, self.directory = logger, Path(workdir) / "demos"
         self.rate = int(config.autoencoder.sample_rate)
-        ratio = OobleckConfig.from_config(config.autoencoder).downsampling_ratio
+        ratio = downsampling_ratio(config.autoencoder)
         samples = max(ratio, int(float(config.training.demo_seconds) * self.rate) // ratio * ratio)
         spec = ClipSpec(self.rate, samples, int(config.data.channels), str(config.data.normalize), random_crop=False)
         example = make_example(AudioFolderSource([item])[0], 0, spec)
