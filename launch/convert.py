@@ -1,11 +1,13 @@
-"""Convert Stable Audio (stable-audio-tools) checkpoints to musicdiff and back.
+"""Convert Stable Audio (stable-audio-tools) and Stable Audio 3 checkpoints to musicdiff and back.
 
 Import (writes OUT/autoencoder and, for diffusion models, OUT/diffusion; both ordinary musicdiff checkpoints):
     python -m launch.convert --from=stable_audio --model_config=model_config.json \
         --checkpoint=model.safetensors --workdir=OUT [--t5=DIR_OF_T5_BASE] [--dtype=bfloat16]
-Export (writes OUT/model.safetensors + OUT/model_config.json for stable-audio-tools):
+    python -m launch.convert --from=stable_audio_3 --model_config=model_config.json \
+        --checkpoint=model.safetensors --workdir=OUT [--t5gemma=DIR_OF_T5GEMMA]     (full, or AE-only SAME-S/L)
+Export (writes OUT/model.safetensors + OUT/model_config.json in the reference's layout):
     python -m launch.convert --to=stable_audio --diffusion=DIR [--autoencoder=DIR] --workdir=OUT
-    python -m launch.convert --to=stable_audio --autoencoder=DIR --workdir=OUT
+    python -m launch.convert --to=stable_audio_3 --autoencoder=DIR --workdir=OUT
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ flags.DEFINE_string("model_config", None, "Import: the stable-audio-tools model_
 flags.DEFINE_string("checkpoint", None, "Import: model.safetensors, or a .ckpt state dict (read with weights_only).")
 flags.DEFINE_string("t5", None, "Import: local Hugging Face directory of the T5 text encoder (default: the "
                     "t5_model_name of the model config, e.g. t5-base).")
+flags.DEFINE_string("t5gemma", None, "Import (stable_audio_3): local Hugging Face directory of the T5Gemma encoder "
+                    "(default: the model config's, google/t5gemma-b-b-ul2).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Import: compute dtype of the converted DiT.")
 flags.DEFINE_string("diffusion", None, "Export: a musicdiff diffusion checkpoint (workdir or step directory).")
 flags.DEFINE_string("autoencoder", None, "Export: the autoencoder checkpoint (default: the diffusion config's "
@@ -40,6 +44,7 @@ def main(_argv: list[str]) -> None:
     try:
         convert_checkpoint(workdir=FLAGS.workdir, from_format=FLAGS["from"].value, to_format=FLAGS.to,
                            model_config=FLAGS.model_config, checkpoint=FLAGS.checkpoint, t5=FLAGS.t5,
+                           t5gemma=FLAGS.t5gemma,
                            dtype=FLAGS.dtype, diffusion=FLAGS.diffusion, autoencoder=FLAGS.autoencoder,
                            use_ema=FLAGS.use_ema)
     except (ConfigError, DataError, CheckpointError) as err:

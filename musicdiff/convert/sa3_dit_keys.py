@@ -52,9 +52,12 @@ def _section(config: Any, name: str) -> ml_collections.ConfigDict:
     return section
 
 
+DEFAULT_NAMES = {"model": "dit", "conditioner": "multi_conditioner", "autoencoder": "same"}
+
+
 def plan(section: str, config: Any, prefix: str) -> SectionPlan:
-    """The tensor rules of the "model" (DiT) or "conditioner" section, from shapes only."""
-    return plan_section(section, _section(config, "dit" if section == "model" else "multi_conditioner"), prefix)
+    """The tensor rules of the "model" (DiT), "conditioner" or "autoencoder" (SAME) section, from shapes only."""
+    return plan_section(section, _section(config, DEFAULT_NAMES[section]), prefix)
 
 
 def check_state_dict(state: Mapping[str, Any], section_plan: SectionPlan, prefix: str,
@@ -83,6 +86,18 @@ def params_from_state_dict(section: str, state: Mapping[str, Any], config: Any, 
     return convert_section(ArraySource(state, name), section_plan)
 
 
+def state_dict_from_params(section: str, params: nnx.State | Mapping[str, Any], config: Any,
+                           prefix: str) -> dict[str, np.ndarray]:
+    """The reference tensors (torch layout, float32, buffers included) of a section's parameters (an nnx.State of
+    its Params, or the same tree as a nested dict)."""
+    section_plan = plan(section, config, prefix)
+    if not isinstance(params, nnx.State):
+        state = nnx.State(section_plan.abstract.to_pure_dict())
+        nnx.replace_by_pure_dict(state, params)
+        params = state
+    return export_section(params, section_plan)
+
+
 def dit_params_from_state_dict(state: Mapping[str, Any], config: Any, prefix: str = DIT_PREFIX,
                                name: str = "state dict") -> nnx.State:
     """The DiT's parameters (nnx.State, as nnx.state(model, nnx.Param)) from the tensors under `prefix`."""
@@ -91,7 +106,7 @@ def dit_params_from_state_dict(state: Mapping[str, Any], config: Any, prefix: st
 
 def state_dict_from_dit_params(params: nnx.State, config: Any, prefix: str = DIT_PREFIX) -> dict[str, np.ndarray]:
     """The reference tensors (torch layout, float32, buffers included) of the DiT's parameters."""
-    return export_section(params, plan("model", config, prefix))
+    return state_dict_from_params("model", params, config, prefix)
 
 
 def conditioner_params_from_state_dict(state: Mapping[str, Any], config: Any, prefix: str = CONDITIONER_PREFIX,
@@ -103,8 +118,9 @@ def conditioner_params_from_state_dict(state: Mapping[str, Any], config: Any, pr
 
 def state_dict_from_conditioner_params(params: nnx.State, config: Any,
                                        prefix: str = CONDITIONER_PREFIX) -> dict[str, np.ndarray]:
-    return export_section(params, plan("conditioner", config, prefix))
+    return state_dict_from_params("conditioner", params, config, prefix)
 
 
 __all__ = ["check_state_dict", "conditioner_params_from_state_dict", "dit_params_from_state_dict", "plan",
-           "state_dict_from_conditioner_params", "state_dict_from_dit_params"]
+           "params_from_state_dict", "state_dict_from_conditioner_params", "state_dict_from_dit_params",
+           "state_dict_from_params"]

@@ -32,12 +32,8 @@ from musicdiff.convert.stable_audio_keys import (TensorRule, _modules, _param_sh
 from musicdiff.errors import DataError
 from musicdiff.models.attention import Linear
 from musicdiff.models.oobleck_layers import WNConv1d
-from musicdiff.models.registry import build
-from musicdiff.models.same import SAMEAutoencoder, SAMEConfig
+from musicdiff.models.same import SAMEAutoencoder
 from musicdiff.models.same_layers import DynamicTanh, SAMEBlock, TransformerResamplingBlock
-from musicdiff.weight_files import checked_cast
-
-BUFFER_RTOL = 1e-6
 
 
 def _rope_inv_freq(head_dim: int) -> np.ndarray:
@@ -85,70 +81,32 @@ def same_rules(model: SAMEAutoencoder) -> list[TensorRule]:
     return rules
 
 
-def _abstract_model(config: ml_collections.ConfigDict | Mapping[str, Any] | SAMEConfig) -> SAMEAutoencoder:
-    if isinstance(config, SAMEConfig):
-        return nnx.eval_shape(lambda: SAMEAutoencoder(config, rngs=nnx.Rngs(0)))
-    section = ml_collections.ConfigDict(dict(config))
-    if section.get("name", "same") != "same":
-        raise DataError(f"config.autoencoder.name={section.name!r}: these keys are SAME's")
-    with section.unlocked():
-        section.name = "same"
-    return nnx.eval_shape(lambda: build(section, nnx.Rngs(0)))
-
-
-def _set(tree: dict, path: tuple[Any, ...], value: np.ndarray) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
-
-
 def same_params_from_state_dict(state: Mapping[str, Any], config: Any, prefix: str = "", *,
                                 name: str = "state dict") -> dict:
-    """The parameters of a "same" model of `config` (its autoencoder section, or a SAMEConfig) as a nested dict
-    of float32 numpy arrays (`nnx.replace_by_pure_dict` takes it), from reference tensors keyed `prefix + key`.
+    """The parameters of a "same" model of `config` (its autoencoder section) as a nested dict of arrays
+    (`nnx.replace_by_pure_dict` takes it), from reference tensors keyed `prefix + key`, through the converters'
+    shared checks (sa3_dit_keys.params_from_state_dict): the first missing key, unknown key under `prefix`, shape
+    mismatch, non-finite tensor or buffer with another value is refused by name; keys outside `prefix` are ignored."""
+    from musicdiff.convert.sa3_dit_keys import params_from_state_dict  # it imports the converter, which needs us
 
-    Raises DataError naming the first missing key, unknown key under `prefix`, shape mismatch, non-finite tensor
-    (weight_files.checked_cast) or buffer with another value; keys outside `prefix` are ignored."""
-    rules = prefixed(same_rules(_abstract_model(config)), prefix)
-    known = {rule.key for rule in rules}
-    unknown = sorted(key for key in state if key.startswith(prefix) and key not in known)
-    if unknown:
-        raise DataError(f"{name}: unknown SAME key {unknown[0]} ({len(unknown)} in all) for this config")
-    params: dict = {}
-    for rule in rules:
-        if rule.key not in state:
-            raise DataError(f"{name}: missing key {rule.key} (shape {rule.reference_shape})")
-        stored = np.asarray(state[rule.key])
-        if tuple(stored.shape) != rule.reference_shape:
-            raise DataError(f"{name}: {rule.key} has shape {tuple(stored.shape)}, the config expects "
-                            f"{rule.reference_shape}")
-        array = checked_cast(stored, np.float32, file=name, key=rule.key)
-        if rule.path is None:
-            if not np.allclose(array, rule.buffer, rtol=BUFFER_RTOL, atol=0.0):
-                raise DataError(f"{name}: buffer {rule.key} differs from its fixed value (max deviation "
-                                f"{np.max(np.abs(array - rule.buffer)):.3g}); musicdiff cannot represent it")
-            continue
-        _set(params, rule.path, rule.to_ours(array))
-    return params
+    return params_from_state_dict("autoencoder", state, _section(config), prefix, name).to_pure_dict()
 
 
 def same_state_dict_from_params(params: nnx.State | Mapping[str, Any], config: Any,
                                 prefix: str = "") -> dict[str, np.ndarray]:
     """Reference tensors (torch layout, float32, buffers included) keyed `prefix + key`, from the parameters of a
-    "same" model (an nnx.State of its Params or the nested dict `same_params_from_state_dict` returns)."""
-    tree = params.to_pure_dict() if isinstance(params, nnx.State) else params
-    out = {}
-    for rule in prefixed(same_rules(_abstract_model(config)), prefix):
-        if rule.path is None:
-            out[rule.key] = rule.buffer.copy()
-            continue
-        node = tree
-        for part in rule.path:
-            if part not in node:
-                raise DataError(f"parameters: missing {'.'.join(map(str, rule.path))} (for {rule.key})")
-            node = node[part]
-        out[rule.key] = rule.to_reference(np.asarray(node, np.float32))
-    return out
+    "same" model (an nnx.State of its Params, or the nested dict `same_params_from_state_dict` returns)."""
+    from musicdiff.convert.sa3_dit_keys import state_dict_from_params
+
+    return state_dict_from_params("autoencoder", params, _section(config), prefix)
+
+
+def _section(config: Any) -> ml_collections.ConfigDict:
+    section = ml_collections.ConfigDict(dict(config))
+    if section.get("name", "same") != "same":
+        raise DataError(f"config.autoencoder.name={section.name!r}: these keys are SAME's")
+    section.name = "same"
+    return section
 
 
 __all__ = ["same_params_from_state_dict", "same_rules", "same_state_dict_from_params"]

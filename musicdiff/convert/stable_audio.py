@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from musicdiff.convert.same_keys import same_rules
 from musicdiff.convert.stable_audio_config import import_configs, reference_model_config
 from musicdiff.convert.stable_audio_keys import (
     CONDITIONER_PREFIX,
@@ -202,17 +203,23 @@ class SectionPlan:
         return {tuple(path): var for path, var in nnx.to_flat_state(self.abstract)}
 
 
-_RULES: dict[str, tuple[Callable[[nnx.Module], list[TensorRule]], str]] = {
-    "autoencoder": (oobleck_rules, PRETRANSFORM_PREFIX),
-    "model": (dit_rules, DIT_PREFIX),
-    "conditioner": (conditioner_rules, CONDITIONER_PREFIX),
+# Per section: the default key prefix inside a diffusion_cond checkpoint, and the tensor rules of each registered
+# model that section may hold (Stable Audio 3's SAME autoencoder shares the machinery: stable_audio_3.py).
+_RULES: dict[str, tuple[dict[str, Callable[[nnx.Module], list[TensorRule]]], str]] = {
+    "autoencoder": ({"oobleck": oobleck_rules, "same": same_rules}, PRETRANSFORM_PREFIX),
+    "model": ({"dit": dit_rules}, DIT_PREFIX),
+    "conditioner": ({"multi_conditioner": conditioner_rules}, CONDITIONER_PREFIX),
 }
 
 
 def plan_section(section: str, model_config: ml_collections.ConfigDict, prefix: str | None = None) -> SectionPlan:
     """Rules for one section, built from shapes only (no parameter is allocated)."""
     abstract_model = nnx.eval_shape(lambda: registry.build(model_config, nnx.Rngs(0)))
-    make_rules, default_prefix = _RULES[section]
+    makers, default_prefix = _RULES[section]
+    if model_config.name not in makers:
+        raise ConfigError(f"config.{section}.name={model_config.name!r}: no Stable Audio checkpoint layout; known: "
+                          f"{', '.join(makers)}")
+    make_rules = makers[model_config.name]
     try:
         rules = prefixed(make_rules(abstract_model), default_prefix if prefix is None else prefix)
     except ValueError as err:
@@ -318,11 +325,23 @@ class Imported:
 def import_stable_audio(model_config: str | Path, checkpoint: str | Path, workdir: str | Path, *,
                         t5_path: str | None = None, compute_dtype: str = "float32") -> Imported:
     """Converts a stable-audio-tools model into OUT/autoencoder (and OUT/diffusion for diffusion_cond models)."""
+    return import_checkpoint(model_config, checkpoint, workdir, lambda reference, autoencoder_checkpoint: import_configs(
+        reference, autoencoder_checkpoint=autoencoder_checkpoint, t5_path=t5_path, compute_dtype=compute_dtype,
+        where=str(model_config)))
+
+
+ConfigTranslation = Callable[[Mapping[str, Any], str],
+                             tuple[ml_collections.ConfigDict, ml_collections.ConfigDict | None]]
+
+
+def import_checkpoint(model_config: str | Path, checkpoint: str | Path, workdir: str | Path,
+                      translate: ConfigTranslation) -> Imported:
+    """Any reference format whose model_config `translate(reference, autoencoder_dir)` turns into (autoencoder
+    config, diffusion config or None): every key checked first, then OUT/autoencoder (and OUT/diffusion) written."""
     workdir = Path(workdir).resolve()
     reference = read_model_config(model_config)
     ae_dir, diffusion_dir = workdir / AUTOENCODER_DIR, workdir / DIFFUSION_DIR
-    ae_config, diffusion_config = import_configs(reference, autoencoder_checkpoint=str(ae_dir), t5_path=t5_path,
-                                                 compute_dtype=compute_dtype, where=str(model_config))
+    ae_config, diffusion_config = translate(reference, str(ae_dir))
     plans = [plan_section("autoencoder", ae_config.autoencoder, PRETRANSFORM_PREFIX if diffusion_config else "")]
     if diffusion_config is not None:
         plans += [plan_section("model", diffusion_config.model), plan_section("conditioner",
@@ -361,6 +380,19 @@ def export_stable_audio(workdir: str | Path, *, diffusion: str | Path | None = N
     With `diffusion` the result is a diffusion_cond model (DiT, conditioners and the autoencoder named by the
     checkpoint's autoencoder_checkpoint, or by `autoencoder`); with only `autoencoder`, an autoencoder model.
     EMA weights are exported when the checkpoint has them and `use_ema`, as the released SAO files are."""
+    def reference_config(diffusion_config, ae_section, ae_config):
+        if diffusion_config is None:
+            return reference_model_config(None, ae_section, int(ae_config.get("data", {}).get("sample_size", 0)))
+        return reference_model_config(diffusion_config, ae_section)
+
+    return export_checkpoint(workdir, reference_config, diffusion=diffusion, autoencoder=autoencoder, use_ema=use_ema)
+
+
+def export_checkpoint(workdir: str | Path, reference_config: Callable[..., dict[str, Any]], *,
+                      diffusion: str | Path | None = None, autoencoder: str | Path | None = None,
+                      use_ema: bool = True) -> Exported:
+    """Exports musicdiff checkpoints to a reference format whose model_config.json is
+    `reference_config(diffusion config dict or None, autoencoder section dict, autoencoder config)`."""
     if diffusion is None and autoencoder is None:
         raise ConfigError("export needs --diffusion=DIR (a diffusion checkpoint) or --autoencoder=DIR")
     diffusion_ref = find_checkpoint(diffusion) if diffusion is not None else None
@@ -379,10 +411,9 @@ def export_stable_audio(workdir: str | Path, *, diffusion: str | Path | None = N
                               f"{autoencoder} has latent_dim {ae_section.latent_dim}")
         tensors.update(_section_tensors(diffusion_ref, "model", DIT_PREFIX, use_ema))
         tensors.update(_section_tensors(diffusion_ref, "conditioner", CONDITIONER_PREFIX, use_ema))
-        reference = reference_model_config(config.to_dict(), ae_section.to_dict())
+        reference = reference_config(config.to_dict(), ae_section.to_dict(), ae_ref.config)
     else:
-        reference = reference_model_config(None, ae_section.to_dict(),
-                                           int(ae_ref.config.get("data", {}).get("sample_size", 0)))
+        reference = reference_config(None, ae_section.to_dict(), ae_ref.config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file
@@ -394,7 +425,7 @@ def export_stable_audio(workdir: str | Path, *, diffusion: str | Path | None = N
     return Exported(weights, config_file)
 
 
-__all__ = ["ArraySource", "Exported", "Imported", "SafetensorsSource", "SectionPlan", "TensorSource",
-           "TorchCheckpointSource", "check_buffer", "check_keys", "convert_section", "export_section",
-           "export_stable_audio", "import_stable_audio", "iter_converted", "open_checkpoint", "plan_section",
-           "read_model_config"]
+__all__ = ["ArraySource", "ConfigTranslation", "Exported", "Imported", "SafetensorsSource", "SectionPlan",
+           "TensorSource", "TorchCheckpointSource", "check_buffer", "check_keys", "convert_section", "export_checkpoint",
+           "export_section", "export_stable_audio", "import_checkpoint", "import_stable_audio", "iter_converted",
+           "open_checkpoint", "plan_section", "read_model_config"]
