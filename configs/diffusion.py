@@ -247,11 +247,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.objective = ml_collections.ConfigDict(dict(
         name=preset["objective"],  # "v" | "rectified_flow" | "ddpm_eps"
-        timestep_sampler=preset.get("timestep_sampler", "uniform"),  # "uniform" | "logit_normal" | ...
+        # "uniform" | "logit_normal" | "truncated_logit_normal" | SA3's "sa3_truncated_logit_normal" | "log_snr" |
+        # "log_snr_uniform" (musicdiff/diffusion/timesteps.py), with their options below
+        timestep_sampler=preset.get("timestep_sampler", "uniform"),
         t_min=0.0,
         t_max=1.0,
         logit_mean=0.0,
         logit_std=1.0,
+        sa3_left_trunc=0.075,
+        mean_logsnr=-1.2,
+        std_logsnr=2.0,
+        min_logsnr=-6.0,
+        max_logsnr=5.0,
+        p_one_shot=0.0,  # probability of training at t = 1 (pure noise), any sampler
         # Variable-length batches: each sample's loss over its valid latent frames, and a denoiser that takes a
         # padding mask (the DiT) keeps the padded frames out of self-attention (spec §4; off in the SAO recipe).
         mask_padding=False,
