@@ -20,7 +20,8 @@ CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make de
   T seconds of inpaint_audio and generates the rest of the window) or + mask_file (a .npy of shape [latent frames of
   the window], one 0/1 value per latent frame: 1 = keep, 0 = generate). A model trained with the inpainting input
   (model.local_cond_dim > 0) is given the mask and the known latents at every step; others get the RePaint-style
-  merge. generations.jsonl's "inpainting" says which ("trained_input" or "repaint_fallback").
+  merge; inpainting="trained_merge" gives such a model both. generations.jsonl's "inpainting" says which
+  ("trained_input", "repaint_fallback" or "trained_input_merge").
 - eta < 0 means the sampler's default; init_noise_level <= 0 means no init.
 - adapters: weight adapters (launch.train_lora's WORKDIR/adapter.safetensors; LoRA, DoRA or LoRA-XS) stacked in order,
   "FILE[:STRENGTH],..." (strength 1 by default, 0 = off); adapter_sigma_min / adapter_sigma_max: they act on the
@@ -73,7 +74,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         mask="",
         mask_file="",  # .npy [latent frames], 1 = keep, 0 = generate; instead of mask
         spectrograms=True,
-        inpainting="auto",  # "auto": a model's trained inpainting input when it has one, else RePaint; "repaint"
+        # "auto": a model's trained inpainting input when it has one, else RePaint; "repaint": RePaint always;
+        # "trained_merge": the trained input plus RePaint's merge after every step (SA3's TensorRT port)
+        inpainting="auto",
         adapters="",  # weight adapters stacked in order: "FILE[:STRENGTH],FILE2[:STRENGTH]" (launch.train_lora output)
         adapter_sigma_min=0.0,  # the adapters act at noise levels σ/α in [min, max] only (as cfg_sigma_min/max)
         adapter_sigma_max=float("inf"),

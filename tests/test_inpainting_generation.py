@@ -13,7 +13,7 @@ from musicdiff.config import load_config
 from musicdiff.errors import ConfigError
 from musicdiff.inference.batch_generation import generate_to_folder
 from musicdiff.inference.generate import Generator, SamplerSettings, mask_from_spans
-from musicdiff.inference.inpainting import (REPAINT_FALLBACK, TRAINED_INPUT, local_inpaint_input,
+from musicdiff.inference.inpainting import (REPAINT_FALLBACK, TRAINED_INPUT, TRAINED_MERGE, local_inpaint_input,
                                             mask_from_file)
 from tests.model_fixtures import random_autoencoder, random_diffusion
 
@@ -94,6 +94,14 @@ def test_trained_input_reaches_the_model_without_a_merge_between_steps(generator
     forced = dataclasses.replace(settings, inpainting="repaint")
     repainted = np.asarray(generator.sample_latents(["x"], [0.3], forced, [0], inpaint=(known, regenerate[None, None])))
     np.testing.assert_allclose(repainted[..., keep], np.asarray(known)[..., keep], atol=1e-5)
+    # trained input and merge (SA3's TensorRT port): merged like RePaint, and the input still reaches the model
+    both = dataclasses.replace(settings, inpainting="trained_merge")
+    assert generator.inpainting_method(both) == TRAINED_MERGE
+    merged = np.asarray(generator.sample_latents(["x"], [0.3], both, [0], inpaint=(known, regenerate[None, None])))
+    np.testing.assert_allclose(merged[..., keep], np.asarray(known)[..., keep], atol=1e-5)
+    assert np.max(np.abs(merged[..., span] - repainted[..., span])) > 1e-3
+    with pytest.raises(ConfigError, match="trained_merge"):
+        Generator.from_checkpoint(str(checkpoints[1])).inpainting_method(both)
     # projected guidance (APG) runs the doubled batch through its own path: the input reaches it too
     apg = SamplerSettings(sampler="dpmpp-2m", steps=3, cfg_scale=3.0, sigma_min=0.05, sigma_max=10.0, guidance="apg")
     apg_known = np.asarray(generator.sample_latents(["x"], [0.3], apg, [0], inpaint=(known, regenerate[None, None])))

@@ -5,7 +5,8 @@
 
 For each clip of the folder (its first `num_clips`), the span [span[0], span[1]) of the window (fractions of it) is
 regenerated from the clip's own caption; the rest is the clip's own latents. Each of `methods` runs on the same
-model, clips and seeds: "trained_input" (the model's inpainting input; needs a model trained with it) and "repaint"
+model, clips and seeds: "trained_input" (the model's inpainting input; needs a model trained with it),
+"trained_input_merge" (that input plus the RePaint merge after every step, as SA3's TensorRT port) and "repaint"
 (the RePaint-style merge, any model). Scores, per clip, on the decoded audio against the original clip:
 - kept_mel: log-mel distance (dB, mean |difference|) over the kept frames (those whose STFT window does not reach
   into the span), next to `autoencoder_mel`, the same
@@ -13,8 +14,9 @@ model, clips and seeds: "trained_input" (the model's inpainting input; needs a m
 - seam_mel: at each span boundary, the mean |difference| between the output's log-mel frames just before and just
   after it (`seam_frames` each side), minus the same for the original clip at the same place: the jump the output
   adds where it joins; 0 = as smooth as the music itself.
-Each metric gets a percentile-bootstrap 95% interval over clips; with both methods, `seam_mel_difference` is
-trained_input's seam minus repaint's clip by clip, with its own interval (a paired comparison). Writes
+Each metric gets a percentile-bootstrap 95% interval over clips; with repaint among the methods,
+`seam_mel_difference` is trained_input's seam minus repaint's clip by clip, with its own interval (a paired
+comparison), and `seam_mel_difference_trained_input_merge` the same for trained_input_merge. Writes
 OUT/report.json, OUT/report.md, OUT/per_clip.jsonl and the outputs' audio under OUT/<method>/.
 """
 
@@ -35,7 +37,8 @@ from musicdiff.errors import ConfigError, DataError
 from musicdiff.eval.intervals import bootstrap_interval, intervals_separate
 from musicdiff.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-METHODS = {"trained_input": "auto", "repaint": "repaint"}  # method -> SamplerSettings.inpainting
+# method -> SamplerSettings.inpainting, and the generation method it must resolve to
+METHODS = {"trained_input": "auto", "trained_input_merge": "trained_merge", "repaint": "repaint"}
 HOP = 256  # log-mel hop (samples): ~16 ms at 16 kHz
 
 
@@ -73,7 +76,7 @@ def evaluate_inpainting(config: ml_collections.ConfigDict, workdir: Path) -> dic
     """The `inpainting` kind of launch.evaluate (module docstring); returns the report."""
     from data_pipelines.audio_folder import scan
     from musicdiff.inference.generate import Generator, SamplerSettings
-    from musicdiff.inference.inpainting import REPAINT_FALLBACK, TRAINED_INPUT
+    from musicdiff.inference.inpainting import REPAINT_FALLBACK, TRAINED_INPUT, TRAINED_MERGE
 
     workdir = Path(workdir)
     if not str(config.checkpoint):
@@ -107,7 +110,8 @@ def evaluate_inpainting(config: ml_collections.ConfigDict, workdir: Path) -> dic
     per_clip: list[dict[str, Any]] = [{"path": str(item.path), "caption": item.caption} for item in items]
     for method in methods:
         settings = dataclasses.replace(base, inpainting=METHODS[method])
-        if generator.inpainting_method(settings) != (TRAINED_INPUT if method == "trained_input" else REPAINT_FALLBACK):
+        expected = {"trained_input": TRAINED_INPUT, "trained_input_merge": TRAINED_MERGE}.get(method, REPAINT_FALLBACK)
+        if generator.inpainting_method(settings) != expected:
             raise ConfigError(f"config.methods: '{method}' needs a model trained with the inpainting input "
                               f"(config.model.local_cond_dim > 0); {config.checkpoint} has none")
         for index, item in enumerate(items):
@@ -136,21 +140,23 @@ def _report(per_clip: list[dict[str, Any]], methods: list[str], config: ml_colle
             low, high = bootstrap_interval(values, int(config.bootstrap.resamples), int(config.bootstrap.seed))
             metrics[f"{method}/{name}"] = dict(value=float(values.mean()), lo=low, hi=high, clips=int(values.size))
     verdicts = {}
-    if set(methods) == set(METHODS):
-        a, b = metrics["trained_input/seam_mel"], metrics["repaint/seam_mel"]
+    for trained in (m for m in methods if m != "repaint" and "repaint" in methods):
+        # Suffix "" for trained_input (the names reports had before trained_input_merge existed).
+        suffix = "" if trained == "trained_input" else f"_{trained}"
+        a, b = metrics[f"{trained}/seam_mel"], metrics["repaint/seam_mel"]
         if not intervals_separate((a["lo"], a["hi"]), (b["lo"], b["hi"])):
-            verdicts["seam_mel"] = "no separable difference"
+            verdicts[f"seam_mel{suffix}"] = "no separable difference"
         else:
-            verdicts["seam_mel"] = "trained_input smaller" if a["value"] < b["value"] else "repaint smaller"
+            verdicts[f"seam_mel{suffix}"] = f"{trained} smaller" if a["value"] < b["value"] else "repaint smaller"
         # Both methods inpaint the same clips, so the per-clip difference is the sharper comparison: most of each
         # method's spread is the clips' own (how much the music changes at the boundary), which the difference cancels.
-        pairs = [(row["trained_input/seam_mel"], row["repaint/seam_mel"]) for row in per_clip]
+        pairs = [(row[f"{trained}/seam_mel"], row["repaint/seam_mel"]) for row in per_clip]
         differences = np.asarray([x - y for x, y in pairs if np.isfinite(x) and np.isfinite(y)], np.float64)
         low, high = bootstrap_interval(differences, int(config.bootstrap.resamples), int(config.bootstrap.seed))
-        metrics["seam_mel_difference"] = dict(value=float(differences.mean()), lo=low, hi=high,
-                                              clips=int(differences.size))
-        verdicts["seam_mel_difference"] = ("trained_input smaller" if high < 0 else "repaint smaller" if low > 0
-                                           else "no separable difference")
+        metrics[f"seam_mel_difference{suffix}"] = dict(value=float(differences.mean()), lo=low, hi=high,
+                                                       clips=int(differences.size))
+        verdicts[f"seam_mel_difference{suffix}"] = (f"{trained} smaller" if high < 0 else "repaint smaller"
+                                                    if low > 0 else "no separable difference")
     return {"checkpoint": str(config.checkpoint), "clips": len(per_clip), "span_seconds": [s / rate for s in span],
             "metrics": metrics, "verdicts": verdicts}
 
@@ -164,7 +170,7 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", *(f"- {name}: {verdict}" for name, verdict in report["verdicts"].items()),
               "", "kept_mel: log-mel distance (dB) of the kept region to the original, beside the autoencoder's own "
               "reconstruction (autoencoder_mel); seam_mel: the jump at the span boundaries beyond the original's; "
-              "seam_mel_difference: trained_input's minus repaint's, clip by clip (paired)."]
+              "seam_mel_difference(_<method>): that method's minus repaint's, clip by clip (paired)."]
     return "\n".join(lines) + "\n"
 
 

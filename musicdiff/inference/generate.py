@@ -44,7 +44,7 @@ from musicdiff.diffusion.parameterization import (cfg_denoiser, doubled_call, gu
 from musicdiff.diffusion.samplers import Inpaint, check_compatible, sample, sampler_spec
 from musicdiff.diffusion.time_shift import TimeShift
 from musicdiff.errors import ConfigError, DataError
-from musicdiff.inference.inpainting import REPAINT_FALLBACK, TRAINED_INPUT, local_inpaint_input
+from musicdiff.inference.inpainting import REPAINT_FALLBACK, TRAINED_INPUT, TRAINED_MERGE, local_inpaint_input
 from musicdiff.models.conditioning import null_condition
 from musicdiff.models.evaluator_labels import MODES, prompt_targets
 from musicdiff.models.denoiser import (IMPLICIT_NULL_CONTEXT, LOCAL_CONDITIONING, PADDING_MASK, ConditioningInputs,
@@ -58,7 +58,7 @@ INPAINT_METHOD = REPAINT_FALLBACK  # models without the trained inpainting input
 
 
 GUIDANCE = ("cfg", "apg")
-INPAINTING_CHOICES = ("auto", "repaint")
+INPAINTING_CHOICES = ("auto", "repaint", "trained_merge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,9 @@ class SamplerSettings:
     init_noise_level: float | None = None  # audio-to-audio: σ (or t for ddim / rectified-flow samplers)
     length_bucket_frames: int = 0  # > 0: generate only the frames a batch needs, in multiples of this (0: the window)
     time_shift: TimeShift = TimeShift()  # length-aware shift of rectified-flow time grids ("none": off)
-    inpainting: str = "auto"  # "auto": the trained input when the model has it, else RePaint; "repaint": RePaint always
+    # "auto": the trained input when the model has it, else RePaint; "repaint": RePaint always; "trained_merge": the
+    # trained input and the RePaint merge after every step (SA3's TensorRT port), for models with the input only
+    inpainting: str = "auto"
 
     def __post_init__(self):
         spec = sampler_spec(self.sampler)
@@ -174,10 +176,15 @@ def _doubled(extras: Mapping[str, Any], rows: int) -> dict[str, Any]:
 
 
 def inpainting_method(model: Any, settings: SamplerSettings) -> str:
-    """TRAINED_INPUT for a model with the inpainting input (unless settings.inpainting forces "repaint"), else
-    REPAINT_FALLBACK."""
-    trained = LOCAL_CONDITIONING in capabilities(model) and settings.inpainting != "repaint"
-    return TRAINED_INPUT if trained else REPAINT_FALLBACK
+    """TRAINED_INPUT for a model with the inpainting input (unless settings.inpainting forces "repaint"),
+    TRAINED_MERGE when settings.inpainting asks for it, else REPAINT_FALLBACK."""
+    trained = LOCAL_CONDITIONING in capabilities(model)
+    if settings.inpainting == "trained_merge":
+        if not trained:
+            raise ConfigError(f"config.inpainting='trained_merge' needs a model trained with the inpainting input "
+                              f"(model.local_cond_dim > 0); {type(model).__name__} has none: use auto or repaint")
+        return TRAINED_MERGE
+    return TRAINED_INPUT if trained and settings.inpainting != "repaint" else REPAINT_FALLBACK
 
 
 def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], settings: SamplerSettings,
@@ -212,8 +219,11 @@ def make_sampler(graphdefs: Mapping[str, Any], objective: Mapping[str, Any], set
         model = nnx.merge(graphdefs["model"], params["model"])
         conditioner = nnx.merge(graphdefs["conditioner"], params["conditioner"])
         extras, pasted = {}, None
-        if inpaint is not None and inpainting_method(model, settings) == TRAINED_INPUT:  # trained input: no merge
-            extras["local_cond"], pasted, inpaint = local_inpaint_input(*inpaint), inpaint, None
+        method = None if inpaint is None else inpainting_method(model, settings)
+        if method in (TRAINED_INPUT, TRAINED_MERGE):
+            extras["local_cond"] = local_inpaint_input(*inpaint)
+        if method == TRAINED_INPUT:  # no merge between steps; the known latents pasted back at the end
+            pasted, inpaint = inpaint, None
         if adapter_stack:
             model = TimedAdapters(graphdefs["model"], params["model"], "model", adapter_stack, params["adapters"])
             conditioner = nnx.merge(graphdefs["conditioner"], apply_adapters(

@@ -13,6 +13,8 @@ Two methods, chosen by what the model declares (models/denoiser.py):
   there, which drifted from the given audio by 10.1 dB of log-mel against the autoencoder's own 7.3 on the demo).
 - "repaint_fallback" (any other model): the known region is re-noised to each level and merged after every step
   (samplers' `Inpaint`, RePaint without resampling).
+- "trained_input_merge" (`inpainting="trained_merge"`, models with the input): both, the trained input at every
+  call and the merge after every step, as SA3's TensorRT port pastes the known latents back after each step.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from musicdiff.errors import ConfigError
 
 TRAINED_INPUT = "trained_input"
 REPAINT_FALLBACK = "repaint_fallback"
+TRAINED_MERGE = "trained_input_merge"
 NOTES = {
     TRAINED_INPUT: "the model was trained with the inpainting input: it is given the mask and the known latents at "
                    "every step and samples from pure noise; the known latents are pasted back over the kept frames at "
                    "the end",
     REPAINT_FALLBACK: "the model was not trained for inpainting; known latents are re-noised and merged after every "
                       "sampler step (RePaint without resampling)",
+    TRAINED_MERGE: "the model was trained with the inpainting input: it is given the mask and the known latents at "
+                   "every step, and the known latents are also re-noised and merged after every sampler step",
 }
 
 
