@@ -65,6 +65,9 @@ class TextConditioner(nnx.Module):
     is passed at call time instead.
     """
 
+    # Its projection is a weight adapters' target, as the reference Conditioner's proj_out Linear is SA3 LoRA's.
+    adaptable_kernels = {"kernel": 1}
+
     def __init__(self, dim: int, output_dim: int, *, rngs: nnx.Rngs, project_out: bool = False,
                  encoder: nnx.Module | None = None, padding_mode: str = "zero", dtype: Any = jnp.float32):
         if padding_mode not in PADDING_MODES:

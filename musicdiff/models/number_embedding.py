@@ -63,6 +63,9 @@ class NumberConditioner(nnx.Module):
     Linear(fourier_dim -> output_dim) with bias (no `frequencies` parameter).
     """
 
+    # Its Linear is a weight adapters' target, as the reference embedder's `embedding.1` is SA3 LoRA's (spec §8.1).
+    adaptable_kernels = {"kernel": 1}
+
     def __init__(self, output_dim: int, min_val: float = 0.0, max_val: float = 1.0, *, rngs: nnx.Rngs,
                  fourier_dim: int = 256, features: str = "learned", dtype: Any = jnp.float32):
         if max_val <= min_val:
