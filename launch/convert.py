@@ -5,9 +5,13 @@ Import (writes OUT/autoencoder and, for diffusion models, OUT/diffusion; both or
         --checkpoint=model.safetensors --workdir=OUT [--t5=DIR_OF_T5_BASE] [--dtype=bfloat16]
     python -m launch.convert --from=stable_audio_3 --model_config=model_config.json \
         --checkpoint=model.safetensors --workdir=OUT [--t5gemma=DIR_OF_T5GEMMA]     (full, or AE-only SAME-S/L)
+    python -m launch.convert --from=stable_audio_3 --lora=LORA.safetensors --diffusion=OUT/diffusion --workdir=A
+        (an SA3 LoRA file -> A/adapter.safetensors, for launch.generate's --config.adapters)
 Export (writes OUT/model.safetensors + OUT/model_config.json in the reference's layout):
     python -m launch.convert --to=stable_audio --diffusion=DIR [--autoencoder=DIR] --workdir=OUT
     python -m launch.convert --to=stable_audio_3 --autoencoder=DIR --workdir=OUT
+    python -m launch.convert --to=stable_audio_3 --lora=ADAPTER.safetensors --diffusion=DIR --workdir=OUT
+        (a launch.train_lora adapter -> OUT/lora.safetensors, a Stable Audio 3 LoRA file)
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Import: compute 
 flags.DEFINE_string("diffusion", None, "Export: a musicdiff diffusion checkpoint (workdir or step directory).")
 flags.DEFINE_string("autoencoder", None, "Export: the autoencoder checkpoint (default: the diffusion config's "
                     "autoencoder_checkpoint).")
+flags.DEFINE_string("lora", None, "stable_audio_3: convert this LoRA file (import: an SA3 LoRA; export: a "
+                    "launch.train_lora adapter) against the converted --diffusion checkpoint.")
 flags.DEFINE_bool("use_ema", True, "Export: the EMA weights when the checkpoint has them.")
 FLAGS = flags.FLAGS
 
@@ -46,7 +52,7 @@ def main(_argv: list[str]) -> None:
                            model_config=FLAGS.model_config, checkpoint=FLAGS.checkpoint, t5=FLAGS.t5,
                            t5gemma=FLAGS.t5gemma,
                            dtype=FLAGS.dtype, diffusion=FLAGS.diffusion, autoencoder=FLAGS.autoencoder,
-                           use_ema=FLAGS.use_ema)
+                           use_ema=FLAGS.use_ema, lora=FLAGS.lora)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

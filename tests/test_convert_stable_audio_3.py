@@ -3,7 +3,8 @@ full model (SAME-S-structured autoencoder, medium-structured DiT with memory tok
 inpainting input, a seconds_total conditioner standing in for T5Gemma, whose weights SA3 checkpoints never hold) and
 an AE-only SAME, every weight redrawn. The converted checkpoints give the reference's first ping-pong step and its
 decode; fp16 copies convert to the fp32 result within fp16 rounding; a NaN is refused by name; exports load into the
-reference strictly and reproduce it."""
+reference strictly and reproduce it; a reference LoRA file converts with the CLI, adapts the first step as the
+reference's adapted model does, and exports back to the same tensors."""
 
 import json
 
@@ -13,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file as load_torch_file
 
 from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.convert.stable_audio_3 import generation_flags
 from musicdiff.convert.stage import convert_checkpoint
 from musicdiff.errors import DataError
+from musicdiff.models.weight_adapters import apply_adapters, load_adapter
 from test_same import LATENT, RATIO, redraw
 from test_same import reference_config as same_reference_config
 from test_sa3_dit import reference_package, sa3  # noqa: F401  (fixtures: the reference, its ExpoFourier table ours)
+from test_sa3_lora import add_reference_lora, save_reference_lora
 
 pytestmark = pytest.mark.usefixtures("unsharded")
 
@@ -68,23 +72,22 @@ def convert(tmp_path, name, config, state, dtype=np.float32):
     return tmp_path / name
 
 
-def first_step(reference, directory):
+def first_step(reference, model, conditioner):
     """(reference, ours): x̂₀ = x − 1·v(x, t = 1) of a ping-pong sampler's first step from the same noise with the
-    text-to-audio inputs (seconds_total, all-zero inpainting input), and its SAME decode."""
+    text-to-audio inputs (seconds_total, all-zero inpainting input)."""
     noise = np.random.default_rng(0).standard_normal((1, LATENT, FRAMES)).astype(np.float32)
     with torch.no_grad():
         cond = reference.conditioner([{"seconds_total": SECONDS}], "cpu")
         zeros = torch.zeros(1, 1, FRAMES)
         cond.update(inpaint_mask=(zeros,), inpaint_masked_input=(torch.zeros(1, LATENT, FRAMES),))
-        velocity = reference(torch.as_tensor(noise), torch.ones(1), cond).numpy()
-        expected = noise - velocity
-        expected_audio = reference.pretransform.decode(torch.as_tensor(expected)).numpy()
-    diffusion = find_checkpoint(directory / "diffusion")
-    model, conditioner = load_model(diffusion, "model"), load_model(diffusion, "conditioner")
-    autoencoder = load_model(find_checkpoint(directory / "autoencoder"), "autoencoder")
+        expected = noise - reference(torch.as_tensor(noise), torch.ones(1), cond).numpy()
     ours_cond = conditioner.condition({"seconds_total": jnp.asarray([SECONDS])})
-    got = np.asarray(jnp.asarray(noise) - model(jnp.asarray(noise), jnp.ones(1), ours_cond))
-    return (expected, expected_audio), (got, np.asarray(autoencoder.decode(jnp.asarray(got))))
+    return expected, np.asarray(jnp.asarray(noise) - model(jnp.asarray(noise), jnp.ones(1), ours_cond))
+
+
+def converted_models(directory):
+    diffusion = find_checkpoint(directory / "diffusion")
+    return load_model(diffusion, "model"), load_model(diffusion, "conditioner")
 
 
 def relative(got, expected):
@@ -96,7 +99,11 @@ def test_a_reference_checkpoint_converts_and_takes_the_reference_first_step(sa3,
     config, wrapper, state = reference_full
     directory = convert(tmp_path, "fp32", config, state)
     assert "--config.time_shift.name=full" in capsys.readouterr().out  # the reference's sampling shift, as flags
-    (expected, expected_audio), (got, audio) = first_step(wrapper, directory)
+    expected, got = first_step(wrapper, *converted_models(directory))
+    with torch.no_grad():
+        expected_audio = wrapper.pretransform.decode(torch.as_tensor(expected)).numpy()
+    autoencoder = load_model(find_checkpoint(directory / "autoencoder"), "autoencoder")
+    audio = np.asarray(autoencoder.decode(jnp.asarray(got)))
     step_error, decode_error = relative(got, expected), relative(audio[..., :expected_audio.shape[-1]], expected_audio)
     measurement("first ping-pong step max|ours - ref| / max|ref|", step_error)
     measurement("its SAME decode max|ours - ref| / max|ref|", decode_error)
@@ -134,9 +141,7 @@ def test_export_loads_strictly_into_the_reference(reference_package, reference_f
                        diffusion=str(directory / "diffusion"))
     exported = json.loads((tmp_path / "export" / "model_config.json").read_text())
     rebuilt = reference_package.factory.create_diffusion_cond_from_config(exported).eval()
-    from safetensors.torch import load_file
-
-    rebuilt.load_state_dict(load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
+    rebuilt.load_state_dict(load_torch_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
     for key, value in rebuilt.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), state[key], err_msg=key)
 
@@ -153,8 +158,33 @@ def test_ae_only_same_converts_and_exports(reference_package, tmp_path):
     exported = json.loads((tmp_path / "export" / "model_config.json").read_text())
     assert exported["model_type"] == "autoencoder"
     rebuilt = reference_package.factory.create_autoencoder_from_config(exported["model"], 44100).eval()
-    from safetensors.torch import load_file
-
-    rebuilt.load_state_dict(load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
+    rebuilt.load_state_dict(load_torch_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
     for key, value in rebuilt.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), state[key], err_msg=key)
+
+
+def test_a_reference_lora_file_converts_with_the_cli_and_back(sa3, reference_full, tmp_path, measurement):
+    config, _, state = reference_full
+    directory = convert(tmp_path, "fp32", config, state)
+    adapted = redraw(sa3.factory.create_diffusion_cond_from_config(config)).eval()  # the same redrawn weights
+    add_reference_lora(sa3, adapted, "dora-rows")
+    save_reference_lora(sa3, adapted, "dora-rows", tmp_path / "lora.safetensors")
+    convert_checkpoint(workdir=str(tmp_path / "adapter"), from_format="stable_audio_3",
+                       lora=str(tmp_path / "lora.safetensors"), diffusion=str(directory / "diffusion"))
+    model, conditioner = converted_models(directory)
+    modules = {"model": model, "conditioner": conditioner}
+    entry, weights = load_adapter(tmp_path / "adapter" / "adapter.safetensors", modules)
+    split = {name: nnx.split(module, nnx.Param, ...) for name, module in modules.items()}
+    params = apply_adapters({name: parts[1] for name, parts in split.items()}, [entry], [weights])
+    model, conditioner = (nnx.merge(split[name][0], params[name], split[name][2]) for name in modules)
+    expected, got = first_step(adapted, model, conditioner)
+    error = relative(got, expected)
+    measurement("DoRA-adapted first ping-pong step via the CLI, max|ours - ref| / max|ref|", error)
+    assert error <= 1e-4
+    convert_checkpoint(workdir=str(tmp_path / "back"), to_format="stable_audio_3",
+                       lora=str(tmp_path / "adapter" / "adapter.safetensors"), diffusion=str(directory / "diffusion"))
+    original, exported = (load_file(str(path)) for path in (tmp_path / "lora.safetensors",
+                                                            tmp_path / "back" / "lora.safetensors"))
+    assert set(exported) == set(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
