@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, refuse_unknown_options
 
 TIME_SHIFTS = ("none", "full", "flux", "logsnr")
 
@@ -65,11 +65,8 @@ class TimeShift:
     def from_config(cls, section: Mapping[str, Any] | None, key: str = "time_shift") -> TimeShift:
         """From a config section {name, options}; None or an empty section is "none"."""
         values = dict(section or {})
-        fields = {f.name for f in dataclasses.fields(cls)} - {"key"}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"config.{key}.{unknown[0]}: not a time-shift option; options are "
-                              f"{', '.join(sorted(fields))}")
+        refuse_unknown_options(values, {f.name for f in dataclasses.fields(cls)} - {"key"}, f"config.{key}",
+                               "a time-shift")
         return cls(**{k: (str(v) if k == "name" else float(v)) for k, v in values.items()}, key=key)
 
     @property

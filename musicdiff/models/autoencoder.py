@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, refuse_unknown_options
 from musicdiff.models.oobleck_layers import DECODER_UPSAMPLING, OobleckDecoder, OobleckEncoder, WNConv1d
 from musicdiff.models.registry import register
 
@@ -98,11 +98,7 @@ class OobleckConfig:
     def from_config(cls, model_config: ml_collections.ConfigDict | dict) -> OobleckConfig:
         values = dict(model_config)
         values.pop("name", None)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"config.autoencoder.{unknown[0]}: not an oobleck option; options are "
-                              f"{', '.join(sorted(fields))}")
+        refuse_unknown_options(values, (f.name for f in dataclasses.fields(cls)), "config.autoencoder", "an oobleck")
         bottleneck = values.pop("bottleneck", {})
         if not isinstance(bottleneck, BottleneckConfig):
             bottleneck = dict(bottleneck)

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, refuse_unknown_options
 from musicdiff.models.attention import ConditionMLP, Linear, rotary_dim
 from musicdiff.models.denoiser import (BLOCK_ADAPTERS, BLOCK_RESIDUALS, IMPLICIT_NULL_CONTEXT, LOCAL_CONDITIONING,
                                        PADDING_MASK, ConditioningInputs)
@@ -130,10 +130,7 @@ class DiTConfig(DtypeFields):
         values.pop("name", None)
         values.pop("transformer_type", None)  # the one transformer there is; older configs name it
         values["adapter"] = adapter_options(values.get("adapter"))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"config.model.{unknown[0]}: not a DiT option; options are {', '.join(sorted(fields))}")
+        refuse_unknown_options(values, (f.name for f in dataclasses.fields(cls)), "config.model", "a DiT")
         return cls(**values)
 
     @property

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, refuse_unknown_options
 from musicdiff.models.attention import Linear
 from musicdiff.models.autoencoder import pad_to_multiple
 from musicdiff.models.chunking import _run_windows
@@ -122,11 +122,7 @@ class SAMEConfig:
     def from_config(cls, model_config: ml_collections.ConfigDict | dict) -> SAMEConfig:
         values = dict(model_config)
         values.pop("name", None)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"config.autoencoder.{unknown[0]}: not a same option; options are "
-                              f"{', '.join(sorted(fields))}")
+        refuse_unknown_options(values, (f.name for f in dataclasses.fields(cls)), "config.autoencoder", "a same")
         bottleneck = values.pop("bottleneck", {})
         if not isinstance(bottleneck, SoftNormConfig):
             bottleneck = dict(bottleneck)

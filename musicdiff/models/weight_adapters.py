@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from musicdiff.checkpoints import flatten_with_names, path_name
-from musicdiff.errors import ConfigError
+from musicdiff.errors import ConfigError, refuse_unknown_options
 from musicdiff.files import atomic_write_bytes
 from musicdiff.models.attention import Linear
 from musicdiff.models.oobleck_layers import WNConv1d
@@ -83,10 +83,7 @@ class AdapterConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], prefix: str = "config.lora") -> AdapterConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}: not an adapter option; options are {', '.join(sorted(fields))}")
+        refuse_unknown_options(values, (f.name for f in dataclasses.fields(cls)), prefix, "an adapter")
         values = dict(values)
         for key in ("include", "exclude"):
             if key in values:
