@@ -77,7 +77,7 @@ def plan_chunks(total_frames: int, chunk_frames: int, overlap_frames: int) -> li
     return [(start, bounds[i], bounds[i + 1]) for i, start in enumerate(starts)]
 
 
-def _run_windows(apply, x: jax.Array, plan: list[tuple[int, int, int]], chunk_frames: int, in_rate: int,
+def run_windows(apply, x: jax.Array, plan: list[tuple[int, int, int]], chunk_frames: int, in_rate: int,
                  out_rate: int) -> jax.Array:
     """Applies `apply` (NWC → NWC) to every planned window of `x` and stitches the kept ranges along time.
 
@@ -112,17 +112,18 @@ def chunked_encode_features(model: OobleckAutoencoder, audio: jax.Array, *, chun
     ratio = model.downsampling_ratio
     audio_nwc = jnp.swapaxes(pad_to_multiple(audio, ratio), 1, 2)
     plan = plan_chunks(audio_nwc.shape[1] // ratio, chunk_frames, overlap_frames)
-    return _run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
+    return run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
 
 
-@functools.partial(nnx.jit, static_argnames=("chunk_frames", "overlap_frames"))
+@functools.partial(nnx.jit, static_argnames=("chunk_frames", "overlap_frames", "planner"))
 def chunked_decode(model: OobleckAutoencoder, latents: jax.Array, *, chunk_frames: int = 128,
-                   overlap_frames: int = 32) -> jax.Array:
-    """`model.decode` for long latents `[B, latent_dim, F]` → audio `[B, out_channels, F · ratio]`."""
+                   overlap_frames: int = 32, planner=plan_chunks) -> jax.Array:
+    """`model.decode` (any autoencoder with `decode_nwc`) for long latents `[B, latent_dim, F]` → audio
+    `[B, out_channels, F · ratio]`, windowed by `planner(frames, chunk_frames, overlap_frames)`."""
     if latents.ndim != 3 or latents.shape[1] != model.config.latent_dim:
         raise ValueError(f"chunked_decode expects latents [batch, {model.config.latent_dim}, frames], "
                          f"got {latents.shape}")
-    plan = plan_chunks(latents.shape[2], chunk_frames, overlap_frames)
-    audio = _run_windows(model.decode_nwc, jnp.swapaxes(latents, 1, 2), plan, chunk_frames, 1,
+    plan = planner(latents.shape[2], chunk_frames, overlap_frames)
+    audio = run_windows(model.decode_nwc, jnp.swapaxes(latents, 1, 2), plan, chunk_frames, 1,
                          model.downsampling_ratio)
     return jnp.swapaxes(audio, 1, 2)

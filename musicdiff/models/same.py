@@ -39,7 +39,7 @@ from flax import nnx
 from musicdiff.errors import ConfigError, refuse_unknown_options
 from musicdiff.models.attention import Linear
 from musicdiff.models.autoencoder import pad_to_multiple
-from musicdiff.models.chunking import _run_windows
+from musicdiff.models import chunking
 from musicdiff.models.registry import register
 from musicdiff.models.same_layers import RunningStatistic, TransformerResamplingBlock
 
@@ -315,23 +315,17 @@ def chunked_encode(model: SAMEAutoencoder, audio: jax.Array, *, chunk_frames: in
     ratio = model.downsampling_ratio
     audio_nwc = model._audio_nwc(audio)
     plan = reference_chunk_plan(audio_nwc.shape[1] // ratio, chunk_frames, overlap_frames)
-    features = _run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
+    features = chunking.run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
     latents, info = model.bottleneck.encode(features)
     return jnp.swapaxes(latents, 1, 2), info
 
 
-@functools.partial(nnx.jit, static_argnames=("chunk_frames", "overlap_frames"))
 def chunked_decode(model: SAMEAutoencoder, latents: jax.Array, *, chunk_frames: int = 128,
                    overlap_frames: int = 32) -> jax.Array:
     """`model.decode` for long latents `[B, latent_dim, F]` → audio `[B, out_channels, F · ratio]`, window by window
-    (reference_chunk_plan)."""
-    if latents.ndim != 3 or latents.shape[1] != model.config.latent_dim:
-        raise ValueError(f"chunked_decode expects latents [batch, {model.config.latent_dim}, frames], "
-                         f"got {latents.shape}")
-    plan = reference_chunk_plan(latents.shape[2], chunk_frames, overlap_frames)
-    audio = _run_windows(model.decode_nwc, jnp.swapaxes(latents, 1, 2), plan, chunk_frames, 1,
-                         model.downsampling_ratio)
-    return jnp.swapaxes(audio, 1, 2)
+    as the reference (reference_chunk_plan)."""
+    return chunking.chunked_decode(model, latents, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                   planner=reference_chunk_plan)
 
 
 @register("same")
