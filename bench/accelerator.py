@@ -12,12 +12,20 @@ Rows (musicdiff only; the reference has no accelerator here to compare with):
    and 8-step ping-pong (cfg 1) with the :sao_small DiT; each = make_sampler's one jit (conditioning + loop) then
    the chunked :sao decoder, timed end to end after warm-up.
 3. :sao autoencoder decode of the 47.55 s window (1024 latent frames, chunked as Generator decodes).
+4. Stable Audio 3 small, 30 s text-to-audio (bench/rows.py `sa3_generation`, the CPU row's program): 8 ping-pong
+   steps (cfg 1) of the :sa3_small DiT in bf16 over 388 latent frames (30 s + the reference's 6 s headroom) with the
+   padding mask, 256 precomputed T5Gemma-shaped prompt tokens (T5Gemma not run), then the unchunked SAME-S decode
+   (fp32, as its config); one compiled program, timed end to end after warm-up, next to the published SA3-small
+   30 s numbers on an H200 (stable_audio_3.md §10: 0.46 s PyTorch, 0.022 s TensorRT; their methodology is not
+   published, and the TensorRT one includes T5Gemma).
 Targets (issue 11): ≥50% MFU on H100 for row 1; under 0.3 s (8 steps) and 2.5 s (100 steps) for row 2.
 Writes bench/results/accelerator-<device>-<host>-<date>.json and .md.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import os
 import re
@@ -32,7 +40,7 @@ from absl import app, flags
 from flax import nnx
 
 from bench import ours
-from bench.rows import diffusion_config
+from bench.rows import SA3_PROMPT_TOKENS, SA3_STEPS, diffusion_config, sa3_generation, sa3_generation_flops
 from musicdiff.config import load_config
 from musicdiff.files import atomic_write_bytes, atomic_write_json
 from musicdiff.inference.generate import SAO_SIGMA_MAX, SAO_SIGMA_MIN, SamplerSettings
@@ -53,6 +61,8 @@ PEAK_BF16 = (
 TARGETS = {"dit_train_sao_mfu": 0.50, "generate_sao_small_pingpong_8_seconds": 0.3,
            "generate_sao_dpmpp3msde_100_seconds": 2.5}
 CLIP_FRAMES = 1024
+# Stable Audio 3's README (stable_audio_3.md §10): small, 30 s, on an H200.
+SA3_PUBLISHED_H200_SECONDS = {"pytorch": 0.46, "tensorrt": 0.022}
 
 SMOKE = flags.DEFINE_bool("smoke", False, "tiny configs and 2 sampler steps: a check of the code, not a result")
 PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak bf16 TFLOP/s (0: look up the device kind)")
@@ -92,17 +102,18 @@ def _config(preset: str, attention: str):
     return config
 
 
-def _with_attention_fallback(build, preset: str, attention_choice: str):
-    """build(config) with cudnn self-attention on GPU when asked (or auto), else / on failure with xla."""
+def _with_attention_fallback(build, preset: str, attention_choice: str, make_config=_config):
+    """build(make_config(preset, attention)) with cudnn self-attention on GPU when asked (or auto), else / on failure
+    with xla."""
     wants_cudnn = attention_choice == "cudnn" or (attention_choice == "auto" and jax.default_backend() == "gpu")
     if wants_cudnn and not SMOKE.value:
         try:
-            return build(_config(preset, "cudnn")), "cudnn"
+            return build(make_config(preset, "cudnn")), "cudnn"
         except Exception as error:  # unsupported shape/dtype for cuDNN flash attention: report and use XLA
             if attention_choice == "cudnn":
                 raise
             print(f"cudnn attention failed for {preset} ({type(error).__name__}: {str(error)[:200]}); using xla")
-    return build(_config(preset, "xla")), "xla"
+    return build(make_config(preset, "xla")), "xla"
 
 
 def train_row(peak: float) -> dict:
@@ -181,6 +192,31 @@ def generation_row(preset: str, decoder) -> dict:
                 seconds_with_decode=median, runs_seconds=times, sampling_seconds=sample_median)
 
 
+def sa3_generation_row() -> dict:
+    """Row 4: the CPU row's SA3 program (DiT in bf16 here; smoke: the narrowed quick sizes in fp32)."""
+    run = sa3_generation(quick=SMOKE.value)
+
+    def make_config(preset, attention):
+        config = copy.deepcopy(run.config)
+        if not SMOKE.value:
+            config.model.dtype = "bfloat16"
+            config.model.attention_implementation = attention
+        return config
+
+    def build(config):
+        return dataclasses.replace(run, config=config).build_ours()
+
+    program, attention = _with_attention_fallback(build, "sa3_small", ATTENTION.value, make_config)
+    median, times = _median_seconds(program.run, REPEATS.value)
+    return dict(preset="sa3_small + same_s" + (" (narrowed: smoke)" if SMOKE.value else ""), sampler="pingpong",
+                steps=SA3_STEPS, cfg_scale=1.0, seconds=run.seconds, latent_frames=run.frames,
+                valid_frames=run.valid, prompt_tokens=SA3_PROMPT_TOKENS,
+                dit_dtype="float32" if SMOKE.value else "bfloat16",
+                decoder_dtype=str(run.section.dtype), attention=attention, compile_seconds=program.compile_seconds,
+                seconds_with_decode=median, runs_seconds=times, flops=sa3_generation_flops(run),
+                published_h200_seconds=SA3_PUBLISHED_H200_SECONDS)
+
+
 def markdown(report: dict) -> str:
     train, decode = report["dit_train_sao"], report["decode_sao"]
     gen_small, gen_sao = report["generate_sao_small_pingpong_8"], report["generate_sao_dpmpp3msde_100"]
@@ -198,7 +234,15 @@ def markdown(report: dict) -> str:
              f"{gen_small['seconds_with_decode']:.3f} s (sampling {gen_small['sampling_seconds']:.3f} s) | < 0.3 s |",
              f"| 100-step DPM++ 3M SDE + CFG, 47.55 s clip (:{gen_sao['preset']}), decode included | "
              f"{gen_sao['seconds_with_decode']:.3f} s (sampling {gen_sao['sampling_seconds']:.3f} s) | < 2.5 s |",
-             f"| autoencoder decode, 47.55 s ({decode['dtype']}, chunked) | {decode['decode_seconds']:.3f} s | |", ""]
+             f"| autoencoder decode, 47.55 s ({decode['dtype']}, chunked) | {decode['decode_seconds']:.3f} s | |"]
+    sa3 = report.get("generate_sa3_small_pingpong_8")
+    if sa3:
+        published = sa3["published_h200_seconds"]
+        lines.append(f"| SA3 small, {sa3['seconds']:.0f} s: 8-step ping-pong ({sa3['dit_dtype']} DiT, attention "
+                     f"{sa3['attention']}) + SAME-S decode ({sa3['decoder_dtype']}), T5Gemma excluded | "
+                     f"{sa3['seconds_with_decode']:.3f} s | published H200: {published['pytorch']} s PyTorch, "
+                     f"{published['tensorrt']} s TensorRT |")
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +266,8 @@ def main(argv: list[str]) -> None:
         print(f"generate 8: {report['generate_sao_small_pingpong_8']}", flush=True)
         report["generate_sao_dpmpp3msde_100"] = generation_row("sao", decoder)
         print(f"generate 100: {report['generate_sao_dpmpp3msde_100']}", flush=True)
+        report["generate_sa3_small_pingpong_8"] = sa3_generation_row()
+        print(f"generate SA3 small: {report['generate_sa3_small_pingpong_8']}", flush=True)
     report["targets"] = TARGETS
     out = Path(OUT.value)
     out.mkdir(parents=True, exist_ok=True)

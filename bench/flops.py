@@ -60,3 +60,30 @@ def oobleck_encode_flops(model: OobleckAutoencoder, samples: int, batch: int = 1
 def oobleck_decode_flops(model: OobleckAutoencoder, frames: int, batch: int = 1) -> int:
     """Convolution FLOPs of `model.decode` on `batch` latent sequences of `frames` frames."""
     return batch * _walk(model.decoder, frames)[0]
+
+
+def same_decode_flops(model, frames: int, batch: int = 1) -> int:
+    """Matmul FLOPs of `SAMEAutoencoder.decode` (musicdiff/models/same.py) on `batch` sequences of `frames` latent
+    frames: the latent -> width Linear, then the decoder TRB (frames padded to whole chunks, each followed by `stride`
+    new tokens) whose blocks run on chunks of chunk_size + chunk_size / stride tokens (the midpoint-shifted second
+    half on one chunk more), then the weight-normed conv mapping to the patches. Chunked attention only (SAME-S)."""
+    config = model.config
+    if config.attention != "chunked":
+        raise ValueError(f"same_decode_flops counts chunked attention; this SAME has {config.attention!r}")
+    width, stride = config.width, config.stride
+    chunk = config.chunk_size + config.chunk_size // stride  # tokens per attention chunk
+    padded = -(-frames // (config.chunk_size // stride)) * (config.chunk_size // stride)
+    tokens = padded * (stride + 1)
+    maps = 2 if config.differential else 1
+    parts = 2 * maps + 1  # to_qkv: q, k (q2, k2), v
+
+    def block(length: int) -> int:
+        projections = 2 * length * width * parts * width + 2 * length * width * width
+        attention = maps * 4 * length * chunk * width  # q·k and p·v within the token's chunk
+        inner = config.ff_mult * width
+        return projections + attention + 2 * length * width * 2 * inner + 2 * length * inner * width
+
+    depth, shifted = config.decoder_depth, config.decoder_depth // 2 if config.chunk_midpoint_shift else 0
+    blocks = (depth - shifted) * block(tokens) + shifted * block(tokens + chunk)
+    mapping = 2 * config.decoder_mapping_kernel * width * config.patch_channels * padded * stride
+    return batch * (2 * padded * config.latent_dim * width + blocks + mapping)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from musicdiff.diffusion.objectives import make_objective
+from musicdiff.diffusion.time_shift import TimeShift
 from musicdiff.diffusion.timesteps import sample_timesteps
 from musicdiff.inference.generate import SamplerSettings, make_sampler
 from musicdiff.models import registry
@@ -154,6 +155,46 @@ class Sampling:
 
     def run(self) -> None:
         jax.block_until_ready(self.sample(self.params, self.inputs, self.key))
+
+
+class SA3Generation:
+    """Stable Audio 3 text-to-audio for one clip as one compiled program: `make_sampler` (conditioning, ping-pong
+    steps with cfg 1 under the padding mask of `valid` of `frames` frames, the all-zero inpainting input the DiT adds
+    when none is given) on precomputed prompt tokens, then the SAME decode with the audio zeroed past the valid
+    frames, as the reference's sample_diffusion does."""
+
+    def __init__(self, config: ml_collections.ConfigDict, autoencoder_section: ml_collections.ConfigDict, frames: int,
+                 valid: int, steps: int, prompt_tokens: int, seconds: float, time_shift: dict[str, Any]):
+        model = registry.build(config.model, nnx.Rngs(0))
+        conditioner = registry.build(config.conditioner, nnx.Rngs(1))
+        autoencoder = registry.build(autoencoder_section, nnx.Rngs(2))
+        graphdefs = {"model": nnx.graphdef(model), "conditioner": nnx.graphdef(conditioner)}
+        decoder_graphdef = nnx.graphdef(autoencoder)
+        self.params = {"model": nnx.state(model), "conditioner": nnx.state(conditioner),
+                       "autoencoder": nnx.state(autoencoder)}
+        # length_bucket_frames > 0 is what turns the padding mask on; the length itself is fixed here.
+        settings = SamplerSettings(sampler="pingpong", steps=steps, cfg_scale=1.0, sigma_max=1.0,
+                                   length_bucket_frames=frames, time_shift=TimeShift.from_config(time_shift))
+        sample_fn = make_sampler(graphdefs, config.objective, settings, (1, int(config.model.io_channels), frames))
+        ratio = autoencoder.downsampling_ratio
+        width = int(config.conditioner.conditioning.cond_dim)
+        self.inputs = {"prompt": {"embeddings": jax.random.normal(jax.random.key(2), (1, prompt_tokens, width)),
+                                  "mask": jnp.ones((1, prompt_tokens), bool)},
+                       "seconds_total": jnp.full((1,), seconds, jnp.float32)}
+        self.valid = jnp.full((1,), valid, jnp.int32)
+        self.key = jax.random.key(6)
+
+        def generate(params, inputs, key, valid):
+            latents = sample_fn(params, inputs, key, valid_frames=valid)
+            # bf16 DiTs (the accelerator row) hand the fp32 decoder fp32 latents, as Generator does.
+            audio = nnx.merge(decoder_graphdef, params["autoencoder"]).decode(latents.astype(jnp.float32))
+            audible = jnp.arange(audio.shape[-1])[None, None, :] < valid[:, None, None] * ratio
+            return jnp.where(audible, audio, 0.0)
+
+        self.generate, self.compile_seconds = _compile(generate, self.params, self.inputs, self.key, self.valid)
+
+    def run(self) -> None:
+        jax.block_until_ready(self.generate(self.params, self.inputs, self.key, self.valid))
 
 
 class Precompute:

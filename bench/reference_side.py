@@ -13,7 +13,8 @@ Only JSON crosses the process boundary (no pickle). The row definitions mirror b
 both sides the same shapes, batch sizes and model configs (the reference model_config blocks are exported from our
 configs by musicdiff.convert.stable_audio_config, so the architectures are the same by construction).
 
-This file imports only the standard library, numpy, soundfile, torch and the reference packages.
+This file imports only the standard library, numpy, soundfile, torch and the reference packages (the Stable Audio 3
+one is the copy vendored under tests/reference/sa3, loaded through tests/sa3_reference.py).
 """
 
 from __future__ import annotations
@@ -158,6 +159,53 @@ class Sampling:
                           **self.cond)
 
 
+# ---- Stable Audio 3 -----------------------------------------------------------------------------------------------
+
+def _sa3_package():
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from sa3_reference import import_reference
+
+    return import_reference()
+
+
+class SA3Generation:
+    """What `StableAudioModel.generate` runs for one text-to-audio clip, from the conditioner on: the seconds_total
+    number conditioner, the precomputed prompt tokens in T5Gemma's place, the all-zero inpainting input, then
+    `sample_diffusion` (ping-pong, cfg 1, padding mask from seconds_total + headroom, the model's sampling shift)
+    with `pretransform.decode` unchunked (the exported config's `chunked: false`)."""
+
+    def __init__(self, params: dict):
+        sa3 = _sa3_package()
+        self.sample_diffusion = sa3.inference.sampling.sample_diffusion
+        factory = sa3.factory.create_diffusion_cond_from_config
+        self.wrapper = factory(params["model_config"]).eval().requires_grad_(False)
+        self.params = params
+        frames, channels = params["frames"], self.wrapper.io_channels
+        self.conditioning = [{"seconds_total": params["seconds"]}]
+        self.noise = _randn((1, channels, frames), 5)
+        tokens = params["prompt_tokens"]
+        prompt = _randn((1, tokens, params["prompt_dim"]), 2)
+        self.fixed = dict(prompt=(prompt, torch.ones(1, tokens, dtype=torch.bool)),
+                          inpaint_mask=[torch.zeros(1, 1, frames)],
+                          inpaint_masked_input=[torch.zeros(1, channels, frames)])
+
+    def run(self) -> None:
+        p = self.params
+        with torch.no_grad():
+            tensors = self.wrapper.conditioner(self.conditioning, "cpu")
+            inputs = self.wrapper.get_conditioning_inputs({**tensors, **self.fixed})
+            self.sample_diffusion(
+                model=self.wrapper.model, noise=self.noise, cond_inputs=inputs,
+                diffusion_objective=self.wrapper.diffusion_objective, steps=p["steps"], cfg_scale=1.0,
+                conditioning=self.conditioning, sample_rate=self.wrapper.sample_rate,
+                pretransform=self.wrapper.pretransform, mask_padding_attention=True,
+                use_effective_length_for_schedule=True, headroom_seconds=p["headroom_seconds"],
+                dist_shift=self.wrapper.sampling_dist_shift, sampler_type="pingpong", disable_tqdm=True,
+                chunked_decode=False)
+
+
 # ---- data -------------------------------------------------------------------------------------------------------
 
 def _load_with_soundfile(filename: str) -> torch.Tensor:
@@ -266,7 +314,7 @@ class AudioPipeline:
 
 
 ROWS = {"ae_encode": AutoencoderEncode, "ae_decode": AutoencoderDecode, "dit_train": DiTTrainStep,
-        "sampling": Sampling, "precompute": PreEncode, "grain_pipeline": AudioPipeline}
+        "sampling": Sampling, "sa3_generate": SA3Generation, "precompute": PreEncode, "grain_pipeline": AudioPipeline}
 
 
 def matmul_peak(size: int, repeats: int) -> float:

@@ -21,7 +21,8 @@ TARGETS = {"ae_encode": 2.0, "ae_decode": 2.0, "dit_train_sao_small": 1.5, "samp
            "sample_sao_small_pingpong_native": 1.5, "sample_sao_dpmpp3msde": 1.1}
 
 ACCELERATOR_NOTE = ("Accelerator mode (`make bench-gpu`: :sao DiT training step in bf16 with MFU, 47 s generation "
-                    "at 100 and 8 steps, autoencoder decode) was NOT run: no GPU/TPU was available for this run.")
+                    "at 100 and 8 steps, autoencoder decode, SA3 small 30 s generation beside its published H200 "
+                    "numbers) was NOT run: no GPU/TPU was available for this run.")
 
 
 def _rate(units: float, seconds: float) -> float:

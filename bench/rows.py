@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,18 @@ import ml_collections
 
 from bench import flops
 from musicdiff.config import load_config
+from musicdiff.convert import stable_audio_3_config
 from musicdiff.convert.stable_audio_config import reference_dit, reference_model_config
 from musicdiff.inference.generate import SAO_SIGMA_MAX, SAO_SIGMA_MIN, SamplerSettings
-from musicdiff.models.dit import dit_forward_flops, dit_train_flops
+from musicdiff.models.dit import DiTConfig, dit_forward_flops, dit_train_flops
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 44100
 CLIP_FRAMES = 1024  # the 47.55 s window (2,097,152 samples) of SAO
 PROMPT_VALID_TOKENS = 20  # real T5 tokens of a typical prompt; the rest is padding
+SA3_HEADROOM_SECONDS = 6.0  # StableAudioModel.generate's duration_padding_sec
+SA3_PROMPT_TOKENS = 256  # T5Gemma's max_length in the SA3 conditioning (learned padding: all 256 are attended)
+SA3_STEPS = 8  # the post-trained checkpoints' ping-pong steps, no CFG (spec §7)
 
 
 @dataclasses.dataclass
@@ -157,6 +162,98 @@ def sampling_row(preset: str, quick: bool, native_window: bool = False) -> Row:
                f"loop); latency extrapolated to {total_steps} steps"))
 
 
+def sa3_frames(seconds: float, ratio: int, align_frames: int) -> tuple[int, int]:
+    """(latent frames generated, frames valid) for one clip of `seconds`, as the reference's `generate` sizes it
+    (spec §4 item 6): (seconds + 6 s headroom) · 44100 samples rounded up to a multiple of the ratio, then of
+    `align_frames` frames (SAME's chunk_size / stride); valid = ceil(seconds · 44100 / ratio)
+    + ⌊6 s · 44100 / ratio⌋ (sample_diffusion's padding mask), at most the frames generated. generate's
+    `sample_size` cap (1292 frames by default) is not applied: it only bites past 114 s."""
+    frames = -(-int((seconds + SA3_HEADROOM_SECONDS) * SAMPLE_RATE) // ratio)
+    frames = -(-frames // align_frames) * align_frames
+    valid = math.ceil(int(seconds * SAMPLE_RATE) / ratio) + int(SA3_HEADROOM_SECONDS * SAMPLE_RATE / ratio)
+    return frames, min(valid, frames)
+
+
+def sa3_generation_config(quick: bool) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """(diffusion config, autoencoder section): :sa3_small in fp32 and :same_s, or in quick mode both narrowed to a
+    development size (same structure: adaLN blocks, memory tokens, inpainting input, chunked differential SAME)."""
+    config = diffusion_config("sa3_small")
+    section = autoencoder_section("same_s")
+    if quick:
+        config.model.update(embed_dim=256, depth=2, num_heads=4)
+        section.update(width=128, decoder_depth=2, encoder_depth=2)
+    return config, section
+
+
+@dataclasses.dataclass
+class SA3Generation:
+    """One SA3 generation's sizes, shared by the CPU row and the accelerator row."""
+    config: ml_collections.ConfigDict  # the DiT (and conditioner) config
+    section: ml_collections.ConfigDict  # the SAME autoencoder section
+    seconds: float
+    frames: int  # latent frames generated
+    valid: int  # frames under the padding mask
+    time_shift: dict[str, Any]  # the reference's sampling shift, as musicdiff TimeShift options
+    model_config: dict[str, Any]  # the reference's model_config.json, T5Gemma left out
+
+    def build_ours(self):
+        from bench import ours
+
+        return ours.SA3Generation(self.config, self.section, self.frames, self.valid, SA3_STEPS, SA3_PROMPT_TOKENS,
+                                  self.seconds, self.time_shift)
+
+
+def sa3_generation(quick: bool, seconds: float = 30.0) -> SA3Generation:
+    """:sa3_small + :same_s (quick: narrowed and a 5 s clip) at the reference generate()'s length for `seconds`."""
+    config, section = sa3_generation_config(quick)
+    autoencoder = flops.abstract_autoencoder(section)
+    seconds = 5.0 if quick else seconds
+    frames, valid = sa3_frames(seconds, autoencoder.downsampling_ratio,
+                               autoencoder.config.chunk_size // autoencoder.config.stride)
+    # The exporter reads every DiT field, defaults included, as a trained checkpoint's config records them.
+    resolved = {**_plain(config), "model": _plain(dataclasses.asdict(DiTConfig.from_config(config.model)))}
+    model_config = stable_audio_3_config.reference_model_config(resolved, _plain(section))
+    # T5Gemma stands outside the timed work on both sides: the reference builds only the seconds_total number
+    # conditioner, and both sides are handed the same-shaped precomputed prompt tokens as the "prompt" entry.
+    conditioning = model_config["model"]["conditioning"]
+    conditioning["configs"] = [entry for entry in conditioning["configs"] if entry["type"] == "number"]
+    return SA3Generation(config, section, seconds, frames, valid,
+                         stable_audio_3_config.sampling_time_shift(model_config), model_config)
+
+
+def sa3_generation_flops(run: SA3Generation) -> int:
+    """The DiT's ping-pong steps over the generated frames and T5Gemma's tokens + seconds_total, then the decode."""
+    tokens = SA3_PROMPT_TOKENS + 1
+    return (SA3_STEPS * dit_forward_flops(run.config.model, 1, run.frames, tokens)
+            + flops.same_decode_flops(flops.abstract_autoencoder(run.section), run.frames))
+
+
+def sa3_generation_row(quick: bool) -> Row:
+    """Stable Audio 3 small text-to-audio for one clip: 8 ping-pong steps (cfg 1) of the :sa3_small DiT at the
+    reference generate()'s length for the clip, then the SAME-S decode of the whole latent sequence."""
+    run = sa3_generation(quick)
+    config, seconds, frames, valid, shift = run.config, run.seconds, run.frames, run.valid, run.time_shift
+    tokens = SA3_PROMPT_TOKENS + 1  # T5Gemma's tokens, then the seconds_total token
+    params = dict(model_config=run.model_config, seconds=seconds, frames=frames, steps=SA3_STEPS,
+                  headroom_seconds=SA3_HEADROOM_SECONDS, prompt_tokens=SA3_PROMPT_TOKENS,
+                  prompt_dim=int(config.model.cond_token_dim))
+    return Row(
+        name="sa3_generate", title=f"SA3 small, {seconds:.0f} s: {SA3_STEPS}-step ping-pong + SAME-S decode",
+        unit="clips", units_per_run=1, flops_per_run=sa3_generation_flops(run), build_ours=run.build_ours,
+        reference_row="sa3_generate", reference_params=params,
+        shapes=dict(batch=1, seconds=seconds, latent_frames=frames, valid_frames=valid, cond_tokens=tokens,
+                    steps=SA3_STEPS, cfg_scale=1.0, time_shift=shift["name"],
+                    preset="configs/diffusion.py:sa3_small + configs/autoencoder.py:same_s"
+                    + (" (narrowed: quick)" if quick else "")),
+        notes=(f"random weights, fp32; each side's whole loop: conditioning, {SA3_STEPS} ping-pong steps with the "
+               f"padding mask ({valid} of {frames} frames valid: {seconds:.0f} s + the reference's 6 s headroom, "
+               f"rounded as its generate does), the all-zero inpainting input, the reference's default sampling "
+               f"shift, then the unchunked SAME decode with the audio zeroed past the valid frames. T5Gemma is not "
+               f"run on either side: both get the same precomputed {SA3_PROMPT_TOKENS} prompt tokens (all attended, "
+               f"as with SA3's learned padding) beside the seconds_total number conditioner; the reference is the "
+               f"vendored stable_audio_3 package (sample_diffusion + pretransform.decode)"))
+
+
 def precompute_row(workdir: Path, quick: bool, threads: int) -> Row:
     """The tiny autoencoder over a folder of 44.1 kHz clips: our whole stage vs the reference's pre_encode loop."""
     from bench import fixtures, ours
@@ -210,7 +307,7 @@ def grain_row(workdir: Path, quick: bool, threads: int) -> Row:
 def all_rows(workdir: Path, quick: bool, threads: int) -> list[Row]:
     return [*autoencoder_rows(quick), dit_train_row("tiny", quick), dit_train_row("sao_small", quick),
             sampling_row("sao_small", quick), sampling_row("sao_small", quick, native_window=True),
-            sampling_row("sao", quick), precompute_row(workdir, quick, threads),
+            sampling_row("sao", quick), sa3_generation_row(quick), precompute_row(workdir, quick, threads),
             grain_row(workdir, quick, threads)]
 
 

@@ -52,6 +52,31 @@ def test_sao_autoencoder_flops_per_second_of_audio():
     assert 0.5 < flops.oobleck_decode_flops(model, 64) / flops.oobleck_encode_flops(model, 2048 * 64) < 2.0
 
 
+def test_same_decode_flops_match_the_closed_form():
+    """:same_tiny (width 32, 2 decoder blocks, stride 4, chunks of 8 + 2 tokens, midpoint shift, differential) on 6
+    latent frames: 30 tokens, the second block on one chunk more; every matmul counted by hand."""
+    from bench.rows import autoencoder_section
+
+    model = flops.abstract_autoencoder(autoencoder_section("same_tiny"))
+
+    def block(tokens):  # to_qkv (q, k, q2, k2, v), to_out, two attention maps within 10-token chunks, sin/SiLU GLU
+        return (2 * tokens * 32 * 5 * 32 + 2 * tokens * 32 * 32 + 2 * 4 * tokens * 10 * 32
+                + 2 * tokens * 32 * 2 * 96 + 2 * tokens * 96 * 32)
+
+    linear, mapping = 2 * 6 * 16 * 32, 2 * 3 * 32 * 32 * (6 * 4)  # latent -> width; k3 conv width -> 2·16 patches
+    assert flops.same_decode_flops(model, 6) == linear + block(30) + block(40) + mapping
+    assert flops.same_decode_flops(model, 5, batch=2) == 2 * flops.same_decode_flops(model, 6)  # padded to chunks
+
+
+def test_sa3_lengths_follow_the_reference_generate():
+    """30 s: (30 + 6) · 44100 samples -> 388 frames of 4096 (even: SAME-S's chunk alignment), 323 + 64 valid."""
+    from bench.rows import sa3_frames
+
+    assert sa3_frames(30.0, 4096, 2) == (388, 387)
+    assert sa3_frames(5.0, 4096, 2) == (120, 118)
+    assert sa3_frames(120.0, 4096, 2) == (1358, 1356)  # above generate's default sample_size cap (1292), not applied
+
+
 def _row(**fields):
     values = dict(name="sample_x", title="x", unit="steps", units_per_run=4, shapes={}, notes="", flops_per_run=8e9,
                   extrapolate_steps=100, efficiency_basis="flops")
@@ -151,6 +176,7 @@ def test_accelerator_mode_smoke(tmp_path, repo_root):
     assert result.returncode == 0, result.stderr[-3000:]
     (report,) = tmp_path.glob("accelerator-*-smoke.json")
     data = json.loads(report.read_text())
-    for row in ("dit_train_sao", "decode_sao", "generate_sao_small_pingpong_8", "generate_sao_dpmpp3msde_100"):
+    for row in ("dit_train_sao", "decode_sao", "generate_sao_small_pingpong_8", "generate_sao_dpmpp3msde_100",
+                "generate_sa3_small_pingpong_8"):
         assert row in data
     assert data["dit_train_sao"]["step_seconds"] > 0 and data["smoke"]
