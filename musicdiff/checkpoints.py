@@ -49,6 +49,16 @@ from musicdiff.models import registry
 from musicdiff.parallel.sharding import DEFAULT_SHARDING_RULES, Rules, param_shardings
 
 CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoints: WORKDIR/checkpoints/<step>/
+
+
+def _single_process_array_writes() -> None:
+    """Orbax's replica-parallel saving splits each replicated array between its replicas so that several hosts share
+    the writing. In one process every replica is on this host, so the bytes written are the same, and the split only
+    adds a compiled slice per array shape and device: the first save of 150 small replicated arrays on 8 CPU devices
+    took 14.0 s with it and 0.34 s without. Multi-process runs keep Orbax's default."""
+    if jax.process_count() == 1:
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 _ITEMS = ("state", "data_iter", "config")
 _MAX_LISTED = 20
 
@@ -168,6 +178,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, save_interval_steps: int = 1000,
                  keep_period: int | None = None, async_save: bool = True):
         """`keep_period`: also keep every step that is a multiple of it (milestones survive keep-N)."""
+        _single_process_array_writes()
         self.directory = epath.Path(directory)
         policies = ocp.checkpoint_managers
         preservation = policies.LatestN(max_to_keep)
