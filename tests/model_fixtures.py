@@ -52,3 +52,23 @@ def random_diffusion(directory: Path, autoencoder_dir: Path, overrides=(), seed:
             params = jax.tree.unflatten(treedef, leaves)
         state[section] = params
     return save_checkpoint(directory, {"params": state}, config)
+
+
+def diffusion_step_on_one_device(config: ml_collections.ConfigDict):
+    """(trainer, initial state, jit'ed train step) of the diffusion trainer on one device. The step does not
+    donate its input, so tests may start several runs from the same initial state."""
+    from musicdiff.parallel import mesh_and_rules
+    from musicdiff.parallel.sharding import sharding_context
+    from musicdiff.training import loop
+    from musicdiff.training.diffusion import DiffusionTrainer
+
+    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
+    trainer = DiffusionTrainer(config)
+    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+
+    @jax.jit
+    def step(state, batch):
+        with sharding_context(mesh, rules):
+            return trainer.train_step(state, batch)
+
+    return trainer, state, step

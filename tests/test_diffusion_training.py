@@ -11,6 +11,7 @@ from musicdiff.parallel.sharding import sharding_context
 from musicdiff.training import loop
 from musicdiff.training.diffusion import DiffusionTrainer
 from musicdiff.training.optim import ema_decay, inverse_lr
+from tests.model_fixtures import diffusion_step_on_one_device
 
 
 def synthetic_batch(config, batch_size=8, seed=0, embedded=True):
@@ -64,14 +65,7 @@ FAST_LR = ["training.cfg_dropout_prob=0.0", "training.lr_warmup=0.5", "training.
 def single_device():
     """(config, initial state, jit'ed step) on one device, compiled once for the tests below."""
     config = load_config("configs/diffusion.py:tiny", FAST_LR)
-    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
-    trainer = DiffusionTrainer(config)
-    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
-
-    @jax.jit  # not donating: the tests share the initial state
-    def step(state, batch):
-        with sharding_context(mesh, rules):
-            return trainer.train_step(state, batch)
+    trainer, state, step = diffusion_step_on_one_device(config)
 
     return config, state, step
 
@@ -124,14 +118,7 @@ def test_sa3_tiny_trains_with_finite_loss():
     """Stable Audio 3's structure (:sa3_tiny: sa3_adaln blocks, memory tokens, the inpainting input, the expo
     seconds_total token and global vector) through the diffusion trainer: a few steps, finite losses."""
     config = load_config("configs/diffusion.py:sa3_tiny", FAST_LR)
-    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
-    trainer = DiffusionTrainer(config)
-    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
-
-    @jax.jit
-    def step(state, batch):
-        with sharding_context(mesh, rules):
-            return trainer.train_step(state, batch)
+    trainer, state, step = diffusion_step_on_one_device(config)
 
     losses = []
     for seed in range(3):

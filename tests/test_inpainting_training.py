@@ -17,6 +17,7 @@ from musicdiff.training.diffusion import DiffusionTrainer, conditioning_inputs
 from musicdiff.training.inpainting import (InpaintingTraining, inpainting_loss, inpainting_training,
                                            local_condition)
 from musicdiff.diffusion.timesteps import sample_timesteps
+from tests.model_fixtures import diffusion_step_on_one_device
 
 CHANNELS = 64  # configs/diffusion.py:tiny
 
@@ -141,14 +142,7 @@ def test_full_masks_give_the_plain_loss_on_the_same_key():
 def test_a_training_step_with_the_input_updates_the_local_branch():
     config = tiny_config("model.local_cond_dim=65", "objective.mask_padding=True",
                          "inpainting.context_loss_weight=1.0")
-    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
-    trainer = DiffusionTrainer(config)
-    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
-
-    @jax.jit
-    def step(state, batch):
-        with sharding_context(mesh, rules):
-            return trainer.train_step(state, batch)
+    trainer, state, step = diffusion_step_on_one_device(config)
 
     batch = batch_of(config, batch_size=8, valid_lengths=[32, 20, 32, 9, 32, 32, 25, 32])
     new_state, metrics = step(state, batch)

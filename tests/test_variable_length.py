@@ -15,12 +15,9 @@ from musicdiff.models import attention as attention_module
 from musicdiff.models import registry
 from musicdiff.models.attention import heads_major_attention
 from musicdiff.models.denoiser import PADDING_MASK, ConditioningInputs, capabilities
-from musicdiff.parallel import mesh_and_rules
-from musicdiff.parallel.sharding import sharding_context
-from musicdiff.training import loop
-from musicdiff.training.diffusion import DiffusionTrainer
 from tests.test_dit import inputs, model_config, randomize
 from tests.test_latent_source import CHANNELS, write_latents
+from tests.model_fixtures import diffusion_step_on_one_device
 
 pytestmark = pytest.mark.usefixtures("unsharded")
 
@@ -126,16 +123,9 @@ def test_one_train_step_on_mixed_lengths_ignores_the_padding(mixed_length_batch,
     config = load_config("configs/diffusion.py:tiny", [f"model.io_channels={CHANNELS}", "data.latent_length=20",
                                                        f"objective.mask_padding={mask_padding}",
                                                        "objective.name=rectified_flow"])
-    mesh, rules = mesh_and_rules(config, jax.devices()[:1])
-    trainer = DiffusionTrainer(config)
-    state, _ = loop.init_state(trainer.init_state, mesh, rules, jax.random.key(0))
+    trainer, state, step = diffusion_step_on_one_device(config)
     state["params"]["model"] = nnx.state(randomize(nnx.merge(trainer.graphdefs["model"], state["params"]["model"])),
                                          nnx.Param)
-
-    @jax.jit
-    def step(state, batch):
-        with sharding_context(mesh, rules):
-            return trainer.train_step(state, batch)
 
     junked = dict(mixed_length_batch)
     padded = mixed_length_batch["padding_mask"][:, None, :] == 0
