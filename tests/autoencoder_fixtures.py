@@ -36,15 +36,16 @@ def render_folder(root: Path, clips: int = 8, seconds: float = CLIP_SECONDS) -> 
 
 
 @contextlib.contextmanager
-def compilation_cache(directory: Path) -> Iterator[Path]:
+def compilation_cache(directory: Path, min_compile_time_s: float = 0.0) -> Iterator[Path]:
     """JAX's persistent compilation cache in `directory` while the block runs (later identical programs, in this
-    process or in subprocesses given JAX_COMPILATION_CACHE_DIR, load instead of compiling)."""
+    process or in subprocesses given JAX_COMPILATION_CACHE_DIR, load instead of compiling); programs compiled in
+    under `min_compile_time_s` are not written."""
     from jax.experimental.compilation_cache import compilation_cache as cache
 
     previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     try:
         yield directory
     finally:

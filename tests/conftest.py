@@ -18,6 +18,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a directory of this session only: a program compiled again in the same
+    pytest process (a resumed training run, a second generator over the same checkpoint, the same tiny preset in
+    another test file) loads the executable the first compile wrote instead of compiling it again. Loading gives the
+    same executable, so results are bit-identical to a fresh compile; nothing is shared across sessions. Programs
+    that compile in under half a second are not written (their write costs more than a recompile). Subprocesses
+    keep their own settings (process_fixtures.compile_cache_env)."""
+    from tests.autoencoder_fixtures import compilation_cache
+
+    with compilation_cache(tmp_path_factory.mktemp("jax_compilation_cache"), min_compile_time_s=0.5) as directory:
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def devices():
     assert len(jax.devices()) == 8, "conftest must run before JAX initialises its backend"

@@ -14,7 +14,7 @@ from musicdiff.checkpoints import find_checkpoint, load_model
 from musicdiff.metrics import read_metrics
 from tests.process_fixtures import FAST_CODEGEN, compile_cache_env, device_env
 
-N = 3
+N = 2  # the property (steps N+1..2N and the final state equal after a kill at N) needs no longer runs
 TRAIN_FLAGS = ["--config=configs/diffusion.py:tiny", "--config.batch_size=8", "--config.mesh.data=2",
                "--config.mesh.fsdp=4", f"--config.training.num_steps={2 * N}", f"--config.training.checkpoint_every={N}",
                "--config.training.log_every=1"]
@@ -74,7 +74,7 @@ def test_kill_and_resume_is_bit_exact(latents, tmp_path):
     assert find_checkpoint(tmp_path / "resumed").step == N
     resumed = train(args, tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step 3" in resumed.stderr
+    assert f"resumed from step {N}" in resumed.stderr
 
     a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
     b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")}

@@ -19,8 +19,8 @@ import pytest
 from musicdiff.metrics import read_metrics
 from tests.autoencoder_fixtures import SMALL_MODEL, render_folder
 from tests.precompute_fixtures import REPO
-from tests.process_fixtures import (FAST_CODEGEN, cluster_flags, compile_cache_env, device_env, read_state,
-                                   start_cluster, tail, wait_all)
+from tests.process_fixtures import (FAST_CODEGEN, cluster_flags, device_env, read_state, start_cluster, tail,
+                                   wait_all)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -59,7 +59,9 @@ run(stage)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost_autoencoder")
-    return dict(base=base, root=render_folder(base / "audio"), env=compile_cache_env(base / "compile_cache"))
+    # No persistent compilation cache: the 1x8 reference and the two 2x4 processes compile programs of different keys
+    # (nothing would load), and writing every program cost time.
+    return dict(base=base, root=render_folder(base / "audio"), env={})
 
 
 def child_args(setup, workdir, *extra):
@@ -75,9 +77,12 @@ def launch_two(setup, workdir, env_of):
 
 
 def test_two_processes_preempted_and_resumed_match_one_process(setup, measurement):
+    # The uninterrupted reference runs just the 2 steps compared (a generator and a discriminator step; the learning
+    # rates do not depend on num_steps) and saves its last one.
     one = setup["base"] / "one_process"
-    done = subprocess.run([sys.executable, *child_args(setup, one, "--config.training.checkpoint_every=2")], cwd=REPO, capture_output=True, text=True,
-                          env=device_env(8, FAST_CODEGEN, **setup["env"]), timeout=TIMEOUT_S)
+    done = subprocess.run([sys.executable, *child_args(setup, one, "--config.training.num_steps=2")], cwd=REPO,
+                          capture_output=True, text=True, env=device_env(8, FAST_CODEGEN, **setup["env"]),
+                          timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
 
     two = setup["base"] / "two_processes"
@@ -89,7 +94,7 @@ def test_two_processes_preempted_and_resumed_match_one_process(setup, measuremen
 
     ours = {r["step"]: r for r in read_metrics(two / "metrics.jsonl")}
     theirs = {r["step"]: r for r in read_metrics(one / "metrics.jsonl")}
-    assert sorted(ours) == [1, 2] and sorted(theirs) == list(range(1, STEPS + 1))
+    assert sorted(ours) == sorted(theirs) == [1, 2]
     assert {ours[s]["discriminator_step"] for s in ours} == {0.0, 1.0}  # both step kinds ran
     for key in ("loss", "discriminator_loss"):
         error = max(abs(ours[s][key] - theirs[s][key]) / max(abs(theirs[s][key]), 1e-6) for s in ours)
