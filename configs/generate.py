@@ -2,7 +2,8 @@
 --config.prompt="..." --workdir=OUT`.
 
 Presets: "" (SAO's model-card settings: DPM++ 3M SDE, 100 steps, CFG 7, σ 0.3..500), "fast" (8-step ping-pong with
-CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make demo` uses on the tiny model).
+CFG 1, for rectified-flow / ARC models such as SAO Small), "demo" (what `make demo` uses on the tiny model), "sa3"
+(Stable Audio 3 post-trained: 8 ping-pong steps, no CFG) and "sa3_base" (its base checkpoints: Euler, 50 steps, APG 7).
 
 - checkpoint: a launch.train_diffusion workdir (or checkpoints dir, or one step's dir) or launch.convert output.
 - prompt / prompts_file: one prompt, or a file (.txt one prompt a line; .jsonl objects with "prompt" and optional
@@ -38,6 +39,14 @@ PRESETS = {
     "": dict(sampler="dpmpp-3m-sde", steps=100, cfg_scale=7.0, sigma_min=0.3, sigma_max=500.0),
     "fast": dict(sampler="pingpong", steps=8, cfg_scale=1.0, sigma_min=0.3, sigma_max=1.0),
     "demo": dict(sampler="dpmpp-3m-sde", steps=50, cfg_scale=4.0, sigma_min=0.03, sigma_max=80.0, batch_size=4),
+    # Stable Audio 3 (docs/stable_audio_3.md): post-trained checkpoints sample with 8 ping-pong steps and no CFG;
+    # base checkpoints (the -base ones LoRAs train on) with Euler, 50 steps, APG at 7. Both on the reference's
+    # default schedule (LogSNR, length-independent) and only the frames a clip needs, in pairs (SAME-S decodes 2-frame
+    # chunks). launch.convert prints a converted model's own sampling shift when its config names one.
+    "sa3": dict(sampler="pingpong", steps=8, cfg_scale=1.0, sigma_min=0.0, sigma_max=1.0, length_bucket_frames=2,
+                time_shift=dict(time_shift_config(), name="logsnr", rate=0.0)),
+    "sa3_base": dict(sampler="rf-euler", steps=50, cfg_scale=7.0, guidance="apg", sigma_min=0.0, sigma_max=1.0,
+                     length_bucket_frames=2, time_shift=dict(time_shift_config(), name="logsnr", rate=0.0)),
 }
 
 

@@ -54,3 +54,16 @@ def test_samplers_stay_in_their_range_and_one_shot_sets_t_to_one(name):
     shot = np.asarray(sample_timesteps(jax.random.key(0), DRAWS, config))
     changed = shot != t
     assert np.all(shot[changed] == 1.0) and abs(changed.mean() - 0.25) < 0.03
+
+
+def test_the_sa3_generate_preset_samples_as_the_reference_does_by_default():
+    """configs/generate.py:sa3 is the reference's default for post-trained checkpoints: 8 ping-pong steps, no CFG,
+    the LogSNR schedule at rate 0, whose 8-step grid stable_audio_3.md §3.6 lists."""
+    from musicdiff.config import load_config
+    from musicdiff.diffusion.time_shift import shifted_times
+    from musicdiff.inference.generate import SamplerSettings
+
+    settings = SamplerSettings.from_config(load_config("configs/generate.py:sa3"))
+    assert (settings.sampler, settings.steps, settings.cfg_scale) == ("pingpong", 8, 1.0)
+    grid = np.asarray(shifted_times(settings.time_shift, settings.steps, settings.sigma_max, 387))
+    np.testing.assert_allclose(grid, [1, .9944, .9845, .9579, .8909, .7455, .5125, .2739, 0], atol=5e-5)
