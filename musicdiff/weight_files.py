@@ -48,3 +48,15 @@ def rounding_step(dtype: Any) -> float:
 
 
 __all__ = ["checked_cast", "rounding_step"]
+
+
+def read_safetensors(path: Any, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors as stored, metadata) of a safetensors file; a damaged one is a DataError naming `what` and `path`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = dict(handle.metadata() or {})
+            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise DataError(f"{what} {path}: not a readable safetensors file ({error})") from None

@@ -48,7 +48,7 @@ from musicdiff.files import atomic_write_bytes
 from musicdiff.models import registry
 from musicdiff.models.weight_adapters import (TENSORS, AdapterConfig, Target, expected_shapes, find_targets,
                                               init_adapter, layer_tensors, read_adapter, save_adapter)
-from musicdiff.weight_files import checked_cast
+from musicdiff.weight_files import checked_cast, read_safetensors
 
 # Our section -> the prefix of its modules in reference LoRA keys (relative to what the reference loader loads
 # them into: `model.model`, the DiTWrapper, and `model.conditioner`).
@@ -126,14 +126,7 @@ def read_sa3_lora(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, An
         raise DataError(f"Stable Audio 3 LoRA file {path}: not found; pass the .safetensors (or .ckpt) file the "
                         f"reference's LoRA training wrote")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="numpy") as handle:
-                metadata = dict(handle.metadata() or {})
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as error:  # safetensors raises its own error types for damaged headers
-            raise DataError(f"Stable Audio 3 LoRA file {path}: not a readable safetensors file ({error})") from None
+        tensors, metadata = read_safetensors(path, "Stable Audio 3 LoRA file")
         if METADATA_KEY not in metadata:
             return tensors, {}
         try:

@@ -52,7 +52,7 @@ from musicdiff.errors import ConfigError, refuse_unknown_options
 from musicdiff.files import atomic_write_bytes
 from musicdiff.models.attention import Linear
 from musicdiff.models.oobleck_layers import WNConv1d
-from musicdiff.weight_files import checked_cast
+from musicdiff.weight_files import checked_cast, read_safetensors
 
 KINDS = ("lora", "dora", "lora_xs")
 TENSORS = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "magnitude"),
@@ -364,18 +364,11 @@ def save_adapter(path: str | Path, config: AdapterConfig, weights: Mapping[str, 
 def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, Any], dict[str, str]]:
     """(config, nested float32 weights, metadata) of an adapter file (float16 and bfloat16 files are cast exactly;
     a NaN or inf value is refused with its tensor's name), unchecked against any model."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"adapter file {path}: not found; pass the .safetensors file launch.train_lora wrote "
                           f"(WORKDIR/adapter.safetensors)")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = dict(handle.metadata() or {})
-            stored = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for damaged headers
-        raise ConfigError(f"adapter file {path}: not a readable safetensors file ({error})") from error
+    stored, metadata = read_safetensors(path, "adapter file")
     if METADATA_KEY not in metadata:
         raise ConfigError(f"adapter file {path}: its metadata has no '{METADATA_KEY}' entry; it was not written by "
                           f"musicdiff's save_adapter (convert other formats first)")
