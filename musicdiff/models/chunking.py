@@ -94,24 +94,28 @@ def run_windows(apply, x: jax.Array, plan: list[tuple[int, int, int]], chunk_fra
     return jnp.concatenate(pieces, axis=1)
 
 
-@functools.partial(nnx.jit, static_argnames=("chunk_frames", "overlap_frames", "sample"))
+@functools.partial(nnx.jit, static_argnames=("chunk_frames", "overlap_frames", "sample", "planner"))
 def chunked_encode(model: OobleckAutoencoder, audio: jax.Array, rng: jax.Array | None = None, *,
-                   chunk_frames: int = 128, overlap_frames: int = 32,
-                   sample: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`model.encode` for long audio `[B, in_channels, T]` → (latents `[B, latent_dim, ceil(T / ratio)]`, info)."""
-    features = chunked_encode_features(model, audio, chunk_frames=chunk_frames, overlap_frames=overlap_frames)
+                   chunk_frames: int = 128, overlap_frames: int = 32, sample: bool = False,
+                   planner=plan_chunks) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`model.encode` (any autoencoder with `encode_features` and a bottleneck) for long audio `[B, in_channels, T]`
+    → (latents `[B, latent_dim, ceil(T / ratio)]`, info). The bottleneck acts per frame, so it runs once on the
+    stitched features."""
+    features = chunked_encode_features(model, audio, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                       planner=planner)
     latents, info = model.bottleneck.encode(features, rng=rng, sample=sample)
     return jnp.swapaxes(latents, 1, 2), info
 
 
 def chunked_encode_features(model: OobleckAutoencoder, audio: jax.Array, *, chunk_frames: int = 128,
-                            overlap_frames: int = 32) -> jax.Array:
+                            overlap_frames: int = 32, planner=plan_chunks) -> jax.Array:
     """Pre-bottleneck features `[B, ceil(T / ratio), encoder_out_channels]` (NWC) of audio `[B, in_channels, T]`,
-    stitched from chunks (call it inside jit; `chunked_encode` is this plus the bottleneck)."""
+    stitched from the windows of `planner(frames, chunk_frames, overlap_frames)` (call it inside jit;
+    `chunked_encode` is this plus the bottleneck)."""
     model._check_audio(audio)
     ratio = model.downsampling_ratio
     audio_nwc = jnp.swapaxes(pad_to_multiple(audio, ratio), 1, 2)
-    plan = plan_chunks(audio_nwc.shape[1] // ratio, chunk_frames, overlap_frames)
+    plan = planner(audio_nwc.shape[1] // ratio, chunk_frames, overlap_frames)
     return run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
 
 

@@ -28,7 +28,6 @@ reference's parametrisation and checkpoints convert one tensor to one parameter.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -306,18 +305,12 @@ def reference_chunk_plan(total_frames: int, chunk_frames: int, overlap_frames: i
     return list(zip(starts, lows, highs))
 
 
-@functools.partial(nnx.jit, static_argnames=("chunk_frames", "overlap_frames"))
 def chunked_encode(model: SAMEAutoencoder, audio: jax.Array, *, chunk_frames: int = 128,
                    overlap_frames: int = 32) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`model.encode` for long audio `[B, in_channels, T]`, window by window (reference_chunk_plan) → (latents
-    `[B, latent_dim, ceil(T / ratio)]`, {}). The bottleneck is elementwise at inference, so it runs once after
-    stitching."""
-    ratio = model.downsampling_ratio
-    audio_nwc = model._audio_nwc(audio)
-    plan = reference_chunk_plan(audio_nwc.shape[1] // ratio, chunk_frames, overlap_frames)
-    features = chunking.run_windows(model.encode_features, audio_nwc, plan, chunk_frames, ratio, 1)
-    latents, info = model.bottleneck.encode(features)
-    return jnp.swapaxes(latents, 1, 2), info
+    """`model.encode` for long audio `[B, in_channels, T]` → (latents `[B, latent_dim, ceil(T / ratio)]`, {}),
+    window by window as the reference (reference_chunk_plan)."""
+    return chunking.chunked_encode(model, audio, chunk_frames=chunk_frames, overlap_frames=overlap_frames,
+                                   planner=reference_chunk_plan)
 
 
 def chunked_decode(model: SAMEAutoencoder, latents: jax.Array, *, chunk_frames: int = 128,
