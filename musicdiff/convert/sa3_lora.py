@@ -6,8 +6,8 @@
     export_sa3_lora_file("RUN/adapter.safetensors", dst, diffusion_config, base_params)    # launch.convert --to
 
 `diffusion_config` is the converted SA3 diffusion run's config (sections `model` and `conditioner`); `base_params`
-({"model": params, "conditioner": params}, as `diffusion_base` reads them from its directory) is needed for LoRA-XS
-only, whose files store the core M alone.
+({"model": params, "conditioner": params}, as `diffusion_base` reads them from its directory, or a function returning
+them) is needed for LoRA-XS only, whose files store the core M alone.
 
 A reference file (the reference's `save_lora_safetensors`) holds, per adapted layer, tensors named
 `<module>.parametrizations.weight.0.<tensor>`, with <module> relative to the DiTWrapper ("model.transformer.layers.3.
@@ -33,7 +33,7 @@ range is refused by key, and a NaN or inf is refused by key on import (`checked_
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ UNSUPPORTED_TYPES = ("dora-cols", "bora", "dora-rows-xs", "dora-cols-xs", "bora-
 OUR_TENSOR = {"lora_A": "lora_a", "lora_B": "lora_b", "magnitude": "magnitude", "M_xs": "xs_m"}
 REFERENCE_TENSOR = {ours: reference for reference, ours in OUR_TENSOR.items()}
 SAVED_TENSORS = ("lora_A", "lora_B", "M_xs", "magnitude", "magnitude_r", "magnitude_c")  # the reference's name_is_lora
+# The base's {"model": params, "conditioner": params}, or a function returning them, called only for LoRA-XS.
+BaseParams = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 BASES_TOLERANCE = 1e-3  # max |Δ| between unit singular vectors computed from the same weights
 
 
@@ -189,7 +191,7 @@ def _rank(lora_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], whe
 
 
 def import_sa3_lora(path: str | Path, diffusion_config: Any,
-                    base_params: Mapping[str, Any] | None = None) -> tuple[AdapterConfig, dict[str, Any]]:
+                    base_params: BaseParams = None) -> tuple[AdapterConfig, dict[str, Any]]:
     """(AdapterConfig, nested float32 weights) of a reference LoRA file, for `save_adapter` / `apply_adapters` on
     the converted model of `diffusion_config`. The config's include names the adapted layers exactly."""
     where = f"Stable Audio 3 LoRA file {path}"
@@ -233,19 +235,21 @@ def import_sa3_lora(path: str | Path, diffusion_config: Any,
     return AdapterConfig(kind, rank, alpha, include=tuple(sorted(targets))), unflatten_dict(flat, sep="/")
 
 
-def _xs_bases(config: AdapterConfig, targets: Mapping[str, Target], base_params: Mapping[str, Any] | None,
+def _xs_bases(config: AdapterConfig, targets: Mapping[str, Target], base_params: BaseParams,
               where: str) -> dict[str, np.ndarray]:
     """{"<layer>/xs_u" | "/xs_v" | "/xs_m": array} computed from the base, as the reference recomputes them."""
     if base_params is None:
         raise ConfigError(f"{where}: a lora-xs file stores only its cores M_xs; its bases are the top singular "
                           f"vectors of the weights it adapts: pass the converted diffusion model's parameters "
                           f"(base_params; --diffusion=DIR)")
+    if callable(base_params):  # read the (large) base only now that a LoRA-XS needs it
+        base_params = base_params()
     initial = init_adapter(jax.random.key(0), config, targets, dict(base_params))
     return {name: np.asarray(value) for name, value in flatten_dict(initial, sep="/").items()}
 
 
 def convert_sa3_lora_file(src: str | Path, dst: str | Path, diffusion_config: Any,
-                          base_params: Mapping[str, Any] | None = None) -> Path:
+                          base_params: BaseParams = None) -> Path:
     """Writes our adapter file (`save_adapter`, float32) of a reference LoRA file; returns its path."""
     config, weights = import_sa3_lora(src, diffusion_config, base_params)
     return save_adapter(dst, config, weights, extra_metadata={"converted_from": f"Stable Audio 3 LoRA {src}"})
@@ -255,7 +259,7 @@ def convert_sa3_lora_file(src: str | Path, dst: str | Path, diffusion_config: An
 
 
 def export_sa3_lora(path: str | Path, adapter_config: AdapterConfig, weights: Mapping[str, Any],
-                    diffusion_config: Any, base_params: Mapping[str, Any] | None = None) -> Path:
+                    diffusion_config: Any, base_params: BaseParams = None) -> Path:
     """Writes a reference LoRA file (float16 tensors, `lora_config` metadata) of our adapter; returns its path."""
     where = f"adapter for {path}"
     kind = adapter_config.kind
@@ -297,7 +301,7 @@ def export_sa3_lora(path: str | Path, adapter_config: AdapterConfig, weights: Ma
 
 
 def _check_xs_bases(config: AdapterConfig, targets: Mapping[str, Target], by_layer: Mapping[str, Mapping[str, Any]],
-                    base_params: Mapping[str, Any] | None, where: str) -> None:
+                    base_params: BaseParams, where: str) -> None:
     """Refuses LoRA-XS bases other than those the reference will recompute from the base it is applied to."""
     if base_params is None:
         raise ConfigError(f"{where}: a lora-xs file stores only its cores; the reference recomputes the bases from "
@@ -323,7 +327,7 @@ def _check_include_is_exact(include: list[str], modules: list[str], where: str) 
 
 
 def export_sa3_lora_file(src: str | Path, dst: str | Path, diffusion_config: Any,
-                         base_params: Mapping[str, Any] | None = None) -> Path:
+                         base_params: BaseParams = None) -> Path:
     """Writes the reference LoRA file of our adapter file `src` (launch.train_lora's adapter.safetensors)."""
     config, weights, _ = read_adapter(src)
     return export_sa3_lora(dst, config, weights, diffusion_config, base_params)

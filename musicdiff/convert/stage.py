@@ -51,9 +51,7 @@ def _convert_lora(lora: str, file_format: str, diffusion: str | None, workdir: s
     from pathlib import Path
 
     from musicdiff.checkpoints import find_checkpoint
-    from musicdiff.convert.sa3_lora import (convert_sa3_lora_file, diffusion_base, export_sa3_lora_file,
-                                            read_sa3_lora)
-    from musicdiff.models.weight_adapters import read_adapter
+    from musicdiff.convert.sa3_lora import convert_sa3_lora_file, diffusion_base, export_sa3_lora_file
 
     if file_format != "stable_audio_3":
         raise ConfigError(f"--lora converts Stable Audio 3 LoRA files; pass --from=stable_audio_3 or "
@@ -61,10 +59,11 @@ def _convert_lora(lora: str, file_format: str, diffusion: str | None, workdir: s
     if diffusion is None:
         raise ConfigError("--lora needs --diffusion=DIR, the converted diffusion checkpoint the adapter belongs to "
                           "(launch.convert --from=stable_audio_3 ... writes OUT/diffusion)")
-    # LoRA-XS bases are the base weights' singular vectors: only then are the (large) base weights read.
-    xs = (read_adapter(lora)[0].kind == "lora_xs" if export
-          else "xs" in str(read_sa3_lora(lora)[1].get("adapter_type", "")))
-    config, base = diffusion_base(diffusion) if xs else (find_checkpoint(diffusion).config, None)
+    config = find_checkpoint(diffusion).config
+
+    def base():  # LoRA-XS bases are the base weights' singular vectors: only then are the (large) weights read
+        return diffusion_base(diffusion)[1]
+
     directory = Path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     if export:
